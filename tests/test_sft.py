@@ -1,0 +1,173 @@
+"""sft.py end to end on a tiny random model with the real tokenizer: it learns, resumes exactly, runs under
+torchrun, its loss does not depend on how a batch is split, and bad input gets a one-line error."""
+import json
+import os
+import sys
+
+import pytest
+
+import common as C
+from conftest import read_metrics, run_script, write_jsonl
+
+ROWS = [{"messages": [{"role": "user", "content": f"Say the word number {i}."},
+                      {"role": "assistant", "content": w}]}
+        for i, w in enumerate(["apple", "banana pie", "cherry tart with cream", "dates", "elderberry wine, please",
+                               "fig", "grape juice", "honeydew melon slices"])]
+
+
+def sft(tiny_model_dir, out, *extra, nproc=1):
+    args = ["--model", tiny_model_dir, "--output_dir", out, "--precision", "fp32", "--eval_generations", "0",
+            "--warmup_steps", "0", "--save_every", "0", *extra]
+    return run_script("sft.py", *args, nproc=nproc)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_sft_overfits_a_few_examples(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    out = str(tmp_path / "out")
+    ok(sft(tiny_model_dir, out, "--dataset", data, "--eval_size", "0", "--max_steps", "60", "--batch_size", "8",
+           "--micro_batch_size", "4", "--learning_rate", "3e-3", "--min_lr_ratio", "1"))
+    rows = read_metrics(out)
+    assert rows[0]["step"] == 0 and [r["step"] for r in rows[1:]] == list(range(1, 61))
+    for key in ("loss", "learning_rate", "grad_norm", "num_tokens", "tokens_per_second"):
+        assert all(key in r for r in rows[1:]), key
+    assert rows[1]["loss"] > 8  # random init over a 49k vocabulary: about ln(49152) = 10.8
+    assert rows[-1]["loss"] < 0.05, [round(r["loss"], 3) for r in rows[1:]]
+    # The output is an ordinary checkpoint that feeds the next stage.
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 64
+    assert json.load(open(os.path.join(out, "args.json")))["learning_rate"] == 3e-3
+
+
+def test_builtin_task_logs_eval_and_answer_metrics(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    proc = ok(sft(tiny_model_dir, out, "--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "2",
+                  "--eval_size", "4", "--eval_every", "1", "--eval_generations", "4", "--max_new_tokens", "8"))
+    rows = read_metrics(out)
+    assert {"eval_loss", "eval/boxed", "eval/accuracy"} <= set(rows[0]) and rows[0]["step"] == 0
+    assert "eval_loss" in rows[1] and {"eval_loss", "eval/boxed", "eval/accuracy"} <= set(rows[2])
+    assert "before training:" in proc.stdout and "after training:" in proc.stdout
+
+
+def test_loss_does_not_depend_on_micro_batch_split(tiny_model_dir, tmp_path):
+    """EQ 5.1's normaliser is the trained-token count of the whole batch: micro-batches of 1 or 4 (examples of
+    different lengths) give the same loss and the same update."""
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    runs = []
+    for micro in (1, 4):
+        out = str(tmp_path / f"m{micro}")
+        ok(sft(tiny_model_dir, out, "--dataset", data, "--eval_size", "0", "--max_steps", "3", "--batch_size", "4",
+               "--micro_batch_size", micro, "--learning_rate", "1e-3"))
+        runs.append(read_metrics(out)[1:])
+    for a, b in zip(*runs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    common = ["--max_steps", "6", "--batch_size", "4", "--micro_batch_size", "2", "--eval_size", "4",
+              "--eval_every", "2", "--learning_rate", "1e-3", "--warmup_steps", "2"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    ok(sft(tiny_model_dir, full, *common))
+    proc = ok(sft(tiny_model_dir, part, *common, "--stop_after_steps", "3"))
+    assert "continue with --resume" in proc.stdout
+    assert not os.path.exists(os.path.join(part, "config.json"))  # an unfinished run does not look complete
+    ok(sft(tiny_model_dir, part, *common, "--resume"))
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in b] == list(range(0, 7))
+    for ra, rb in zip(a, b):
+        for k in ("loss", "eval_loss", "grad_norm", "learning_rate"):
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
+    import torch
+    from safetensors.torch import load_file
+    wa, wb = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(part, "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):
+    """DDP over 2 gloo ranks trains on the same batches with the same global normalisation as one process."""
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    common = ["--dataset", data, "--eval_size", "0", "--max_steps", "3", "--batch_size", "4", "--micro_batch_size", "2",
+              "--learning_rate", "1e-3"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    ok(sft(tiny_model_dir, one, *common))
+    proc = ok(sft(tiny_model_dir, two, *common, nproc=2))
+    assert proc.stdout.count("saved the model") == 1  # only rank 0 prints and saves
+    for a, b in zip(read_metrics(one)[1:], read_metrics(two)[1:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    assert os.path.isfile(os.path.join(two, "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 2, no traceback, no output that looks complete
+def test_bad_input_is_one_line_without_traceback(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "response": "r"}] * 4)
+    out = str(tmp_path / "out")
+    proc = sft(tiny_model_dir, out, "--dataset", data, "--eval_size", "0")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert lines == ["error: columns found: ['question', 'response']; expected `messages` (a list of {role, content}) "
+                     "or `prompt` and `completion`"], proc.stderr
+    assert not os.path.exists(os.path.join(out, "config.json"))
+
+
+def main_raises(monkeypatch, argv, match):
+    """Run sft.main() in this process with the given arguments and expect a UserError (what C.run prints)."""
+    import sft
+    monkeypatch.setattr(sys, "argv", ["sft.py", "--precision", "fp32", "--eval_generations", "0", *map(str, argv)])
+    with pytest.raises(C.UserError, match=match):
+        sft.main()
+
+
+def test_bad_inputs(monkeypatch, tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    base = ["--model", tiny_model_dir, "--output_dir", out]
+    main_raises(monkeypatch, [*base, "--dataset", str(empty)], "is empty")
+    main_raises(monkeypatch, [*base, "--dataset", str(tmp_path / "nope.jsonl")], "no such file")
+    main_raises(monkeypatch, ["--model", str(tmp_path / "nope"), "--output_dir", out], "no such file or folder")
+    main_raises(monkeypatch, ["--model", str(tmp_path / "nope.gguf"), "--output_dir", out], "no such file or folder")
+    main_raises(monkeypatch, [*base, "--dataset", data, "--eval_size", "0", "--max_length", "8"],
+                "--max_length 8 leaves no assistant token in any example")
+    main_raises(monkeypatch, [*base, "--batch_size", "6", "--micro_batch_size", "4"], "not a multiple of --micro_batch_size")
+    main_raises(monkeypatch, [*base, "--dataset", data, "--eval_size", "6"], "too few to hold out --eval_size 6")
+    main_raises(monkeypatch, [*base, "--dataset", "arithmetic,arithmetic", "--dataset_weights", "1"], "needs 2 non-negative")
+    main_raises(monkeypatch, [*base, "--resume"], "no checkpoint at")
+    main_raises(monkeypatch, [*base, "--device", "tpu"], "--device tpu")
+    assert not os.path.exists(os.path.join(out, "config.json"))
+
+
+def test_tokenizer_without_chat_template(monkeypatch, tiny_model_dir, tmp_path):
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    for f in ("chat_template.jinja",):
+        if (bare / f).exists():
+            (bare / f).unlink()
+    cfg = json.load(open(bare / "tokenizer_config.json"))
+    cfg.pop("chat_template", None)
+    json.dump(cfg, open(bare / "tokenizer_config.json", "w"))
+    main_raises(monkeypatch, ["--model", str(bare), "--output_dir", str(tmp_path / "o")],
+                "has no chat template; pass --chat_template")
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    proc = run_script("sft.py", "--model", tiny_model_dir, "--output_dir", out, "--precision", "fp32",
+                      "--eval_generations", "0", "--eval_size", "4", "--max_steps", "20", "--batch_size", "2",
+                      "--micro_batch_size", "2", "--warmup_steps", "0", "--learning_rate", "1e30", "--save_every", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: the loss became" in proc.stderr
+    assert not os.path.exists(os.path.join(out, "config.json"))  # no final model
+    import torch
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert ckpt["step"] >= 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
