@@ -54,6 +54,9 @@ def run(main):
     try:
         main()
     except UserError as e:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line before the message
+            bar.close()
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         os._exit(2)  # skip interpreter teardown: under torchrun it can abort after the work is done
@@ -410,19 +413,20 @@ def parse_mixture(datasets_arg, weights_arg):
 
 def mixture_order(sizes, weights, n, seed, unlimited=()):
     """The first n (source, row) pairs of the training stream: each example comes from source s with probability
-    w_s, and each source is read in a fresh random order every epoch. The stream depends only on the seed, so a
-    run resumed at step k continues at position k * batch_size with the same examples."""
-    g = torch.Generator().manual_seed(seed)
-    src = torch.multinomial(torch.tensor(weights, dtype=torch.float64), n, replacement=True, generator=g).tolist()
-    order, perms, pos = [], {}, [0] * len(sizes)
-    for s in src:
+    w_s, and each finite source is read in a fresh random order every epoch. The stream depends only on the seed
+    (a longer stream starts with the shorter one), so a run resumed at step k reads from position k * batch_size."""
+    rng = random.Random(seed)
+    order, pos, perm = [], [0] * len(sizes), {}
+    for _ in range(n):
+        s = rng.choices(range(len(sizes)), weights)[0]
         if s in unlimited:  # generated tasks are random already and never run out
             order.append((s, pos[s]))
         else:
-            i = pos[s] % sizes[s]
+            epoch, i = divmod(pos[s], sizes[s])
             if i == 0:
-                perms[s] = torch.randperm(sizes[s], generator=g).tolist()
-            order.append((s, perms[s][i]))
+                perm[s] = list(range(sizes[s]))
+                random.Random(f"{seed}/{s}/{epoch}").shuffle(perm[s])
+            order.append((s, perm[s][i]))
         pos[s] += 1
     return order
 
@@ -493,7 +497,7 @@ def pad(seqs, value, side="right"):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Log-probs
-def gather_logprobs(logits, tokens, temperature=1.0, chunk_size=4096):
+def gather_logprobs(logits, tokens, temperature=1.0, chunk_size=256):
     """log p(tokens | context) from logits: (..., V) logits and (...) token ids -> (...) fp32 log-probs.
 
     log_softmax(z)[y] = z[y] - logsumexp(z), computed over chunks of rows so that no (B, T, V) fp32 log-softmax
@@ -591,8 +595,8 @@ class MetricsLog:
     def __init__(self, output_dir, rt, resume_step=0):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.rt = rt
-        if rt.is_main and os.path.exists(self.path):  # keep what an earlier run logged up to the resumed step
-            kept = [l for l in open(self.path) if l.strip() and json.loads(l)["step"] <= resume_step]
+        if rt.is_main and os.path.exists(self.path):  # keep what a resumed run logged up to its checkpoint
+            kept = [l for l in open(self.path) if resume_step and l.strip() and json.loads(l)["step"] <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(kept)
 

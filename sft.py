@@ -220,8 +220,9 @@ def main():
             row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
         if answerable:
             row.update(C.evaluate_answers(model, tok, answerable, rt, args.max_new_tokens)[0])
-        log.log(row)
-        rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+        if len(row) > 1:
+            log.log(row)
+            rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
 
     last = min(args.max_steps, step + args.stop_after_steps) if args.stop_after_steps else args.max_steps
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
@@ -271,7 +272,8 @@ def main():
     if step == args.max_steps:
         if rt.is_main:
             C.save_pretrained(model, tok, args.output_dir)
-        rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
+        if any(k.startswith("eval") for k in row):
+            rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the model to {args.output_dir}")
     else:
         rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")

@@ -2,6 +2,7 @@
 torchrun, its loss does not depend on how a batch is split, and bad input gets a one-line error."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -29,18 +30,18 @@ def ok(proc):
 def test_sft_overfits_a_few_examples(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     out = str(tmp_path / "out")
-    ok(sft(tiny_model_dir, out, "--dataset", data, "--eval_size", "0", "--max_steps", "60", "--batch_size", "8",
-           "--micro_batch_size", "4", "--learning_rate", "3e-3", "--min_lr_ratio", "1"))
+    ok(sft(tiny_model_dir, out, "--dataset", data, "--eval_size", "0", "--max_steps", "100", "--batch_size", "8",
+           "--micro_batch_size", "4", "--learning_rate", "1e-2"))
     rows = read_metrics(out)
-    assert rows[0]["step"] == 0 and [r["step"] for r in rows[1:]] == list(range(1, 61))
+    assert [r["step"] for r in rows] == list(range(1, 101))  # no held-out set here, so no step-0 evaluation row
     for key in ("loss", "learning_rate", "grad_norm", "num_tokens", "tokens_per_second"):
-        assert all(key in r for r in rows[1:]), key
-    assert rows[1]["loss"] > 8  # random init over a 49k vocabulary: about ln(49152) = 10.8
-    assert rows[-1]["loss"] < 0.05, [round(r["loss"], 3) for r in rows[1:]]
+        assert all(key in r for r in rows), key
+    assert rows[0]["loss"] > 10  # the first batch before any update: random init, about ln(49152) = 10.8
+    assert rows[-1]["loss"] < 0.05, [round(r["loss"], 3) for r in rows]  # memorised (0.006 when measured)
     # The output is an ordinary checkpoint that feeds the next stage.
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 64
-    assert json.load(open(os.path.join(out, "args.json")))["learning_rate"] == 3e-3
+    assert json.load(open(os.path.join(out, "args.json")))["learning_rate"] == 1e-2
 
 
 def test_builtin_task_logs_eval_and_answer_metrics(tiny_model_dir, tmp_path):
@@ -166,7 +167,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_model_dir, tm
                       "--eval_generations", "0", "--eval_size", "4", "--max_steps", "20", "--batch_size", "2",
                       "--micro_batch_size", "2", "--warmup_steps", "0", "--learning_rate", "1e30", "--save_every", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "error: the loss became" in proc.stderr
+    assert re.search(r"^error: the (loss|weights) became (nan|inf)", proc.stderr, re.M), proc.stderr[-500:]
     assert not os.path.exists(os.path.join(out, "config.json"))  # no final model
     import torch
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
