@@ -338,24 +338,50 @@ class Arithmetic:
     """Unlimited seeded arithmetic problems in TRL's conversational prompt-completion format. The "test" split
     holds exactly the problems whose key hashes into the held-out tenth; "train" never contains one of them."""
     unlimited = True
+    column_names = ["prompt", "completion", "answer"]
 
     def __init__(self, split="train", seed=0, size=10**9):
         self.split, self.seed, self.size = split, seed, size
-        self.column_names = ["prompt", "completion", "answer"]
 
     def __len__(self):
         return self.size
 
-    def __getitem__(self, i):
+    def problem(self, i):
         rng = random.Random(f"arithmetic/{self.split}/{self.seed}/{i}")
         while True:
             p = arithmetic_problem(rng)
             if is_heldout(p["key"]) == (self.split != "train"):
-                return {"prompt": [{"role": "user", "content": p["prompt"]}],
-                        "completion": [{"role": "assistant", "content": p["completion"]}], "answer": p["answer"]}
+                return p, rng
+
+    def __getitem__(self, i):
+        p, _ = self.problem(i)
+        return {"prompt": [{"role": "user", "content": p["prompt"]}],
+                "completion": [{"role": "assistant", "content": p["completion"]}], "answer": p["answer"]}
 
 
-BUILTIN_TASKS = {"arithmetic": Arithmetic}
+def wrong_completion(p, rng):
+    """A plausible wrong answer: the same working with a slip in the last step, or the right number without a box."""
+    n, text = p["answer"], p["completion"]
+    if rng.random() < 0.25:
+        return text.replace(f"\\boxed{{{n}}}", n)
+    wrong = str(int(n) + rng.choice([-10, -2, -1, 1, 2, 10]))
+    head, _, _ = text.rpartition(f"= {n}.")
+    return f"{head}= {wrong}. The answer is \\boxed{{{wrong}}}."
+
+
+class ArithmeticPreferences(Arithmetic):
+    """The arithmetic task as preference pairs (TRL's explicit-prompt format): chosen is the correct worked answer,
+    rejected a plausible wrong one."""
+    column_names = ["prompt", "chosen", "rejected", "answer"]
+
+    def __getitem__(self, i):
+        p, rng = self.problem(i)
+        return {"prompt": [{"role": "user", "content": p["prompt"]}],
+                "chosen": [{"role": "assistant", "content": p["completion"]}],
+                "rejected": [{"role": "assistant", "content": wrong_completion(p, rng)}], "answer": p["answer"]}
+
+
+BUILTIN_TASKS = {"arithmetic": Arithmetic, "arithmetic_preferences": ArithmeticPreferences}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -435,8 +461,8 @@ def mixture_order(sizes, weights, n, seed, unlimited=()):
 # Chat formatting and assistant-only masking
 def as_messages(x, role):
     """A TRL field that is either a plain string or a list of {role, content} messages -> a list of messages."""
-    if isinstance(x, str):
-        return [{"role": role, "content": x}]
+    if isinstance(x, (str, int, float)):  # a CSV reader turns "42" into a number
+        return [{"role": role, "content": str(x)}]
     if isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x):
         return [{"role": m["role"], "content": m["content"]} for m in x]
     raise UserError(f"expected a string or a list of {{role, content}} messages, got {str(x)[:80]!r}")
@@ -452,18 +478,82 @@ def conversation(row):
                     "or `prompt` and `completion`")
 
 
-def tokenize_conversation(tok, messages, max_length):
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_transcript(text):
+    """An Anthropic HH-RLHF transcript "\n\nHuman: ...\n\nAssistant: ..." -> a list of messages."""
+    parts = HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text)
+    if len(parts) < 3 or parts[0].strip():
+        raise UserError(f"expected a Human/Assistant transcript, got {text[:80]!r}")
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def preference_pair(row):
+    """A preference row in TRL's explicit-prompt (`prompt`, `chosen`, `rejected`) or implicit-prompt (`chosen` and
+    `rejected` whole conversations, or HH-RLHF transcripts, that share a prefix) format -> (prompt, chosen,
+    rejected) as message lists. With an implicit prompt the prompt is the longest common prefix of messages."""
+    if "chosen" not in row or "rejected" not in row:
+        raise UserError(f"columns found: {sorted(row)}; expected `chosen` and `rejected`, with or without `prompt` "
+                        "(strings or lists of {role, content})")
+    if "prompt" in row:
+        return (as_messages(row["prompt"], "user"), as_messages(row["chosen"], "assistant"),
+                as_messages(row["rejected"], "assistant"))
+    chosen, rejected = (parse_transcript(x) if isinstance(x, str) else as_messages(x, "assistant")
+                        for x in (row["chosen"], row["rejected"]))
+    k = 0
+    while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+        k += 1
+    return chosen[:k], chosen[k:], rejected[k:]
+
+
+def tokenize_pair(tok, prompt, chosen, rejected, max_length):
+    """(ids, labels) of prompt+chosen and of prompt+rejected, labels on the responses only; None for a pair that
+    is longer than max_length (dropped, not cut, as TRL's reward trainer does) or has an empty response."""
+    out = []
+    for response in (chosen, rejected):
+        x = tokenize_conversation(tok, prompt + response, 10**9, train_from=len(prompt))
+        if x is None or len(x[0]) > max_length:
+            return None
+        out.append(x)
+    return out
+
+
+def tokenize_preferences(ds, tok, max_length, name, rt=None):
+    """Tokenize every pair of a finite preference dataset; pairs whose chosen and rejected are identical, that
+    are too long or that have no response token are dropped and counted in a one-line summary."""
+    kept, same, bad = [], 0, 0
+    for i in range(len(ds)):
+        p, c, r = preference_pair(ds[i])
+        if c == r:
+            same += 1
+            continue
+        x = tokenize_pair(tok, p, c, r, max_length)
+        if x is None:
+            bad += 1
+        else:
+            kept.append(x)
+    if rt is None or rt.is_main:
+        print(f"data: {name}: {len(kept)} pairs kept, {same} dropped with chosen == rejected, {bad} dropped longer "
+              f"than --max_length {max_length} or with no response token", flush=True)
+    if not kept:
+        raise UserError(f"no preference pair of {name} is left after filtering; check the data or raise --max_length")
+    return kept
+
+
+def tokenize_conversation(tok, messages, max_length, train_from=0):
     """Tokens of a chat-templated conversation and their labels: the token id where the model is trained (every
     assistant content token and the assistant's end-of-turn token) and IGNORE_INDEX everywhere else (system, user
     and tool turns, assistant headers, template whitespace after end-of-turn).
 
     Works without `{% generation %}` markers: the assistant spans are found by rendering the conversation up to
-    each assistant turn with and without it and comparing character offsets. Returns (input_ids, labels) cut to
-    max_length, or None when no trained token is left."""
+    each assistant turn with and without it and comparing character offsets. Only assistant messages at index
+    >= train_from are trained (preference pairs score their last response, not the assistant turns of the
+    prompt). Returns (input_ids, labels) cut to max_length, or None when no trained token is left."""
     text = tok.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < train_from:
             continue
         start = len(tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
         turn = tok.apply_chat_template(messages[: i + 1], tokenize=False)

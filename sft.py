@@ -103,15 +103,12 @@ class Tokenized:
 
 def split_heldout(ds, n, seed):
     """Hold out n rows of a finite dataset (a random choice fixed by the seed) -> (train rows, held-out rows)."""
-    import datasets
     if n == 0:
         return ds, []
     if len(ds) < 2 * n:
         raise UserError(f"the dataset has {len(ds)} rows, too few to hold out --eval_size {n}; lower it or give --eval_split")
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
-    if isinstance(ds, datasets.Dataset):
-        return ds.select(perm[n:]), ds.select(perm[:n])
-    return [ds[i] for i in perm[n:]], [ds[i] for i in perm[:n]]
+    return ds.select(perm[n:]), ds.select(perm[:n])
 
 
 def batches(examples, size, pad_id):

@@ -200,3 +200,18 @@ def test_embedded_default_converts_to_a_saveable_checkpoint(default_model_dir, t
     assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
     assert getattr(model.config, "quantization_config", None) is None
     model.save_pretrained(tmp_path / "copy")
+
+
+def test_local_file_formats(tmp_path):
+    import datasets
+    rows = [{"prompt": "What is 1 + 1?", "completion": "2"}, {"prompt": "And 2 + 2?", "completion": "4"}]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_csv(str(tmp_path / "d.csv"), index=False)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.to_json(str(tmp_path / "d.json"))
+    for ext in ("csv", "parquet", "json"):
+        loaded = C.load_data(str(tmp_path / f"d.{ext}"))
+        assert [C.conversation(loaded[i])[1]["content"] for i in range(2)] == ["2", "4"], ext
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(C.UserError, match="unknown file type '.txt'"):
+        C.load_data(str(tmp_path / "d.txt"))

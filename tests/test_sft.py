@@ -56,17 +56,31 @@ def test_builtin_task_logs_eval_and_answer_metrics(tiny_model_dir, tmp_path):
 
 def test_loss_does_not_depend_on_micro_batch_split(tiny_model_dir, tmp_path):
     """EQ 5.1's normaliser is the trained-token count of the whole batch: micro-batches of 1 or 4 (examples of
-    different lengths) give the same loss and the same update."""
+    different lengths) give the same loss and the same update; so does gradient checkpointing."""
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     runs = []
-    for micro in (1, 4):
-        out = str(tmp_path / f"m{micro}")
+    for name, extra in [("m1", ["--micro_batch_size", 1]), ("m4", ["--micro_batch_size", 4]),
+                        ("ckpt", ["--micro_batch_size", 2, "--gradient_checkpointing"])]:
+        out = str(tmp_path / name)
         ok(sft(tiny_model_dir, out, "--dataset", data, "--eval_size", "0", "--max_steps", "3", "--batch_size", "4",
-               "--micro_batch_size", micro, "--learning_rate", "1e-3"))
-        runs.append(read_metrics(out)[1:])
-    for a, b in zip(*runs):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+               "--learning_rate", "1e-3", *extra))
+        runs.append(read_metrics(out))
+    for rows in runs[1:]:
+        for a, b in zip(runs[0], rows):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    # A per-micro-batch mean (the common bug) weights the examples differently and would not match.
+    assert len({round(r["loss"], 6) for r in runs[0]}) == 3
+
+
+def test_mixture_of_a_file_and_the_builtin_task(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": r["messages"][0]["content"],
+                                              "completion": r["messages"][1]["content"]} for r in ROWS])
+    out = str(tmp_path / "out")
+    proc = ok(sft(tiny_model_dir, out, "--dataset", f"{data},arithmetic", "--dataset_weights", "1,3", "--eval_size", "2",
+                  "--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "4"))
+    assert f"data: {data}: 6 examples" in proc.stdout  # 8 rows, 2 held out
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2]
 
 
 def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, tmp_path):
