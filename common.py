@@ -273,16 +273,31 @@ def load_tokenizer(path, trust_remote_code=False, chat_template=None):
     return tok
 
 
+def check_same_vocab(tok, other_path, name, trust_remote_code=False):
+    """Refuse a second model (reference, teacher) whose tokenizer maps tokens to different ids: its log-probs
+    would be about other tokens, silently."""
+    from transformers import AutoTokenizer
+    try:
+        other = AutoTokenizer.from_pretrained(other_path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"cannot load a tokenizer from {name} {other_path} ({type(e).__name__})") from None
+    if other.get_vocab() != tok.get_vocab():
+        raise UserError(f"{name} {other_path} has a different vocabulary from the policy's ({len(other)} vs "
+                        f"{len(tok)} tokens); use a model with the same tokenizer")
+
+
 def load_model(path, rt, trust_remote_code=False, cls=None, **kwargs):
     """A model in fp32 (autocast does the low-precision compute) on the runtime device, dropout off."""
     from transformers import AutoModelForCausalLM
     cls = cls or AutoModelForCausalLM
     try:
-        model = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs)
+        loaded = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:
         raise UserError(f"cannot load a model from {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info=True
     disable_dropout(model)
-    return model.to(rt.device)
+    model.to(rt.device)
+    return loaded
 
 
 def disable_dropout(model):
@@ -421,6 +436,27 @@ def load_data(spec, split="train", config=None, seed=0):
     return ds
 
 
+def load_splits(args, n_heldout):
+    """The training sources of --dataset (one or a mixture) and the held-out rows: the built-in task's own
+    disjoint test split, else --eval_split of the first dataset, else --eval_size rows held out of it."""
+    mixture = parse_mixture(args.dataset, args.dataset_weights)
+    raw = [load_data(s, args.dataset_split, args.dataset_config, args.seed) for s, _ in mixture]
+    if getattr(raw[0], "unlimited", False):
+        test = load_data(mixture[0][0], "test", seed=args.seed)
+        heldout = [test[i] for i in range(n_heldout)]
+    elif args.eval_split:
+        heldout = load_data(mixture[0][0], args.eval_split, args.dataset_config)
+    elif args.eval_size == 0:
+        heldout = []
+    else:
+        if len(raw[0]) < 2 * args.eval_size:
+            raise UserError(f"{mixture[0][0]} has {len(raw[0])} rows, too few to hold out --eval_size "
+                            f"{args.eval_size}; lower it or give --eval_split")
+        perm = torch.randperm(len(raw[0]), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        raw[0], heldout = raw[0].select(perm[args.eval_size :]), raw[0].select(perm[: args.eval_size])
+    return mixture, raw, heldout
+
+
 def parse_mixture(datasets_arg, weights_arg):
     """'a,b' and '0.7,0.3' -> [('a', 0.7), ('b', 0.3)], weights normalised to sum to 1 (seed 003's w_s)."""
     specs = [s.strip() for s in datasets_arg.split(",") if s.strip()]
@@ -519,9 +555,10 @@ def tokenize_pair(tok, prompt, chosen, rejected, max_length):
     return out
 
 
-def tokenize_preferences(ds, tok, max_length, name, rt=None):
+def tokenize_preferences(ds, tok, max_length, name, rt=None, keep_index=False):
     """Tokenize every pair of a finite preference dataset; pairs whose chosen and rejected are identical, that
-    are too long or that have no response token are dropped and counted in a one-line summary."""
+    are too long or that have no response token are dropped and counted in a one-line summary. With keep_index,
+    each kept pair comes as (row index, pair)."""
     kept, same, bad = [], 0, 0
     for i in range(len(ds)):
         p, c, r = preference_pair(ds[i])
@@ -532,7 +569,7 @@ def tokenize_preferences(ds, tok, max_length, name, rt=None):
         if x is None:
             bad += 1
         else:
-            kept.append(x)
+            kept.append((i, x) if keep_index else x)
     if rt is None or rt.is_main:
         print(f"data: {name}: {len(kept)} pairs kept, {same} dropped with chosen == rejected, {bad} dropped longer "
               f"than --max_length {max_length} or with no response token", flush=True)
@@ -604,6 +641,34 @@ def gather_logprobs(logits, tokens, temperature=1.0, chunk_size=256):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Reward-model scores
+def sequence_scores(model, input_ids, attention_mask):
+    """(B,) scalar scores of an AutoModelForSequenceClassification with one label, read at each row's last real
+    token as the attention mask says, whatever the padding side. transformers' own pooling finds the last token
+    that is not the pad id, which misreads rows when pad == EOS or the padding is on the left (TRL #3750, #2778)."""
+    T = input_ids.shape[1]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # position ids that ignore left padding
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+    last = (attention_mask * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
+    head = model.score if hasattr(model, "score") else model.classifier
+    return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+
+
+@torch.no_grad()
+def score_responses(model, tok, prompts, responses, rt, batch_size=16):
+    """Reward-model scores of (prompt, response) pairs, batched: prompts are message lists, responses strings.
+    This is how ppo.py and grpo.py call a model trained by reward_model.py. Returns a (N,) fp32 tensor on the CPU."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [tok(tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False),
+                   add_special_tokens=False)["input_ids"] for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
+        x, mask = pad(ids, tok.pad_token_id)
+        with rt.autocast():
+            out.append(sequence_scores(model, x.to(rt.device), mask.to(rt.device)).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Generation and the answer grader
 @torch.no_grad()
 def generate(model, tok, prompts, rt, max_new_tokens=128, batch_size=32, temperature=0.0, top_p=1.0):
@@ -659,14 +724,14 @@ def grade(text, answer):
     return box is not None, box is not None and normalize_answer(box) == normalize_answer(str(answer))
 
 
-def evaluate_answers(model, tok, rows, rt, max_new_tokens=128, batch_size=32):
-    """Greedy answers to held-out problems: {"eval/boxed": share with a \\boxed{}, "eval/accuracy": share correct}.
-    Under DDP each rank answers its share of the rows and the counts are summed."""
-    mine = rows[rt.rank :: rt.world_size]
-    _, texts = generate(model, tok, [conversation(r)[:-1] for r in mine], rt, max_new_tokens, batch_size)
-    graded = [grade(t, r["answer"]) for t, r in zip(texts, mine)]
+def evaluate_answers(model, tok, prompts, answers, rt, max_new_tokens=128, batch_size=32):
+    """Greedy answers to held-out prompts (message lists) with known answers: {"eval/boxed": share with a
+    \\boxed{}, "eval/accuracy": share correct}. Under DDP each rank answers its share and the counts are summed."""
+    mine = list(zip(prompts, answers))[rt.rank :: rt.world_size]
+    _, texts = generate(model, tok, [p for p, _ in mine], rt, max_new_tokens, batch_size)
+    graded = [grade(t, a) for t, (_, a) in zip(texts, mine)]
     boxed, correct = (all_reduce(float(sum(g[k] for g in graded)), rt).item() for k in (0, 1))
-    return {"eval/boxed": boxed / len(rows), "eval/accuracy": correct / len(rows)}, texts
+    return {"eval/boxed": boxed / len(prompts), "eval/accuracy": correct / len(prompts)}, texts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -704,16 +769,45 @@ def save_args(args, output_dir, rt):
             json.dump(asdict(args), f, indent=2)
 
 
-def save_checkpoint(state, path):
-    """torch.save to a temporary file, then an atomic rename: a crash mid-write never leaves a torn checkpoint."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def optimizer_and_schedule(model, args):
+    """AdamW over the trainable parameters, linear warmup then cosine decay (--learning_rate, --warmup_steps,
+    --min_lr_ratio, --weight_decay, --max_steps)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
+    return opt, sched
 
 
-def load_checkpoint(path):
+# Arguments that fix the data stream and the schedule: a run can only resume with the same values.
+RESUME_ARGS = ("model", "dataset", "dataset_weights", "batch_size", "seed", "max_steps")
+
+
+def save_state(path, model, opt, sched, step, args, rt, **extra):
+    """Write the checkpoint (model, optimizer, scheduler, step, RNG states, anything in extra; the data position is
+    the step) to a temporary file and rename it, so a crash mid-write never leaves a torn checkpoint. Weights that
+    are no longer finite never replace the last good checkpoint."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"the weights became inf or nan by step {step}; the last good checkpoint is in {path} "
+                        "(if one was saved); lower --learning_rate")
+    if rt.is_main:
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "step": step, "rng": rng_state(), "args": asdict(args), **extra}
+        torch.save(state, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+
+
+def restore_state(path, model, opt, sched, args, rt):
+    """Load a checkpoint written by save_state into model, opt and sched; returns it (for "step" and extras)."""
     if not os.path.isfile(path):
         raise UserError(f"--resume: no checkpoint at {path}; run without --resume to start afresh")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for k in RESUME_ARGS:
+        if state["args"].get(k) != getattr(args, k, None):
+            raise UserError(f"--resume: the checkpoint was made with --{k} {state['args'].get(k)}, not {getattr(args, k)}")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    rt.print(f"resumed from {path} at step {state['step']}")
+    return state

@@ -101,16 +101,6 @@ class Tokenized:
         return x
 
 
-def split_heldout(ds, n, seed):
-    """Hold out n rows of a finite dataset (a random choice fixed by the seed) -> (train rows, held-out rows)."""
-    if n == 0:
-        return ds, []
-    if len(ds) < 2 * n:
-        raise UserError(f"the dataset has {len(ds)} rows, too few to hold out --eval_size {n}; lower it or give --eval_split")
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
-    return ds.select(perm[n:]), ds.select(perm[:n])
-
-
 def batches(examples, size, pad_id):
     """Micro-batches of (input_ids, attention_mask, labels), right-padded."""
     for i in range(0, len(examples), size):
@@ -156,24 +146,18 @@ def main():
         raise UserError("--max_steps must be at least 1 and --max_length at least 2")
     C.save_args(args, args.output_dir, rt)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    ckpt = C.load_checkpoint(ckpt_path) if args.resume else None
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
 
     # Data. Examples of the built-in task are generated; others are read, held-out rows split off, tokenized.
-    mixture = C.parse_mixture(args.dataset, args.dataset_weights)
-    raw = [C.load_data(s, args.dataset_split, args.dataset_config, args.seed) for s, _ in mixture]
-    if getattr(raw[0], "unlimited", False):
-        heldout = C.load_data(mixture[0][0], "test", seed=args.seed)
-        heldout = [heldout[i] for i in range(max(args.eval_size, args.eval_generations))]
-    elif args.eval_split:
-        heldout = C.load_data(mixture[0][0], args.eval_split, args.dataset_config)
-    else:
-        raw[0], heldout = split_heldout(raw[0], args.eval_size, args.seed)
+    mixture, raw, heldout = C.load_splits(args, max(args.eval_size, args.eval_generations))
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     sources = [Tokenized(s, ds, tok, args.max_length) for (s, _), ds in zip(mixture, raw)]
     eval_examples = [x for x in (C.tokenize_conversation(tok, C.conversation(heldout[i]), args.max_length)
                                  for i in range(min(args.eval_size, len(heldout)))) if x is not None]
     answerable = [heldout[i] for i in range(min(args.eval_generations, len(heldout))) if "answer" in heldout[i]]
+    prompts, answers = [C.conversation(r)[:-1] for r in answerable], [r["answer"] for r in answerable]
     for (s, _), src in zip(mixture, sources):
         if not src.unlimited:
             rt.print(f"data: {s}: {len(src)} examples" + (f", {src.dropped} dropped (no assistant token within "
@@ -186,37 +170,20 @@ def main():
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: C.warmup_cosine(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
+    opt, sched = C.optimizer_and_schedule(model, args)
     step, num_tokens = 0, 0
-    if ckpt is not None:
-        for k in ("model", "batch_size", "seed", "dataset", "dataset_weights", "max_steps"):
-            if ckpt["args"][k] != getattr(args, k):
-                raise UserError(f"--resume: the checkpoint was made with --{k} {ckpt['args'][k]}, not {getattr(args, k)}")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        step, num_tokens = ckpt["step"], ckpt["num_tokens"]
-        C.set_rng_state(ckpt["rng"])
-        rt.print(f"resumed from {ckpt_path} at step {step}")
+    if args.resume:
+        state = C.restore_state(ckpt_path, model, opt, sched, args, rt)
+        step, num_tokens = state["step"], state["num_tokens"]
     ddp = DDP(model) if rt.world_size > 1 else model
     log = C.MetricsLog(args.output_dir, rt, resume_step=step)
 
-    def checkpoint():
-        if not all(torch.isfinite(p).all() for p in model.parameters()):  # never replace a good checkpoint with this
-            raise UserError(f"the weights became inf or nan by step {step}; the last good checkpoint is in {ckpt_path} "
-                            "(if one was saved); lower --learning_rate")
-        if rt.is_main:
-            C.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                               "step": step, "num_tokens": num_tokens, "rng": C.rng_state(), "args": vars(args)}, ckpt_path)
-
+    row = {"step": step}
     if step == 0:
-        row = {"step": 0}
         if eval_examples:
             row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
         if answerable:
-            row.update(C.evaluate_answers(model, tok, answerable, rt, args.max_new_tokens)[0])
+            row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens)[0])
         if len(row) > 1:
             log.log(row)
             rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
@@ -258,12 +225,12 @@ def main():
         if eval_examples and (step % args.eval_every == 0 or step == args.max_steps):
             row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
         if step == args.max_steps and answerable:
-            row.update(C.evaluate_answers(model, tok, answerable, rt, args.max_new_tokens)[0])
+            row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens)[0])
         log.log(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
-            checkpoint()
+            C.save_state(ckpt_path, model, opt, sched, step, args, rt, num_tokens=num_tokens)
     bar.close()
 
     if step == args.max_steps:

@@ -1,0 +1,333 @@
+"""Direct preference optimization (DPO) and close variants, trained on preference pairs (prompt, chosen, rejected).
+
+DPO (seed 002 EQ 5.5; seed 003 writes it with Δ_θ and Δ_ref; seed 001 §4) needs no reward model and no sampling:
+
+    L_DPO = -log σ( β [ (log π_θ(y_w|x) - log π_ref(y_w|x)) - (log π_θ(y_l|x) - log π_ref(y_l|x)) ] )
+
+where log π(y|x) sums the log-probs of the response tokens only (the prompt is context, never scored). The
+implicit reward of a response is r(x, y) = β (log π_θ(y|x) - log π_ref(y|x)); both the chosen and the rejected
+reward often fall during training, and that is fine: the margin between them is what the loss raises.
+
+--loss_type (h = (log π_θ(y_w) - log π_ref(y_w)) - (log π_θ(y_l) - log π_ref(y_l))):
+    sigmoid  EQ 5.5. With --label_smoothing ε > 0 it is conservative DPO (cDPO, Mitchell 2023), which assumes
+             labels flipped with probability ε: -(1-ε) log σ(βh) - ε log σ(-βh)
+    robust   robust DPO (Chowdhury et al. 2024, eq. 8), an unbiased estimate of the clean loss under label-flip
+             rate ε: [-(1-ε) log σ(βh) + ε log σ(-βh)] / (1-2ε)
+    ipo      IPO (Azar et al. 2023, eq. 17): (h - 1/(2β))², with log-probs averaged over response tokens (as TRL)
+    simpo    SimPO (Meng et al. 2024, eq. 6): -log σ(β/|y_w| log π_θ(y_w) - β/|y_l| log π_θ(y_l) - γ), no reference
+
+How this deviates from the paper: the reference log-probs are computed once, before training, with the starting
+policy (or --ref_model), so a single model is held while training (TRL's precompute_ref_log_probs); chosen and
+rejected go through the model in one concatenated forward pass.
+
+    python dpo.py                                     # embedded SmolLM2-135M-Instruct, built-in arithmetic pairs
+    python dpo.py --model out/sft                     # after sft.py
+    python dpo.py --dataset Anthropic/hh-rlhf --max_length 512 --loss_type ipo
+    torchrun --nproc_per_node=2 dpo.py ...           # DDP, same code path
+"""
+import copy
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common as C
+from common import UserError, arg
+
+
+@dataclass
+class Args:
+    model: str = arg(C.DEFAULT_MODEL, "policy to train: Hub id, local folder (e.g. sft.py's --output_dir) or .gguf")
+    ref_model: Optional[str] = arg(None, "reference model (default: a frozen copy of the starting policy)")
+    dataset: str = arg("arithmetic_preferences", "built-in task, local .jsonl/.json/.parquet/.csv or Hub id with "
+                       "prompt/chosen/rejected or implicit-prompt chosen/rejected; comma-separated for a mixture")
+    dataset_weights: str = arg("", "sampling weights of a mixture, comma-separated (default: equal)")
+    dataset_split: str = arg("train", "split of Hub datasets to train on")
+    dataset_config: Optional[str] = arg(None, "config (subset) name, or data_dir, of Hub datasets")
+    eval_split: Optional[str] = arg(None, "held-out split of the first dataset; default: hold out --eval_size pairs")
+    eval_size: int = arg(64, "held-out pairs for the eval_ metrics")
+    eval_every: int = arg(25, "evaluate the held-out pairs every this many steps (and at the end)")
+    eval_generations: int = arg(64, "held-out prompts answered greedily at start and end, graded against their "
+                                "`answer` column (share boxed, share correct; 0: off)")
+    max_new_tokens: int = arg(96, "length limit of those answers")
+    output_dir: str = arg("out/dpo", "where the final model, args.json, metrics.jsonl and checkpoint.pt go")
+    loss_type: str = arg("sigmoid", "sigmoid (DPO), robust, ipo or simpo; see the module docstring")
+    beta: Optional[float] = arg(None, "β: 0.1 by default, 2.0 for simpo (IPO's τ is this β)")
+    label_smoothing: float = arg(0.0, "ε: assumed label-flip rate for sigmoid (cDPO) and robust, in [0, 0.5)")
+    simpo_gamma: float = arg(0.5, "γ, SimPO's target reward margin")
+    precompute_ref_log_probs: bool = arg(True, "compute the reference log-probs once before training so only the "
+                                         "policy is held; --precompute_ref_log_probs false keeps the reference loaded")
+    max_steps: int = arg(40, "optimizer steps")
+    batch_size: int = arg(16, "preference pairs per optimizer step, over all micro-batches and ranks")
+    micro_batch_size: int = arg(8, "pairs per forward/backward pass on each rank (2x that many sequences)")
+    learning_rate: float = arg(5e-6, "peak learning rate (AdamW)")
+    warmup_steps: int = arg(4, "linear warmup steps, then cosine decay")
+    min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of the peak")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    max_length: int = arg(1024, "tokens of prompt + response; longer pairs are dropped, not cut")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    save_every: int = arg(100, "write checkpoint.pt every this many steps (0: only at the end)")
+    stop_after_steps: int = arg(0, "stop with a checkpoint after this many steps of this invocation; --resume later")
+    resume: bool = arg(False, "continue from <output_dir>/checkpoint.pt")
+    seed: int = arg(0, "random seed")
+    device: str = arg("auto", "auto, cpu, cuda or mps")
+    precision: str = arg("auto", "auto (bf16 where the hardware is fast at it), bf16 or fp32; weights stay fp32")
+    trust_remote_code: bool = arg(False, "allow models and tokenizers that run code from their repository")
+    chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The losses: pure functions of per-pair log-probs, (B,) tensors -> (B,) losses
+def sigmoid_loss(pi_logratios, ref_logratios, beta, label_smoothing=0.0):
+    """EQ 5.5; cDPO when label_smoothing > 0. pi_logratios = log π_θ(y_w|x) - log π_θ(y_l|x), ref likewise."""
+    logits = beta * (pi_logratios - ref_logratios)
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def robust_loss(pi_logratios, ref_logratios, beta, label_smoothing):
+    """Robust DPO (Chowdhury et al. 2024, eq. 8): unbiased under a label-flip rate ε = label_smoothing < 0.5."""
+    logits = beta * (pi_logratios - ref_logratios)
+    eps = label_smoothing
+    return (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
+
+
+def ipo_loss(pi_logratios, ref_logratios, beta):
+    """IPO (Azar et al. 2023, eq. 17): regress the log-ratio margin onto 1/(2β), with τ = β. Log-probs per token."""
+    return (pi_logratios - ref_logratios - 1 / (2 * beta)) ** 2
+
+
+def simpo_loss(pi_logratios, beta, gamma):
+    """SimPO (Meng et al. 2024, eq. 6): pi_logratios of length-normalised log-probs, margin γ, no reference."""
+    return -F.logsigmoid(beta * pi_logratios - gamma)
+
+
+def preference_loss(chosen, rejected, ref_chosen, ref_rejected, args):
+    """Per-pair losses and implicit rewards for --loss_type, from (B,) response log-probs (summed over tokens, or
+    averaged for ipo and simpo: the caller passes what the loss needs)."""
+    if args.loss_type == "simpo":
+        return simpo_loss(chosen - rejected, args.beta, args.simpo_gamma), args.beta * chosen, args.beta * rejected
+    pi, ref = chosen - rejected, ref_chosen - ref_rejected
+    if args.loss_type == "sigmoid":
+        losses = sigmoid_loss(pi, ref, args.beta, args.label_smoothing)
+    elif args.loss_type == "robust":
+        losses = robust_loss(pi, ref, args.beta, args.label_smoothing)
+    else:
+        losses = ipo_loss(pi, ref, args.beta)
+    return losses, args.beta * (chosen - ref_chosen), args.beta * (rejected - ref_rejected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def response_logps(model, pairs, rt, pad_id):
+    """Chosen and rejected of `pairs` in one concatenated forward pass -> per-sequence summed response log-probs
+    and response lengths, each (2B,): the B chosen first, then the B rejected."""
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    x, mask = C.pad([ids for ids, _ in seqs], pad_id)
+    y, _ = C.pad([labels for _, labels in seqs], C.IGNORE_INDEX)
+    x, mask, y = x.to(rt.device), mask.to(rt.device), y.to(rt.device)
+    with rt.autocast():
+        logits = model(input_ids=x, attention_mask=mask).logits  # (2B, T, V)
+    # (2B, T): the token each position predicts; the last position predicts nothing and is masked out.
+    targets = torch.cat([y[:, 1:], torch.full_like(y[:, :1], C.IGNORE_INDEX)], dim=1)
+    keep = targets != C.IGNORE_INDEX
+    logps = C.gather_logprobs(logits, targets.clamp(min=0)) * keep
+    return logps.sum(-1), keep.sum(-1)
+
+
+@torch.no_grad()
+def reference_logps(model, pairs, rt, pad_id, batch_size):
+    """Summed response log-probs of the reference for every pair -> (N, 2) tensor [chosen, rejected] on the CPU."""
+    model.eval()
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        lp, _ = response_logps(model, pairs[i : i + batch_size], rt, pad_id)
+        out.append(lp.view(2, -1).t().float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def batch_metrics(model, pairs, ref, args, rt, pad_id):
+    """Loss terms and metric sums of one micro-batch. ref: (B, 2) summed reference log-probs, or None for simpo."""
+    logps, lengths = response_logps(model, pairs, rt, pad_id)
+    B = len(pairs)
+    chosen, rejected = logps[:B], logps[B:]
+    if args.loss_type in ("ipo", "simpo"):  # these two compare per-token mean log-probs
+        pc, pr = chosen / lengths[:B], rejected / lengths[B:]
+        rc, rr = (ref[:, 0] / lengths[:B], ref[:, 1] / lengths[B:]) if ref is not None else (None, None)
+    else:
+        pc, pr = chosen, rejected
+        rc, rr = (ref[:, 0], ref[:, 1]) if ref is not None else (None, None)
+    losses, r_chosen, r_rejected = preference_loss(pc, pr, rc, rr, args)
+    sums = {"loss": losses.sum(), "rewards/chosen": r_chosen.sum(), "rewards/rejected": r_rejected.sum(),
+            "rewards/margins": (r_chosen - r_rejected).sum(), "rewards/accuracies": (r_chosen > r_rejected).float().sum(),
+            "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum()}
+    return losses.sum(), {k: v.detach().float() for k, v in sums.items()}
+
+
+def main():
+    args = C.parse_args(Args)
+    if args.loss_type not in ("sigmoid", "robust", "ipo", "simpo"):
+        raise UserError(f"--loss_type {args.loss_type}: use sigmoid, robust, ipo or simpo")
+    args.beta = args.beta if args.beta is not None else 2.0 if args.loss_type == "simpo" else 0.1
+    if not 0 <= args.label_smoothing < 0.5 or (args.loss_type == "robust" and args.label_smoothing == 0):
+        raise UserError("--label_smoothing must be in [0, 0.5), and above 0 for --loss_type robust")
+    if args.batch_size % args.micro_batch_size:
+        raise UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size {args.micro_batch_size}")
+    rt = C.setup(args.seed, args.device, args.precision)
+    if args.batch_size % (args.micro_batch_size * rt.world_size):
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size x ranks "
+                        f"({args.micro_batch_size} x {rt.world_size})")
+    C.save_args(args, args.output_dir, rt)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+
+    # Data: the pairs this rank will see, in stream order, tokenized; the held-out pairs and prompts.
+    mixture, raw, heldout = C.load_splits(args, max(args.eval_size, args.eval_generations))
+    for ds, (name, _) in zip(raw, mixture):
+        C.preference_pair(ds[0])  # checks the columns before any work
+    path = C.resolve_model(args.model, rt)
+    tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    sources = []
+    for (name, _), ds in zip(mixture, raw):
+        if getattr(ds, "unlimited", False):
+            sources.append(ds)  # generated pairs are tokenized when read
+        else:
+            sources.append(C.tokenize_preferences(ds, tok, args.max_length, name, rt))
+    order = C.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
+                            args.seed, unlimited={i for i, s in enumerate(sources) if not isinstance(s, list)})
+    mine = [order[k] for k in range(len(order)) if (k % args.batch_size) % rt.world_size == rt.rank]
+    cache = {}
+
+    def pair(key):
+        s, i = key
+        if key not in cache:
+            cache[key] = sources[s][i] if isinstance(sources[s], list) else C.tokenize_pair(
+                tok, *C.preference_pair(sources[s][i]), args.max_length)
+            if cache[key] is None:
+                raise UserError(f"a generated pair of {mixture[s][0]} exceeds --max_length {args.max_length}; raise it")
+        return cache[key]
+
+    eval_rows = [heldout[i] for i in range(min(args.eval_size, len(heldout)))]
+    eval_pairs = C.tokenize_preferences(eval_rows, tok, args.max_length, "held-out", rt) if eval_rows else []
+    answerable = [heldout[i] for i in range(min(args.eval_generations, len(heldout))) if "answer" in heldout[i]]
+    prompts, answers = [C.preference_pair(r)[0] for r in answerable], [r["answer"] for r in answerable]
+
+    # Models. The reference's log-probs for every pair this rank will see are computed once, up front.
+    model = C.load_model(path, rt, args.trust_remote_code)
+    ref_model = None  # simpo has no reference
+    if args.loss_type != "simpo" and args.ref_model:
+        ref_path = C.resolve_model(args.ref_model, rt)
+        C.check_same_vocab(tok, ref_path, "--ref_model", args.trust_remote_code)
+        ref_model = C.load_model(ref_path, rt, args.trust_remote_code).requires_grad_(False)
+    elif args.loss_type != "simpo":  # the starting policy is the reference: use it before the first update
+        ref_model = model if args.precompute_ref_log_probs else copy.deepcopy(model).requires_grad_(False)
+    keys = list(dict.fromkeys(mine))
+    ref_table, eval_ref = None, None
+    if ref_model is not None and args.precompute_ref_log_probs:
+        t0 = time.perf_counter()
+        ref_table = dict(zip(keys, reference_logps(ref_model, [pair(k) for k in keys], rt, tok.pad_token_id,
+                                                   args.micro_batch_size)))
+        eval_ref = reference_logps(ref_model, eval_pairs[rt.rank :: rt.world_size], rt, tok.pad_token_id, args.micro_batch_size)
+        rt.print(f"reference log-probs of {len(keys) + len(eval_pairs)} pairs computed in {time.perf_counter() - t0:.0f}s")
+        if ref_model is not model:
+            del ref_model
+        ref_model = None
+
+    def refs(batch_keys, batch_pairs):
+        if ref_table is not None:
+            return torch.stack([ref_table[k] for k in batch_keys]).to(rt.device)
+        if ref_model is None:
+            return None
+        return reference_logps(ref_model, batch_pairs, rt, tok.pad_token_id, len(batch_pairs)).to(rt.device)
+
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    opt, sched = C.optimizer_and_schedule(model, args)
+    step = 0
+    if args.resume:
+        step = C.restore_state(ckpt_path, model, opt, sched, args, rt)["step"]
+    ddp = DDP(model) if rt.world_size > 1 else model
+    log = C.MetricsLog(args.output_dir, rt, resume_step=step)
+
+    @torch.no_grad()
+    def evaluate(generate):
+        row = {}
+        if eval_pairs:
+            model.eval()
+            mine_eval = eval_pairs[rt.rank :: rt.world_size]
+            totals = {}
+            for i in range(0, len(mine_eval), args.micro_batch_size):
+                batch = mine_eval[i : i + args.micro_batch_size]
+                ref = eval_ref[i : i + len(batch)].to(rt.device) if eval_ref is not None else refs(None, batch)
+                _, sums = batch_metrics(model, batch, ref, args, rt, tok.pad_token_id)
+                totals = {k: totals.get(k, 0) + v for k, v in sums.items()}
+            row = {f"eval_{k}": (C.all_reduce(v, rt) / len(eval_pairs)).item() for k, v in totals.items()}
+            model.train()
+        if generate and answerable:
+            row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens)[0])
+        return row
+
+    row = {"step": step}
+    if step == 0:
+        row.update(evaluate(generate=True))
+        if len(row) > 1:
+            log.log(row)
+            rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+
+    per_rank = args.batch_size // rt.world_size
+    last = min(args.max_steps, step + args.stop_after_steps) if args.stop_after_steps else args.max_steps
+    bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
+    model.train()
+    while step < last:
+        t0 = time.perf_counter()
+        batch_keys = mine[step * per_rank : (step + 1) * per_rank]
+        totals = {}
+        for k in range(0, per_rank, args.micro_batch_size):
+            keys_mb = batch_keys[k : k + args.micro_batch_size]
+            pairs = [pair(key) for key in keys_mb]
+            with ddp.no_sync() if rt.world_size > 1 and k + args.micro_batch_size < per_rank else nullcontext():
+                loss_sum, sums = batch_metrics(ddp, pairs, refs(keys_mb, pairs), args, rt, tok.pad_token_id)
+                # Mean over the pairs of the whole batch; DDP averages over ranks, so scale by world_size.
+                (loss_sum * rt.world_size / args.batch_size).backward()
+            totals = {n: totals.get(n, 0) + v for n, v in sums.items()}
+        row = {n: (C.all_reduce(v, rt) / args.batch_size).item() for n, v in totals.items()}
+        if not torch.isfinite(torch.tensor(row["loss"])):
+            raise UserError(f"the loss became {row['loss']} at step {step + 1}; the last good checkpoint is in "
+                            f"{ckpt_path} (if one was saved); lower --learning_rate")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        row = {"step": step, **row, "learning_rate": lr, "grad_norm": grad_norm,
+               "seconds_per_step": time.perf_counter() - t0}
+        if step % args.eval_every == 0 or step == args.max_steps:
+            row.update(evaluate(generate=step == args.max_steps))
+        log.log(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}",
+                        acc=f"{row['rewards/accuracies']:.2f}")
+        if (args.save_every and step % args.save_every == 0) or step == last:
+            C.save_state(ckpt_path, model, opt, sched, step, args, rt)
+    bar.close()
+
+    if step == args.max_steps:
+        if rt.is_main:
+            C.save_pretrained(model, tok, args.output_dir)
+        rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
+        rt.print(f"saved the model to {args.output_dir}")
+    else:
+        rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
+    C.finish(rt)
+
+
+if __name__ == "__main__":
+    C.run(main)

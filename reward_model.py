@@ -1,0 +1,239 @@
+"""Bradley-Terry reward model: a scalar head on a language model, trained on preference pairs.
+
+The model of preferences (seed 003; seed 004 §4) is Pr(y_w ≻ y_l | x) = σ(r_φ(x, y_w) - r_φ(x, y_l)), and the
+reward model minimises its negative log-likelihood (seed 002 EQ 5.2):
+
+    L_RM = -E[ log σ( r_φ(x, y_w) - r_φ(x, y_l) - m ) ]  +  c · E[ (r_φ(x, y_w) + r_φ(x, y_l))² ]
+
+m is an optional per-pair margin (a `margin` column, as in Llama 2's reward model) and c the optional centering
+coefficient (--center_rewards_coefficient, Eisenstein et al. 2023), which pins the otherwise unidentified offset
+of the rewards near zero; only reward differences are learned.
+
+r_φ(x, y) is read at the last real token of prompt + response (the attention mask says where, whatever the
+padding side). The model is an AutoModelForSequenceClassification with one label, so the result loads anywhere
+with from_pretrained; common.score_responses is the batched scorer that ppo.py and grpo.py call.
+
+    python reward_model.py                            # embedded SmolLM2-135M-Instruct, built-in arithmetic pairs
+    python reward_model.py --model out/sft --dataset Anthropic/hh-rlhf --dataset_config harmless-base --max_length 512
+    torchrun --nproc_per_node=2 reward_model.py ...  # DDP, same code path
+"""
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common as C
+from common import UserError, arg
+
+
+@dataclass
+class Args:
+    model: str = arg(C.DEFAULT_MODEL, "base model: Hub id, local folder (e.g. sft.py's --output_dir) or .gguf")
+    dataset: str = arg("arithmetic_preferences", "built-in task, local .jsonl/.json/.parquet/.csv or Hub id with "
+                       "prompt/chosen/rejected or implicit-prompt chosen/rejected (and optional `margin`); "
+                       "comma-separated for a mixture")
+    dataset_weights: str = arg("", "sampling weights of a mixture, comma-separated (default: equal)")
+    dataset_split: str = arg("train", "split of Hub datasets to train on")
+    dataset_config: Optional[str] = arg(None, "config (subset) name, or data_dir, of Hub datasets")
+    eval_split: Optional[str] = arg(None, "held-out split of the first dataset; default: hold out --eval_size pairs")
+    eval_size: int = arg(128, "held-out pairs for the eval_ metrics")
+    eval_every: int = arg(25, "evaluate every this many steps (and at start and end)")
+    output_dir: str = arg("out/reward_model", "where the final model, args.json, metrics.jsonl and checkpoint.pt go")
+    center_rewards_coefficient: float = arg(0.0, "c: weight of the mean squared summed reward (e.g. 0.01)")
+    max_steps: int = arg(60, "optimizer steps")
+    batch_size: int = arg(16, "preference pairs per optimizer step, over all micro-batches and ranks")
+    micro_batch_size: int = arg(8, "pairs per forward/backward pass on each rank (2x that many sequences)")
+    learning_rate: float = arg(2e-5, "peak learning rate (AdamW)")
+    warmup_steps: int = arg(5, "linear warmup steps, then cosine decay")
+    min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of the peak")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    max_length: int = arg(1024, "tokens of prompt + response; longer pairs are dropped, not cut")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    save_every: int = arg(100, "write checkpoint.pt every this many steps (0: only at the end)")
+    stop_after_steps: int = arg(0, "stop with a checkpoint after this many steps of this invocation; --resume later")
+    resume: bool = arg(False, "continue from <output_dir>/checkpoint.pt")
+    seed: int = arg(0, "random seed (data order, the new head's initialisation)")
+    device: str = arg("auto", "auto, cpu, cuda or mps")
+    precision: str = arg("auto", "auto (bf16 where the hardware is fast at it), bf16 or fp32; weights stay fp32")
+    trust_remote_code: bool = arg(False, "allow models and tokenizers that run code from their repository")
+    chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def bradley_terry_loss(r_chosen, r_rejected, margin=None, center_coef=0.0):
+    """EQ 5.2 with an optional margin and centering term. (B,) rewards -> (B,) per-pair losses."""
+    logits = r_chosen - r_rejected - (margin if margin is not None else 0.0)
+    return -F.logsigmoid(logits) + center_coef * (r_chosen + r_rejected) ** 2
+
+
+class Scorer(torch.nn.Module):
+    """Wraps the model so that DDP sees the forward that reads the score at the last real token."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return C.sequence_scores(self.model, input_ids, attention_mask)
+
+
+def pair_rewards(scorer, pairs, rt, pad_id):
+    """Chosen and rejected of `pairs` in one forward pass -> (B,) chosen rewards, (B,) rejected rewards."""
+    seqs = [c[0] for c, _ in pairs] + [r[0] for _, r in pairs]
+    x, mask = C.pad(seqs, pad_id)
+    with rt.autocast():
+        scores = scorer(x.to(rt.device), mask.to(rt.device))  # (2B,)
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def batch_metrics(scorer, batch, args, rt, pad_id):
+    """Summed loss and metric sums of one micro-batch of (pair, margin) items."""
+    pairs = [p for p, _ in batch]
+    margin = torch.tensor([m for _, m in batch], dtype=torch.float32, device=rt.device)
+    r_chosen, r_rejected = pair_rewards(scorer, pairs, rt, pad_id)
+    losses = bradley_terry_loss(r_chosen, r_rejected, margin, args.center_rewards_coefficient)
+    sums = {"loss": losses.sum(), "accuracy": (r_chosen > r_rejected).float().sum(),
+            "margin": (r_chosen - r_rejected).sum(), "rewards/chosen": r_chosen.sum(), "rewards/rejected": r_rejected.sum()}
+    return losses.sum(), {k: v.detach().float() for k, v in sums.items()}
+
+
+def tokenized_with_margin(rows, tok, args, name, rt):
+    """(pair, margin) items of a finite set of rows; pairs are filtered and counted by common.tokenize_preferences."""
+    margins = [float(rows[i].get("margin", 0.0) or 0.0) for i in range(len(rows))]
+    kept = C.tokenize_preferences(rows, tok, args.max_length, name, rt, keep_index=True)
+    return [(pair, margins[i]) for i, pair in kept]
+
+
+def main():
+    from transformers import AutoModelForSequenceClassification
+    args = C.parse_args(Args)
+    if args.batch_size % args.micro_batch_size:
+        raise UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size {args.micro_batch_size}")
+    rt = C.setup(args.seed, args.device, args.precision)
+    if args.batch_size % (args.micro_batch_size * rt.world_size):
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size x ranks "
+                        f"({args.micro_batch_size} x {rt.world_size})")
+    C.save_args(args, args.output_dir, rt)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+
+    # Data
+    mixture, raw, heldout = C.load_splits(args, args.eval_size)
+    for ds in raw:
+        C.preference_pair(ds[0])  # checks the columns before any work
+    path = C.resolve_model(args.model, rt)
+    tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    sources = [ds if getattr(ds, "unlimited", False) else tokenized_with_margin(ds, tok, args, name, rt)
+               for (name, _), ds in zip(mixture, raw)]
+    order = C.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
+                            args.seed, unlimited={i for i, s in enumerate(sources) if not isinstance(s, list)})
+    eval_rows = [heldout[i] for i in range(min(args.eval_size, len(heldout)))]
+    eval_items = tokenized_with_margin(eval_rows, tok, args, "held-out", rt) if eval_rows else []
+
+    def item(key):
+        s, i = key
+        if isinstance(sources[s], list):
+            return sources[s][i]
+        row = sources[s][i]
+        x = C.tokenize_pair(tok, *C.preference_pair(row), args.max_length)
+        if x is None:
+            raise UserError(f"a generated pair of {mixture[s][0]} exceeds --max_length {args.max_length}; raise it")
+        return x, float(row.get("margin", 0.0))
+
+    # Model: one scalar head on the language model. A new head starts with std 1/sqrt(d_model + 1)
+    # ("N implementation details of RLHF with PPO"), so initial rewards are O(1) whatever the width.
+    model, info = C.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
+                               num_labels=1, output_loading_info=True)
+    head = model.score if hasattr(model, "score") else model.classifier
+    if any(k.startswith(("score.", "classifier.")) for k in info["missing_keys"]):
+        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+        if getattr(head, "bias", None) is not None:
+            torch.nn.init.zeros_(head.bias)
+    model.config.pad_token_id = tok.pad_token_id
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    opt, sched = C.optimizer_and_schedule(model, args)
+    step = 0
+    if args.resume:
+        step = C.restore_state(ckpt_path, model, opt, sched, args, rt)["step"]
+    scorer = Scorer(model)
+    ddp = DDP(scorer) if rt.world_size > 1 else scorer
+    log = C.MetricsLog(args.output_dir, rt, resume_step=step)
+
+    @torch.no_grad()
+    def evaluate():
+        if not eval_items:
+            return {}
+        model.eval()
+        totals = {}
+        mine = eval_items[rt.rank :: rt.world_size]
+        for i in range(0, len(mine), args.micro_batch_size):
+            _, sums = batch_metrics(scorer, mine[i : i + args.micro_batch_size], args, rt, tok.pad_token_id)
+            totals = {k: totals.get(k, 0) + v for k, v in sums.items()}
+        model.train()
+        return {f"eval_{k}": (C.all_reduce(v, rt) / len(eval_items)).item() for k, v in totals.items()}
+
+    row = {"step": step}
+    if step == 0 and eval_items:
+        row.update(evaluate())
+        log.log(row)
+        rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+
+    per_rank = args.batch_size // rt.world_size
+    mine = [order[k] for k in range(len(order)) if (k % args.batch_size) % rt.world_size == rt.rank]
+    last = min(args.max_steps, step + args.stop_after_steps) if args.stop_after_steps else args.max_steps
+    bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
+    model.train()
+    while step < last:
+        t0 = time.perf_counter()
+        batch = [item(key) for key in mine[step * per_rank : (step + 1) * per_rank]]
+        totals = {}
+        for k in range(0, per_rank, args.micro_batch_size):
+            with ddp.no_sync() if rt.world_size > 1 and k + args.micro_batch_size < per_rank else nullcontext():
+                loss_sum, sums = batch_metrics(ddp, batch[k : k + args.micro_batch_size], args, rt, tok.pad_token_id)
+                # Mean over the pairs of the whole batch; DDP averages over ranks, so scale by world_size.
+                (loss_sum * rt.world_size / args.batch_size).backward()
+            totals = {n: totals.get(n, 0) + v for n, v in sums.items()}
+        row = {n: (C.all_reduce(v, rt) / args.batch_size).item() for n, v in totals.items()}
+        if not torch.isfinite(torch.tensor(row["loss"])):
+            raise UserError(f"the loss became {row['loss']} at step {step + 1}; the last good checkpoint is in "
+                            f"{ckpt_path} (if one was saved); lower --learning_rate")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        row = {"step": step, **row, "learning_rate": lr, "grad_norm": grad_norm,
+               "seconds_per_step": time.perf_counter() - t0}
+        if step % args.eval_every == 0 or step == args.max_steps:
+            row.update(evaluate())
+        log.log(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
+        if (args.save_every and step % args.save_every == 0) or step == last:
+            C.save_state(ckpt_path, model, opt, sched, step, args, rt)
+    bar.close()
+
+    if step == args.max_steps:
+        if rt.is_main:
+            C.save_pretrained(model, tok, args.output_dir)
+        rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
+        rt.print(f"saved the reward model to {args.output_dir}")
+    else:
+        rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
+    C.finish(rt)
+
+
+if __name__ == "__main__":
+    C.run(main)
