@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 IGNORE_INDEX = -100  # label of a token that is not trained (cross_entropy's ignore_index)
+MARKER = "\x00MARKER\x00"  # stands in for an assistant message's content to find where the content starts
 CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "posttrain")
 
 
@@ -411,7 +412,7 @@ def load_data(spec, split="train", config=None, seed=0):
     import datasets
     datasets.disable_progress_bars()
     path = os.path.expanduser(spec)
-    ext = os.path.splitext(path)[1].lower()
+    ext = os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower()  # datasets reads .jsonl.gz too
     try:
         if os.path.isfile(path):
             if os.path.getsize(path) == 0:
@@ -445,6 +446,8 @@ def load_splits(args, n_heldout):
         test = load_data(mixture[0][0], "test", seed=args.seed)
         heldout = [test[i] for i in range(n_heldout)]
     elif args.eval_split:
+        if os.path.isfile(os.path.expanduser(mixture[0][0])):
+            raise UserError("--eval_split names a split of a Hub dataset; a local file has one split: use --eval_size")
         heldout = load_data(mixture[0][0], args.eval_split, args.dataset_config)
     elif args.eval_size == 0:
         heldout = []
@@ -514,7 +517,7 @@ def conversation(row):
                     "or `prompt` and `completion`")
 
 
-HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
 def parse_transcript(text):
@@ -533,8 +536,12 @@ def preference_pair(row):
         raise UserError(f"columns found: {sorted(row)}; expected `chosen` and `rejected`, with or without `prompt` "
                         "(strings or lists of {role, content})")
     if "prompt" in row:
-        return (as_messages(row["prompt"], "user"), as_messages(row["chosen"], "assistant"),
-                as_messages(row["rejected"], "assistant"))
+        prompt, chosen, rejected = (as_messages(row[k], "user" if k == "prompt" else "assistant")
+                                    for k in ("prompt", "chosen", "rejected"))
+        n = len(prompt)
+        if chosen[:n] == prompt and rejected[:n] == prompt:  # chosen/rejected repeat the prompt (UltraFeedback)
+            chosen, rejected = chosen[n:], rejected[n:]
+        return prompt, chosen, rejected
     chosen, rejected = (parse_transcript(x) if isinstance(x, str) else as_messages(x, "assistant")
                         for x in (row["chosen"], row["rejected"]))
     k = 0
@@ -592,9 +599,11 @@ def tokenize_conversation(tok, messages, max_length, train_from=0):
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < train_from:
             continue
-        start = len(tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
+        # Where the content starts: render the conversation up to this turn with a marker as its content.
+        marked = tok.apply_chat_template(messages[:i] + [{"role": "assistant", "content": MARKER}], tokenize=False)
+        start = marked.find(MARKER)
         turn = tok.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not text.startswith(turn) or start > len(turn):
+        if start < 0 or not text.startswith(turn) or turn[:start] != marked[:start]:
             raise UserError("the chat template renders earlier turns differently once later turns are added; "
                             "pass a prefix-consistent template with --chat_template")
         end = start + len(turn[start:].rstrip())  # the newline after <|im_end|> is formatting, not output
@@ -648,7 +657,8 @@ def sequence_scores(model, input_ids, attention_mask):
     that is not the pad id, which misreads rows when pad == EOS or the padding is on the left (TRL #3750, #2778)."""
     T = input_ids.shape[1]
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # position ids that ignore left padding
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                              use_cache=False).last_hidden_state
     last = (attention_mask * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
     head = model.score if hasattr(model, "score") else model.classifier
     return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
@@ -780,7 +790,8 @@ def optimizer_and_schedule(model, args):
 
 
 # Arguments that fix the data stream and the schedule: a run can only resume with the same values.
-RESUME_ARGS = ("model", "dataset", "dataset_weights", "batch_size", "seed", "max_steps")
+RESUME_ARGS = ("model", "dataset", "dataset_weights", "dataset_split", "dataset_config", "eval_size", "max_length",
+               "batch_size", "seed", "max_steps", "loss_type", "beta")
 
 
 def save_state(path, model, opt, sched, step, args, rt, **extra):

@@ -132,7 +132,7 @@ def response_logps(model, pairs, rt, pad_id):
     y, _ = C.pad([labels for _, labels in seqs], C.IGNORE_INDEX)
     x, mask, y = x.to(rt.device), mask.to(rt.device), y.to(rt.device)
     with rt.autocast():
-        logits = model(input_ids=x, attention_mask=mask).logits  # (2B, T, V)
+        logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits  # (2B, T, V)
     # (2B, T): the token each position predicts; the last position predicts nothing and is masked out.
     targets = torch.cat([y[:, 1:], torch.full_like(y[:, :1], C.IGNORE_INDEX)], dim=1)
     keep = targets != C.IGNORE_INDEX
@@ -149,6 +149,10 @@ def reference_logps(model, pairs, rt, pad_id, batch_size):
         lp, _ = response_logps(model, pairs[i : i + batch_size], rt, pad_id)
         out.append(lp.view(2, -1).t().float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected")
 
 
 def batch_metrics(model, pairs, ref, args, rt, pad_id):
@@ -176,6 +180,8 @@ def main():
     args.beta = args.beta if args.beta is not None else 2.0 if args.loss_type == "simpo" else 0.1
     if not 0 <= args.label_smoothing < 0.5 or (args.loss_type == "robust" and args.label_smoothing == 0):
         raise UserError("--label_smoothing must be in [0, 0.5), and above 0 for --loss_type robust")
+    if args.label_smoothing and args.loss_type in ("ipo", "simpo"):
+        raise UserError(f"--label_smoothing applies to sigmoid and robust, not to --loss_type {args.loss_type}")
     if args.batch_size % args.micro_batch_size:
         raise UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size {args.micro_batch_size}")
     rt = C.setup(args.seed, args.device, args.precision)
@@ -262,12 +268,12 @@ def main():
         if eval_pairs:
             model.eval()
             mine_eval = eval_pairs[rt.rank :: rt.world_size]
-            totals = {}
+            totals = dict.fromkeys(METRICS, 0.0)  # every rank all-reduces every key, even with no pairs of its own
             for i in range(0, len(mine_eval), args.micro_batch_size):
                 batch = mine_eval[i : i + args.micro_batch_size]
                 ref = eval_ref[i : i + len(batch)].to(rt.device) if eval_ref is not None else refs(None, batch)
                 _, sums = batch_metrics(model, batch, ref, args, rt, tok.pad_token_id)
-                totals = {k: totals.get(k, 0) + v for k, v in sums.items()}
+                totals = {k: totals[k] + v for k, v in sums.items()}
             row = {f"eval_{k}": (C.all_reduce(v, rt) / len(eval_pairs)).item() for k, v in totals.items()}
             model.train()
         if generate and answerable:
@@ -309,7 +315,7 @@ def main():
         step += 1
         row = {"step": step, **row, "learning_rate": lr, "grad_norm": grad_norm,
                "seconds_per_step": time.perf_counter() - t0}
-        if step % args.eval_every == 0 or step == args.max_steps:
+        if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
             row.update(evaluate(generate=step == args.max_steps))
         log.log(row)
         bar.update(1)

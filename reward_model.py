@@ -43,14 +43,14 @@ class Args:
     dataset_split: str = arg("train", "split of Hub datasets to train on")
     dataset_config: Optional[str] = arg(None, "config (subset) name, or data_dir, of Hub datasets")
     eval_split: Optional[str] = arg(None, "held-out split of the first dataset; default: hold out --eval_size pairs")
-    eval_size: int = arg(128, "held-out pairs for the eval_ metrics")
-    eval_every: int = arg(25, "evaluate every this many steps (and at start and end)")
+    eval_size: int = arg(64, "held-out pairs for the eval_ metrics")
+    eval_every: int = arg(10, "evaluate every this many steps (and at start and end)")
     output_dir: str = arg("out/reward_model", "where the final model, args.json, metrics.jsonl and checkpoint.pt go")
     center_rewards_coefficient: float = arg(0.0, "c: weight of the mean squared summed reward (e.g. 0.01)")
-    max_steps: int = arg(60, "optimizer steps")
+    max_steps: int = arg(40, "optimizer steps")
     batch_size: int = arg(16, "preference pairs per optimizer step, over all micro-batches and ranks")
     micro_batch_size: int = arg(8, "pairs per forward/backward pass on each rank (2x that many sequences)")
-    learning_rate: float = arg(2e-5, "peak learning rate (AdamW)")
+    learning_rate: float = arg(3e-5, "peak learning rate (AdamW)")
     warmup_steps: int = arg(5, "linear warmup steps, then cosine decay")
     min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of the peak")
     weight_decay: float = arg(0.0, "AdamW weight decay")
@@ -92,6 +92,9 @@ def pair_rewards(scorer, pairs, rt, pad_id):
     with rt.autocast():
         scores = scorer(x.to(rt.device), mask.to(rt.device))  # (2B,)
     return scores[: len(pairs)], scores[len(pairs) :]
+
+
+METRICS = ("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected")
 
 
 def batch_metrics(scorer, batch, args, rt, pad_id):
@@ -175,11 +178,11 @@ def main():
         if not eval_items:
             return {}
         model.eval()
-        totals = {}
+        totals = dict.fromkeys(METRICS, 0.0)  # every rank all-reduces every key, even with no pairs of its own
         mine = eval_items[rt.rank :: rt.world_size]
         for i in range(0, len(mine), args.micro_batch_size):
             _, sums = batch_metrics(scorer, mine[i : i + args.micro_batch_size], args, rt, tok.pad_token_id)
-            totals = {k: totals.get(k, 0) + v for k, v in sums.items()}
+            totals = {k: totals[k] + v for k, v in sums.items()}
         model.train()
         return {f"eval_{k}": (C.all_reduce(v, rt) / len(eval_items)).item() for k, v in totals.items()}
 
@@ -216,7 +219,7 @@ def main():
         step += 1
         row = {"step": step, **row, "learning_rate": lr, "grad_norm": grad_norm,
                "seconds_per_step": time.perf_counter() - t0}
-        if step % args.eval_every == 0 or step == args.max_steps:
+        if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
             row.update(evaluate())
         log.log(row)
         bar.update(1)

@@ -43,7 +43,7 @@ class Args:
     eval_split: Optional[str] = arg(None, "held-out split of the first dataset; default: hold out --eval_size "
                                     "training rows (the built-in task has its own disjoint held-out problems)")
     eval_size: int = arg(64, "held-out examples for eval_loss")
-    eval_every: int = arg(50, "compute eval_loss every this many steps (and at the end)")
+    eval_every: int = arg(50, "compute eval_loss every this many steps (and at the end; 0: only at the end)")
     eval_generations: int = arg(64, "held-out problems answered greedily at start and end to measure the share "
                                 "with a \\boxed{} answer and the share correct (needs an `answer` column; 0: off)")
     max_new_tokens: int = arg(96, "length limit of those answers")
@@ -114,7 +114,7 @@ def token_nll(model, x, mask, y, rt):
     """Summed NLL of the trained tokens of one micro-batch (EQ 5.1's numerator) and the number of its tokens."""
     x, mask, y = x.to(rt.device), mask.to(rt.device), y.to(rt.device)
     with rt.autocast():
-        logits = model(input_ids=x, attention_mask=mask).logits  # (B, T, V)
+        logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits  # (B, T, V)
     targets = y[:, 1:]  # (B, T-1): logits at t predict token t+1
     keep = targets != C.IGNORE_INDEX
     # Only the rows of the logits at trained positions are upcast to fp32 for the loss.
@@ -222,7 +222,7 @@ def main():
         tps = tokens / (time.perf_counter() - t0)
         row = {"step": step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm, "num_tokens": num_tokens,
                "tokens_per_second": tps}
-        if eval_examples and (step % args.eval_every == 0 or step == args.max_steps):
+        if eval_examples and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
         if step == args.max_steps and answerable:
             row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens)[0])

@@ -215,3 +215,65 @@ def test_local_file_formats(tmp_path):
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(C.UserError, match="unknown file type '.txt'"):
         C.load_data(str(tmp_path / "d.txt"))
+
+
+def test_preference_formats():
+    hh = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour and water.",
+          "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I bake bread?\n\nAssistant: No idea."}
+    prompt, chosen, rejected = C.preference_pair(hh)
+    assert prompt == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                      {"role": "user", "content": "How do I bake bread?"}]
+    assert chosen == [{"role": "assistant", "content": "Mix flour and water."}]
+    assert rejected == [{"role": "assistant", "content": "No idea."}]
+    implicit = {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
+                "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]}
+    assert C.preference_pair(implicit) == ([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "good"}],
+                                           [{"role": "assistant", "content": "bad"}])
+    explicit = {"prompt": "Q", "chosen": "good", "rejected": "bad"}
+    assert C.preference_pair(explicit) == C.preference_pair(implicit)
+    with pytest.raises(C.UserError, match=r"columns found: \['prompt', 'response'\]; expected `chosen` and `rejected`"):
+        C.preference_pair({"prompt": "Q", "response": "A"})
+
+
+def test_preference_pairs_score_only_the_last_response(tok):
+    """Earlier assistant turns of an implicit prompt are context: only the final response is labelled."""
+    hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Goodbye.",
+          "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Whatever."}
+    (c_ids, c_labels), (r_ids, r_labels) = C.tokenize_pair(tok, *C.preference_pair(hh), 1024)
+    from test_common import trained_runs
+    assert trained_runs(tok, c_ids, c_labels) == ["Goodbye.<|im_end|>"]
+    assert trained_runs(tok, r_ids, r_labels) == ["Whatever.<|im_end|>"]
+    assert C.tokenize_pair(tok, *C.preference_pair(hh), len(c_ids) - 1) is None  # too long: dropped, not cut
+
+
+def test_preference_filtering_counts(tok, capsys):
+    rows = [{"prompt": "Q", "chosen": "a", "rejected": "a"}, {"prompt": "Q", "chosen": "a", "rejected": "b"},
+            {"prompt": "Q" * 3000, "chosen": "a", "rejected": "b"}]
+    kept = C.tokenize_preferences(rows, tok, 512, "rows")
+    assert len(kept) == 1
+    assert "rows: 1 pairs kept, 1 dropped with chosen == rejected, 1 dropped longer than --max_length 512" in capsys.readouterr().out
+
+
+def test_builtin_preference_task():
+    task = C.ArithmeticPreferences("train", seed=0)
+    for i in range(100):
+        row = task[i]
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert C.grade(chosen, row["answer"]) == (True, True)
+        assert C.grade(rejected, row["answer"])[1] is False and chosen != rejected
+    assert task[3]["prompt"] == C.Arithmetic("train", seed=0)[3]["prompt"]  # the same problems as the SFT task
+
+
+def test_prompt_repeated_in_chosen_and_rejected_is_stripped():
+    """UltraFeedback-style rows: a string prompt, and chosen/rejected as whole conversations that repeat it."""
+    row = {"prompt": "Q", "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
+           "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]}
+    assert C.preference_pair(row) == ([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "good"}],
+                                      [{"role": "assistant", "content": "bad"}])
+
+
+def test_mask_without_any_prompt(tok):
+    """An assistant message first: the template's default system prompt and the header stay context."""
+    ids, labels = C.tokenize_conversation(tok, [{"role": "assistant", "content": "Hello"}], 1024)
+    from test_common import trained_runs
+    assert "SmolLM" in tok.decode(ids) and trained_runs(tok, ids, labels) == ["Hello<|im_end|>"]
