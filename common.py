@@ -43,10 +43,9 @@ def arg(default, help):
 def parse_args(cls):
     """Parse sys.argv into the script's argument dataclass (every field gets --name and its help)."""
     from transformers import HfArgumentParser
-    try:
-        (args,) = HfArgumentParser(cls).parse_args_into_dataclasses()
-    except ValueError as e:  # HfArgumentParser raises for leftover arguments; argparse itself exits with 2
-        raise UserError(str(e)) from None
+    args, rest = HfArgumentParser(cls).parse_args_into_dataclasses(return_remaining_strings=True)
+    if rest:  # argparse itself exits with 2 and a usage line for malformed values
+        raise UserError(f"unknown arguments: {' '.join(rest)}; see --help")
     return args
 
 

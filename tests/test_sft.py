@@ -158,6 +158,7 @@ def test_bad_inputs(monkeypatch, tiny_model_dir, tmp_path):
     main_raises(monkeypatch, [*base, "--dataset", "arithmetic,arithmetic", "--dataset_weights", "1"], "needs 2 non-negative")
     main_raises(monkeypatch, [*base, "--resume"], "no checkpoint at")
     main_raises(monkeypatch, [*base, "--device", "tpu"], "--device tpu")
+    main_raises(monkeypatch, [*base, "--bogus", "1"], "unknown arguments: --bogus 1; see --help")
     main_raises(monkeypatch, [*base, "--dataset", data, "--eval_split", "test"], "a local file has one split")
     assert not os.path.exists(os.path.join(out, "config.json"))
 
