@@ -233,6 +233,9 @@ def main():
             C.save_state(ckpt_path, model, opt, sched, step, args, rt, num_tokens=num_tokens)
     bar.close()
 
+    for (name, _), src in zip(mixture, sources):
+        if src.unlimited and src.dropped:  # finite sources were counted up front
+            rt.print(f"data: {name}: {src.dropped} generated examples dropped (no assistant token within --max_length)")
     if step == args.max_steps:
         if rt.is_main:
             C.save_pretrained(model, tok, args.output_dir)

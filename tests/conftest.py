@@ -60,3 +60,9 @@ def run_script(script, *args, nproc=1, timeout=600):
 def read_metrics(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(l) for l in f]
+
+
+def ok(proc):
+    """Assert that a run_script process succeeded, showing its output's tail when it did not."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

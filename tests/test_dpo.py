@@ -10,7 +10,7 @@ import torch
 
 import common as C
 import dpo
-from conftest import read_metrics, run_script, write_jsonl
+from conftest import ok, read_metrics, run_script, write_jsonl
 
 PI, REF = torch.tensor([1.0]), torch.tensor([0.5])  # policy and reference log-ratios: h = 0.5
 
@@ -75,11 +75,6 @@ def test_response_logps_equal_a_direct_computation(tok, tiny_model_dir):
 def dpo_run(tiny_model_dir, out, *extra, nproc=1):
     return run_script("dpo.py", "--model", tiny_model_dir, "--output_dir", out, "--precision", "fp32",
                       "--eval_generations", "0", "--warmup_steps", "0", "--save_every", "0", *extra, nproc=nproc)
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def test_first_loss_is_ln2_then_margin_grows_to_full_accuracy(tiny_model_dir, tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 import common as C
 import reward_model as RM
-from conftest import read_metrics, run_script, write_jsonl
+from conftest import ok, read_metrics, run_script, write_jsonl
 
 
 def test_bradley_terry_loss_by_hand():
@@ -64,7 +64,7 @@ def test_reward_model_separates_separable_pairs(tiny_model_dir, tok, tmp_path):
     proc = run_script("reward_model.py", "--model", tiny_model_dir, "--output_dir", out, "--dataset", data,
                       "--eval_size", "16", "--max_steps", "20", "--batch_size", "8", "--micro_batch_size", "4",
                       "--learning_rate", "1e-3", "--precision", "fp32", "--warmup_steps", "0", "--eval_every", "10")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok(proc)
     rows = read_metrics(out)
     assert rows[0]["step"] == 0 and rows[-1]["step"] == 20
     assert rows[-1]["eval_accuracy"] >= 0.95 and rows[-1]["eval_margin"] > rows[0]["eval_margin"]
@@ -86,7 +86,7 @@ def test_margin_column_is_used(tiny_model_dir, tmp_path):
     proc = run_script("reward_model.py", "--model", tiny_model_dir, "--output_dir", out, "--dataset", data,
                       "--eval_size", "0", "--max_steps", "1", "--batch_size", "8", "--micro_batch_size", "8",
                       "--precision", "fp32")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok(proc)
     row = read_metrics(out)[0]
     # with rewards near 0 the loss is about -log σ(-3) = 3.05, not ln 2
     assert row["loss"] == pytest.approx(-math.log(1 / (1 + math.exp(3 - row["margin"]))), rel=1e-3)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import common as C
-from conftest import read_metrics, run_script, write_jsonl
+from conftest import ok, read_metrics, run_script, write_jsonl
 
 ROWS = [{"messages": [{"role": "user", "content": f"Say the word number {i}."},
                       {"role": "assistant", "content": w}]}
@@ -20,11 +20,6 @@ def sft(tiny_model_dir, out, *extra, nproc=1):
     args = ["--model", tiny_model_dir, "--output_dir", out, "--precision", "fp32", "--eval_generations", "0",
             "--warmup_steps", "0", "--save_every", "0", *extra]
     return run_script("sft.py", *args, nproc=nproc)
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def test_sft_overfits_a_few_examples(tiny_model_dir, tmp_path):
