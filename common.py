@@ -18,6 +18,7 @@ import sys
 import zlib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -648,6 +649,36 @@ def gather_logprobs(logits, tokens, temperature=1.0, chunk_size=256):
     return out.view(tokens.shape)
 
 
+def token_entropy(logits, temperature=1.0, chunk_size=256):
+    """(..., V) logits -> (...) entropy H(p) = logsumexp(z) - Σ p z of the sampling distribution (z = logits / T),
+    in fp32, chunked like gather_logprobs. This is the policy's entropy, not the NLL of the sampled token."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for i in range(0, flat.shape[0], chunk_size):
+        z = flat[i : i + chunk_size].float() / temperature
+        out[i : i + chunk_size] = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+    return out.view(logits.shape[:-1])
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rt, temperature=1.0,
+                        with_entropy=False):
+    """log π(y_t | x, y_<t) of every completion token, for prompts left-padded (N, P) and completions right-padded
+    (N, Tc) as generation lays them out. Position ids come from the attention mask, so left padding does not shift
+    them, and lm_head runs only on the Tc positions that predict completion tokens. Returns (N, Tc) fp32 log-probs
+    (garbage where completion_mask is 0) and, if asked, the (N, Tc) entropies (computed without gradient)."""
+    x, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    Tc = completion_ids.shape[1]
+    with rt.autocast():
+        logits = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=False,
+                       logits_to_keep=Tc + 1).logits[:, :-1]  # (N, Tc, V): the logits at P-1+t predict token t
+    logp = gather_logprobs(logits, completion_ids, temperature)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        return logp, token_entropy(logits.detach(), temperature)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reward-model scores
 def sequence_scores(model, input_ids, attention_mask):
@@ -679,29 +710,38 @@ def score_responses(model, tok, prompts, responses, rt, batch_size=16):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation and the answer grader
+def encode_prompts(tok, prompts):
+    """Message-list prompts -> token id lists of the chat template with the assistant header (generation prompt)."""
+    return [tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+            for p in prompts]
+
+
 @torch.no_grad()
-def generate(model, tok, prompts, rt, max_new_tokens=128, batch_size=32, temperature=0.0, top_p=1.0):
-    """Batched sampling (greedy when temperature is 0) with the KV cache for a list of message-list prompts.
-    Prompts are left-padded; returns the completions' token ids, cut after the first EOS, and their texts."""
+def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, temperature=0.0, top_p=1.0):
+    """Batched sampling (greedy when temperature is 0) with the KV cache from token-id prompts, left-padded.
+    Returns the completions' token ids, each cut after its first EOS (the EOS kept: it is the stop action)."""
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()
-    ids, texts = [], []
-    for i in range(0, len(prompts), batch_size):
-        enc = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[i : i + batch_size]]
-        enc = [tok(t, add_special_tokens=False)["input_ids"] for t in enc]
-        x, mask = pad(enc, tok.pad_token_id, side="left")
+    out_ids = []
+    for i in range(0, len(prompt_ids), batch_size):
+        x, mask = pad(prompt_ids[i : i + batch_size], tok.pad_token_id, side="left")
         kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
         with rt.autocast():
             out = model.generate(input_ids=x.to(rt.device), attention_mask=mask.to(rt.device), max_new_tokens=max_new_tokens,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, top_k=None, **kw)
         for row in out[:, x.shape[1] :].tolist():
-            if tok.eos_token_id in row:
+            if tok.eos_token_id in row:  # finished rows are padded with pad == EOS in SmolLM2: cut at the first
                 row = row[: row.index(tok.eos_token_id) + 1]
-            ids.append(row)
-            texts.append(tok.decode(row, skip_special_tokens=True))
+            out_ids.append(row)
     model.train(was_training)
-    return ids, texts
+    return out_ids
+
+
+def generate(model, tok, prompts, rt, max_new_tokens=128, batch_size=32, temperature=0.0, top_p=1.0):
+    """generate_ids for message-list prompts; returns (completion ids, completion texts)."""
+    ids = generate_ids(model, tok, encode_prompts(tok, prompts), rt, max_new_tokens, batch_size, temperature, top_p)
+    return ids, [tok.decode(row, skip_special_tokens=True) for row in ids]
 
 
 def last_boxed(text):
@@ -717,20 +757,71 @@ def last_boxed(text):
     return None
 
 
+_FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+
+
+def _number(s):
+    """'1,234' '$5' '-3.0' '\\frac{1}{2}' '3/4' '12 dollars' '50\\%' -> an exact Fraction, or None if s is not a
+    number (after dropping $, thousands separators, units in words or \\text{}, and a leading 'x =')."""
+    s = s.replace("\\!", "").replace("\\,", "").replace("\\$", "").replace("$", "").replace("\u2212", "-")
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{[^{}]*\}", "", s)  # units: 5\text{ cm}
+    s = _FRAC.sub(r"\1/\2", s).replace("\\left", "").replace("\\right", "")
+    s = re.sub(r"^[a-zA-Z]\s*=", "", s.strip())  # x = 5
+    s = re.sub(r"(?<=\d),(?=\d{3}(\D|$))", "", s)  # thousands separators
+    s = re.sub(r"(\\%|%|\^\\circ|\^\{\\circ\}|°)", "", s)
+    s = re.sub(r"(\s+[a-zA-Z]+)+\.?$|(?<=\d)[a-zA-Z]{2,}\.?$", "", s.strip())  # 12 dollars, 5cm (not 2x)
+    s = s.replace(" ", "").rstrip(".")
+    m = re.fullmatch(r"\(?(-?(?:\d+\.?\d*|\.\d+))\)?(?:/\(?(-?(?:\d+\.?\d*|\.\d+))\)?)?", s)
+    if not m:
+        return None
+    num, den = Fraction(m.group(1)), Fraction(m.group(2)) if m.group(2) else Fraction(1)
+    return num / den if den else None
+
+
 def normalize_answer(s):
-    s = s.strip().replace(",", "").replace("$", "").replace(" ", "")
-    s = re.sub(r"\\text\{[^}]*\}", "", s)
-    try:
-        v = float(s)
-        return str(int(v)) if v == int(v) else str(v)
-    except (ValueError, OverflowError):
-        return s
+    """A canonical form for comparing answers: numbers exactly (0.5 == 1/2 == \\frac{1}{2}, 1,000 == 1000.0,
+    $18 == 18 dollars), anything else as the string without spaces, \\left/\\right and a final period."""
+    s = str(s).strip()
+    n = _number(s)
+    if n is not None:
+        return str(n)
+    return re.sub(r"\s+|\\left|\\right|\\!", "", s).rstrip(".")
+
+
+def reference_answer(row):
+    """The ground truth of a row, or None: an `answer` column (GSM8K's worked answers end in "#### 42"), else the
+    last \\boxed{} of a `solution` column (MATH)."""
+    if row.get("answer") is not None:
+        a = str(row["answer"])
+        return a.rpartition("####")[2].strip() if "####" in a else a.strip()
+    if row.get("solution") is not None:
+        return last_boxed(str(row["solution"]))
+    return None
+
+
+def rl_prompt(row):
+    """The prompt messages of a row for sampling: a `prompt` (TRL) or `question` (GSM8K) column, or a `messages`
+    conversation up to its last assistant turn. A plain-string question gets BOX_INSTRUCTION appended unless it
+    already mentions \\boxed, so that answers can be graded."""
+    if "prompt" in row or "question" in row:
+        x = row["prompt"] if "prompt" in row else row["question"]
+        if isinstance(x, str) and "boxed" not in x:
+            x = f"{x.strip()} {BOX_INSTRUCTION}"
+        return as_messages(x, "user")
+    if "messages" in row:
+        msgs = as_messages(row["messages"], "user")
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if msgs:
+            return msgs
+    raise UserError(f"columns found: {sorted(row)}; expected a `prompt` or `question` column "
+                    "(or `messages` ending in a user turn)")
 
 
 def grade(text, answer):
     """(has a \\boxed{} answer, that answer equals the ground truth) for one completion."""
     box = last_boxed(text)
-    return box is not None, box is not None and normalize_answer(box) == normalize_answer(str(answer))
+    return box is not None, box is not None and normalize_answer(box) == normalize_answer(answer)
 
 
 def evaluate_answers(model, tok, prompts, answers, rt, max_new_tokens=128, batch_size=32):

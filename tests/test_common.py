@@ -166,17 +166,68 @@ def test_mixture_order_follows_weights_and_epochs():
         C.parse_mixture("a,b", "1")
 
 
-@pytest.mark.parametrize("text,answer,expected", [
+VERIFIER_CASES = [
+    # right
     ("so \\boxed{85}.", "85", (True, True)),
-    ("\\boxed{84}", "85", (True, False)),
-    ("the answer is 85", "85", (False, False)),
-    ("\\boxed{1} then \\boxed{1,000}", "1000", (True, True)),
+    ("\\boxed{1} then \\boxed{1,000}", "1000", (True, True)),  # the last box counts
     ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", (True, True)),
     ("\\boxed{-7.0}", "-7", (True, True)),
+    ("\\boxed{ 42 }", "42", (True, True)),
+    ("\\boxed{18.00}", "18", (True, True)),
+    ("\\boxed{\\$18}", "18", (True, True)),
+    ("\\boxed{$18$}", "18", (True, True)),
+    ("\\boxed{18 dollars}", "18", (True, True)),
+    ("\\boxed{5\\text{ cm}}", "5", (True, True)),
+    ("\\boxed{1,234,567}", "1234567", (True, True)),
+    ("\\boxed{1234567}", "1,234,567", (True, True)),
+    ("\\boxed{0.5}", "\\frac{1}{2}", (True, True)),
+    ("\\boxed{\\dfrac{3}{4}}", "0.75", (True, True)),
+    ("\\boxed{3/4}", "0.75", (True, True)),
+    ("\\boxed{.5}", "0.50", (True, True)),
+    ("\\boxed{- 3}", "-3", (True, True)),
+    ("\\boxed{\u22123}", "-3", (True, True)),  # a unicode minus sign
+    ("\\boxed{50\\%}", "50", (True, True)),
+    ("\\boxed{x = 5}", "5", (True, True)),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", (True, True)),  # nested braces, compared as text
+    ("\\boxed{\\{1, 2\\}}", "\\{1,2\\}", (True, True)),
+    ("\\boxed{(1, 2)}", "(1,2)", (True, True)),
+    ("\\boxed{90^\\circ}", "90", (True, True)),
+    # wrong
+    ("\\boxed{84}", "85", (True, False)),
+    ("\\boxed{-85}", "85", (True, False)),
+    ("\\boxed{85} and finally \\boxed{84}", "85", (True, False)),
+    ("\\boxed{0.33}", "\\frac{1}{3}", (True, False)),  # decimals are compared exactly
+    ("\\boxed{2x}", "2", (True, False)),  # a variable is not a unit
+    ("\\boxed{1,5}", "15", (True, False)),  # not a thousands separator
+    ("\\boxed{}", "0", (True, False)),
+    # malformed: no (complete) box
+    ("the answer is 85", "85", (False, False)),
     ("\\boxed{12", "12", (False, False)),
-])
+    ("\\boxed{\\frac{1}{2}", "0.5", (False, False)),
+    ("boxed{85}", "85", (False, False)),
+    ("", "85", (False, False)),
+]
+
+
+@pytest.mark.parametrize("text,answer,expected", VERIFIER_CASES)
 def test_grade(text, answer, expected):
     assert C.grade(text, answer) == expected
+
+
+def test_reference_answers_and_prompts():
+    gsm8k = {"question": "Janet has 3 ducks. How many?", "answer": "She has 1,000 + 2 = <<1000+2=1002>>1002.\n#### 1,002"}
+    assert C.reference_answer(gsm8k) == "1,002"
+    assert C.grade("\\boxed{1002}", C.reference_answer(gsm8k)) == (True, True)
+    assert C.reference_answer({"solution": "so $\\boxed{\\frac{1}{2}}$"}) == "\\frac{1}{2}"
+    assert C.reference_answer({"answer": 42}) == "42"
+    assert C.reference_answer({"prompt": "q"}) is None
+    assert C.rl_prompt(gsm8k) == [{"role": "user", "content": "Janet has 3 ducks. How many? " + C.BOX_INSTRUCTION}]
+    assert C.rl_prompt({"prompt": "Say \\boxed{1}."}) == [{"role": "user", "content": "Say \\boxed{1}."}]
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert C.rl_prompt({"messages": conv}) == conv[:1]
+    assert C.rl_prompt({"prompt": conv[:1], "completion": conv[1:]}) == conv[:1]
+    with pytest.raises(C.UserError, match="expected a `prompt` or `question` column"):
+        C.rl_prompt({"text": "x"})
 
 
 def test_load_errors(tmp_path, tiny_model_dir):

@@ -1,0 +1,449 @@
+"""GRPO: group-relative policy optimisation with verifiable rewards (RLVR).
+
+For each prompt x the policy samples a group of G completions y_1..y_G and each gets a reward r_i. The advantage of
+a completion is its reward against its own group's (seed 002 EQ 5.6; seed 003 with population std and ε_R):
+
+    A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + ε)
+
+and every token of y_i is pushed by A_i through PPO's clipped ratio, with a KL penalty to a frozen reference
+(seed 003; seed 002 §5.6; seed 001 §3.4):
+
+    J(θ) = 1/G Σ_i 1/|y_i| Σ_t [ min(ρ_it A_i, clip(ρ_it, 1-ε, 1+ε_high) A_i) - β D_KL,t ],
+    ρ_it = π_θ(y_it | x, y_i<t) / π_old(y_it | x, y_i<t),
+    D_KL,t = π_ref/π_θ - log(π_ref/π_θ) - 1          (the k3 estimator, ≥ 0, unbiased on samples of π_θ)
+
+The default reward is the verifiable one of seed 002 EQ 5.7: r = 1[the last \\boxed{} equals the answer]
++ λ_fmt 1[there is a \\boxed{} answer], λ_fmt = 0.2. Other rule functions (a file.py:function), and a reward model
+trained by reward_model.py (--reward_model), can be added with weights.
+
+How this deviates from the equation as written, and from TRL:
+- --loss_type grpo (default) is seed 003's 1/|y_i| per-completion mean; `dapo` normalises by the tokens of the
+  whole batch (TRL's default), `dr_grpo` by a constant (completions x max_new_tokens); use it with
+  --scale_rewards none (Dr. GRPO removes both the length and the std normalisation).
+- β defaults to seed 003's 0.05 (TRL: 0, and then no reference model is loaded, as here with --beta 0).
+- One step = one batch of --batch_size prompts x --num_generations completions, sampled once and then used for
+  --num_iterations optimizer updates (μ in the GRPO paper) against the stored log-probs of the sampling policy.
+- Every log-prob (sampling policy, current policy, reference) is computed from logits / --temperature, the
+  distribution that was actually sampled.
+
+    python grpo.py --model out/sft                   # the built-in arithmetic task, after python sft.py
+    python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k --dataset_config main \\
+        --eval_split test --max_new_tokens 512
+    torchrun --nproc_per_node=2 grpo.py ...          # DDP, same code path
+"""
+import importlib.util
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common as C
+from common import UserError, arg
+
+
+@dataclass
+class Args:
+    model: str = arg(C.DEFAULT_MODEL, "Hub id, local checkpoint folder (e.g. sft.py's --output_dir) or .gguf file")
+    dataset: str = arg("arithmetic", "built-in task name, local .jsonl/.json/.parquet/.csv, or Hub id; comma-separated "
+                       "for a mixture. Rows need a `prompt` or `question` and, for the accuracy reward, an `answer` "
+                       "(GSM8K's '#### 42' is understood) or a `solution` with a \\boxed{}")
+    dataset_weights: str = arg("", "sampling weights of a mixture, comma-separated (default: equal)")
+    dataset_split: str = arg("train", "split of Hub datasets to train on")
+    dataset_config: Optional[str] = arg(None, "config (subset) name of Hub datasets (openai/gsm8k needs main)")
+    eval_split: Optional[str] = arg(None, "held-out split of the first dataset; default: hold out --eval_size "
+                                    "training rows (the built-in task has its own disjoint held-out problems)")
+    eval_size: int = arg(64, "held-out prompts answered greedily to measure accuracy (pass@1); 0: off")
+    eval_every: int = arg(5, "measure held-out accuracy every this many steps (and at start and end; 0: only those)")
+    output_dir: str = arg("out/grpo", "where the final model, args.json, metrics.jsonl and checkpoint.pt go")
+    max_steps: int = arg(20, "steps; each samples one batch and makes --num_iterations optimizer updates on it")
+    batch_size: int = arg(8, "PROMPTS per step over all ranks; each gets --num_generations completions, so a step "
+                          "trains on batch_size x num_generations completions")
+    num_generations: int = arg(8, "completions per prompt: the group G of EQ 5.6")
+    generation_batch_size: int = arg(64, "completions sampled together in one generate call (KV cache)")
+    micro_batch_size: int = arg(16, "completions per forward/backward pass")
+    max_new_tokens: int = arg(96, "length limit of a completion (sampled and greedy)")
+    max_prompt_length: int = arg(512, "prompts with more tokens than this are dropped (and counted)")
+    temperature: float = arg(1.0, "sampling temperature; every log-prob uses logits / temperature")
+    top_p: float = arg(1.0, "nucleus sampling")
+    learning_rate: float = arg(1e-5, "peak learning rate (AdamW)")
+    warmup_steps: int = arg(0, "linear warmup steps, then cosine decay")
+    min_lr_ratio: float = arg(1.0, "final learning rate as a fraction of the peak (1: constant)")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    beta: float = arg(0.05, "weight of the k3 KL to the reference (seed 003's λ_KL); 0 loads no reference model")
+    epsilon: float = arg(0.2, "clip range below: the ratio is clipped at 1 - epsilon")
+    epsilon_high: float = arg(0.2, "clip range above: at 1 + epsilon_high (DAPO's clip-higher uses 0.28)")
+    num_iterations: int = arg(1, "optimizer updates per sampled batch (μ); >1 reuses it with the stored old log-probs")
+    loss_type: str = arg("grpo", "grpo (seed 003: mean over each completion's tokens, then over completions), "
+                         "dapo (over the batch's tokens), dr_grpo (sum / (completions x max_new_tokens))")
+    scale_rewards: str = arg("group", "divide advantages by the std of the group, of the whole batch, or none "
+                             "(Dr. GRPO)")
+    mask_truncated_completions: bool = arg(False, "leave completions that hit --max_new_tokens without stopping "
+                                           "out of the loss")
+    reward_funcs: str = arg("accuracy,format", "comma-separated rule rewards: accuracy (1 if the last \\boxed{} "
+                            "is right), format (1 if there is a \\boxed{}), or path/to/file.py:function called as "
+                            "f(prompts=, completions=, completion_ids=, answer=) -> list of floats")
+    reward_weights: str = arg("", "weights of --reward_funcs, comma-separated (default: 1 each, 0.2 for format: "
+                              "EQ 5.7's λ_fmt)")
+    reward_model: Optional[str] = arg(None, "a reward_model.py output folder, added as one more reward")
+    reward_model_weight: float = arg(1.0, "weight of --reward_model's score")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    save_every: int = arg(50, "write checkpoint.pt every this many steps (0: only at the end)")
+    stop_after_steps: int = arg(0, "stop with a checkpoint after this many steps of this invocation; continue "
+                                "later with --resume")
+    resume: bool = arg(False, "continue from <output_dir>/checkpoint.pt")
+    seed: int = arg(0, "random seed (prompt order, sampling)")
+    device: str = arg("auto", "auto, cpu, cuda or mps")
+    precision: str = arg("auto", "auto (bf16 where the hardware is fast at it), bf16 or fp32; weights stay fp32")
+    trust_remote_code: bool = arg(False, "allow models and tokenizers that run code from their repository")
+    chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The algorithm: advantages, the per-token objective, and its aggregation. Pure functions of tensors.
+def group_advantages(rewards, group_size, scale_rewards="group", eps=1e-4, batch_std=None):
+    """EQ 5.6. rewards: (N,) with the G = group_size completions of each prompt contiguous -> (N,) advantages.
+    group: (r - group mean) / (group std + eps), std over the group (population, as seed 003's σ_R);
+    batch: the group mean, but the std of the whole batch (batch_std when given, e.g. over DDP ranks);
+    none:  r - group mean (Dr. GRPO). A group whose rewards are all equal gets zero advantages."""
+    r = rewards.view(-1, group_size)
+    centred = r - r.mean(1, keepdim=True)
+    if scale_rewards == "group":
+        centred = centred / (r.std(1, unbiased=False, keepdim=True) + eps)
+    elif scale_rewards == "batch":
+        centred = centred / ((rewards.std(unbiased=False) if batch_std is None else batch_std) + eps)
+    return centred.view(-1)
+
+
+def per_token_loss(logp, old_logp, ref_logp, advantages, epsilon, epsilon_high, beta):
+    """Seed 003's objective, negated, per token. logp, old_logp, ref_logp: (N, T) log-probs of the sampled tokens
+    under π_θ, π_old, π_ref (ref_logp None when beta is 0); advantages: (N,). Returns (N, T) loss, (N, T) k3 KL
+    (zeros without a reference), and the (N, T) booleans where the clip engaged below and above."""
+    ratio = torch.exp(logp - old_logp)  # ρ_it
+    A = advantages[:, None]
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    loss = -torch.min(ratio * A, clipped * A)  # the clipped surrogate: no incentive to move ρ past the clip range
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1  # k3: π_ref/π_θ - log(π_ref/π_θ) - 1
+        loss = loss + beta * kl
+    else:
+        kl = torch.zeros_like(logp)
+    # Where the min picked the clipped term, the token gives no gradient: below for A < 0, above for A > 0.
+    low, high = (ratio < 1 - epsilon) & (A < 0), (ratio > 1 + epsilon_high) & (A > 0)
+    return loss, kl, low, high
+
+
+def aggregate(loss, mask, loss_type, num_completions, num_tokens, max_new_tokens):
+    """This micro-batch's share of the batch loss. loss, mask: (n, T). The normalisers are over the WHOLE batch
+    (all micro-batches and ranks), so the gradient does not depend on how the batch is split:
+    grpo:    1/N Σ_i 1/|y_i| Σ_t loss_it      (seed 003; per completion, then over completions)
+    dapo:    Σ_it loss_it / Σ_i |y_i|          (each token weighs the same: long completions are not diluted)
+    dr_grpo: Σ_it loss_it / (N · max_new_tokens) (a constant: no length bias at all)"""
+    loss = loss * mask
+    if loss_type == "grpo":
+        return (loss.sum(1) / mask.sum(1).clamp(min=1)).sum() / num_completions
+    if loss_type == "dapo":
+        return loss.sum() / num_tokens
+    if loss_type == "dr_grpo":
+        return loss.sum() / (num_completions * max_new_tokens)
+    raise ValueError(loss_type)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards: rule functions, an optional reward model; a function that raises scores 0 and is counted
+def accuracy_reward(completions, answer, **kw):
+    return [float(C.grade(c, a)[1]) if a is not None else 0.0 for c, a in zip(completions, answer)]
+
+
+def format_reward(completions, **kw):
+    return [float(C.last_boxed(c) is not None) for c in completions]
+
+
+BUILTIN_REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
+
+
+def load_reward_funcs(spec, weights_spec):
+    """'accuracy,format,rules.py:fn' -> [(name, function, weight)]."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    funcs = []
+    for name in names:
+        if name in BUILTIN_REWARDS:
+            funcs.append(BUILTIN_REWARDS[name])
+            continue
+        path, _, fn = name.rpartition(":")
+        if not path or not os.path.isfile(path):
+            raise UserError(f"--reward_funcs {name}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}) nor "
+                            "path/to/file.py:function")
+        spec_ = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        module = importlib.util.module_from_spec(spec_)
+        try:
+            spec_.loader.exec_module(module)
+        except Exception as e:
+            raise UserError(f"--reward_funcs {name}: importing {path} failed: {type(e).__name__}: {e}") from None
+        if not callable(getattr(module, fn, None)):
+            raise UserError(f"--reward_funcs {name}: {path} has no function {fn!r}")
+        funcs.append(getattr(module, fn))
+    if weights_spec:
+        try:
+            weights = [float(w) for w in weights_spec.split(",")]
+        except ValueError:
+            raise UserError(f"--reward_weights {weights_spec}: give numbers separated by commas") from None
+        if len(weights) != len(names):
+            raise UserError(f"--reward_weights has {len(weights)} numbers for {len(names)} --reward_funcs")
+    else:
+        weights = [0.2 if n == "format" else 1.0 for n in names]  # EQ 5.7: λ_fmt = 0.2
+    return [(n.rpartition(":")[2], f, w) for n, f, w in zip(names, funcs, weights)]
+
+
+def call_reward(fn, n, **kw):
+    """Rewards of n completions from one function, and how many of them it failed on. If the batch call raises or
+    returns something else than n numbers, each completion is scored alone; one that still fails scores 0."""
+    def ok(v):
+        return isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
+    try:
+        out = fn(**kw)
+        if len(out) == n and all(ok(v) for v in out):
+            return [float(v) for v in out], 0
+    except Exception:
+        pass
+    out, failed = [], 0
+    for i in range(n):
+        try:
+            v = fn(**{k: v[i : i + 1] for k, v in kw.items()})[0]
+            if not ok(v):
+                raise ValueError(v)
+            out.append(float(v))
+        except Exception:
+            out.append(0.0)
+            failed += 1
+    return out, failed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: prompts and their ground truth
+class Prompts:
+    """(prompt messages, prompt token ids, ground truth) of a dataset. Finite datasets are read up front and prompts
+    over max_prompt_length tokens dropped and counted; generated tasks are read when needed."""
+
+    def __init__(self, name, ds, tok, max_prompt_length):
+        self.ds, self.tok, self.max_len = ds, tok, max_prompt_length
+        self.unlimited = getattr(ds, "unlimited", False)
+        C.rl_prompt(ds[0])  # checks the columns: a clear error before any work
+        self.items = None if self.unlimited else [x for x in map(self._read, range(len(ds))) if x is not None]
+        self.dropped = 0 if self.unlimited else len(ds) - len(self.items)
+        if self.items == []:
+            raise UserError(f"every prompt of {name} is longer than --max_prompt_length {max_prompt_length}")
+
+    def _read(self, i):
+        row = self.ds[i]
+        msgs = C.rl_prompt(row)
+        ids = C.encode_prompts(self.tok, [msgs])[0]
+        return (msgs, ids, C.reference_answer(row)) if len(ids) <= self.max_len else None
+
+    def __len__(self):
+        return len(self.ds) if self.unlimited else len(self.items)
+
+    def __getitem__(self, i):
+        return self._read(i) if self.unlimited else self.items[i]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def main():
+    args = C.parse_args(Args)
+    if args.loss_type not in ("grpo", "dapo", "dr_grpo"):
+        raise UserError(f"--loss_type {args.loss_type}: choose grpo, dapo or dr_grpo")
+    if args.scale_rewards not in ("group", "batch", "none"):
+        raise UserError(f"--scale_rewards {args.scale_rewards}: choose group, batch or none")
+    if args.num_generations < 2:
+        raise UserError("--num_generations must be at least 2: advantages compare completions of the same prompt")
+    if min(args.max_steps, args.batch_size, args.num_iterations, args.max_new_tokens, args.micro_batch_size,
+           args.generation_batch_size) < 1 or args.temperature <= 0 or args.beta < 0 or args.epsilon < 0 \
+            or args.epsilon_high < 0:
+        raise UserError("--max_steps, --batch_size, --num_iterations, --max_new_tokens and the batch sizes must be "
+                        "at least 1; --temperature above 0; --beta, --epsilon and --epsilon_high not negative")
+    rt = C.setup(args.seed, args.device, args.precision)
+    if args.batch_size % rt.world_size:
+        raise UserError(f"--batch_size {args.batch_size} (prompts) must be a multiple of the {rt.world_size} ranks")
+    reward_funcs = load_reward_funcs(args.reward_funcs, args.reward_weights)
+    if not reward_funcs and not args.reward_model:
+        raise UserError("no reward: give --reward_funcs, --reward_model or both")
+    C.save_args(args, args.output_dir, rt)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+
+    # Data: prompts and answers; the held-out prompts with an answer are graded greedily (pass@1).
+    mixture, raw, heldout = C.load_splits(args, args.eval_size)
+    path = C.resolve_model(args.model, rt)
+    tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    sources = [Prompts(s, ds, tok, args.max_prompt_length) for (s, _), ds in zip(mixture, raw)]
+    for (s, _), src in zip(mixture, sources):
+        if src.dropped:
+            rt.print(f"data: {s}: {src.dropped} prompts dropped, longer than --max_prompt_length {args.max_prompt_length}")
+        if any(f is accuracy_reward for _, f, _ in reward_funcs) and src[0][2] is None:
+            raise UserError(f"{s} has no `answer` (or `solution`) column for the accuracy reward; drop accuracy "
+                            "from --reward_funcs or use --reward_model")
+    graded = [(C.rl_prompt(r), C.reference_answer(r)) for r in (heldout[i] for i in range(min(args.eval_size, len(heldout))))]
+    graded = [(p, a) for p, a in graded if a is not None]
+    order = C.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
+                            args.seed, unlimited={i for i, s in enumerate(sources) if s.unlimited})
+
+    # Models: the policy (trained), the frozen reference (only if beta > 0), the reward model (if any)
+    model = C.load_model(path, rt, args.trust_remote_code)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    ref = None
+    if args.beta > 0:
+        ref = C.load_model(path, rt, args.trust_remote_code).eval().requires_grad_(False)
+    rm = None
+    if args.reward_model:
+        from transformers import AutoModelForSequenceClassification
+        rm_path = C.resolve_model(args.reward_model, rt)
+        rm = C.load_model(rm_path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification)
+        rm.eval().requires_grad_(False)
+        rm_tok = C.load_tokenizer(rm_path, args.trust_remote_code)
+    opt, sched = C.optimizer_and_schedule(model, args)
+    step = 0
+    if args.resume:
+        step = C.restore_state(ckpt_path, model, opt, sched, args, rt)["step"]
+    ddp = DDP(model) if rt.world_size > 1 else model
+    log = C.MetricsLog(args.output_dir, rt, resume_step=step)
+
+    def evaluate():
+        return C.evaluate_answers(model, tok, [p for p, _ in graded], [a for _, a in graded], rt,
+                                  args.max_new_tokens, args.generation_batch_size)[0] if graded else {}
+
+    if step == 0 and graded:
+        row = {"step": 0, **evaluate()}
+        log.log(row)
+        rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+
+    G, dev, row = args.num_generations, rt.device, {}
+    last = min(args.max_steps, step + args.stop_after_steps) if args.stop_after_steps else args.max_steps
+    bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
+    while step < last:
+        # ---- Rollout: G completions per prompt, sampled in batches with the KV cache --------------------------
+        t0 = time.perf_counter()
+        mine = [sources[s][i] for s, i in order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]]
+        prompts = [m for m, _, _ in mine for _ in range(G)]  # each group is contiguous: rows g*G .. g*G+G-1
+        prompt_ids = [ids for _, ids, _ in mine for _ in range(G)]
+        answers = [a for _, _, a in mine for _ in range(G)]
+        completion_ids = C.generate_ids(model, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
+                                        args.temperature, args.top_p)
+        completions = [tok.decode(c, skip_special_tokens=True) for c in completion_ids]
+        t_gen = time.perf_counter() - t0
+
+        # ---- Rewards (EQ 5.7 and the others), weighted; then advantages within each group (EQ 5.6) -----------
+        columns, failed = {}, 0
+        for name, fn, _ in reward_funcs:
+            columns[name], f = call_reward(fn, len(completions), prompts=prompts, completions=completions,
+                                           completion_ids=completion_ids, answer=answers)
+            failed += f
+        if rm is not None:
+            columns["reward_model"] = C.score_responses(rm, rm_tok, prompts, completions, rt).tolist()
+        weights = torch.tensor([w for _, _, w in reward_funcs] + ([args.reward_model_weight] if rm is not None else []))
+        per_func = torch.tensor(list(columns.values())).T  # (N, K)
+        rewards = per_func @ weights  # (N,)
+        batch_std = None
+        if args.scale_rewards == "batch":  # the std of all rewards of the step, over every rank
+            s = C.all_reduce(torch.stack([rewards.sum(), (rewards ** 2).sum(), torch.tensor(float(len(rewards)))]), rt)
+            batch_std = (s[1] / s[2] - (s[0] / s[2]) ** 2).clamp(min=0).sqrt()
+        advantages = group_advantages(rewards, G, args.scale_rewards, batch_std=batch_std)
+
+        # ---- Tensors in the layout of generation: prompts left-padded, completions right-padded -----------------
+        P, P_mask = C.pad(prompt_ids, tok.pad_token_id, side="left")
+        Y, Y_mask = C.pad(completion_ids, tok.pad_token_id)  # the mask covers each completion up to its EOS, inclusive
+        truncated = torch.tensor([tok.eos_token_id not in c for c in completion_ids])  # hit max_new_tokens
+        lengths = Y_mask.sum(1)
+        if args.mask_truncated_completions:
+            Y_mask = Y_mask * (~truncated)[:, None]
+        P, P_mask, Y, Y_mask, advantages = (t.to(dev) for t in (P, P_mask, Y, Y_mask, advantages))
+        N = len(completion_ids)
+        micro = [slice(i, i + args.micro_batch_size) for i in range(0, N, args.micro_batch_size)]
+        num_completions = C.all_reduce(float(N), rt).item()
+        num_tokens = max(C.all_reduce(Y_mask.sum().float(), rt).item(), 1.0)
+
+        def logps(m, mb, entropy=False):
+            return C.completion_logprobs(m, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt, args.temperature, entropy)
+
+        t1 = time.perf_counter()
+        with torch.no_grad():  # log-probs of the sampling policy (only needed when a batch is reused) and reference
+            old_logp = torch.cat([logps(model, mb)[0] for mb in micro]) if args.num_iterations > 1 else None
+            ref_logp = torch.cat([logps(ref, mb)[0] for mb in micro]) if ref is not None else None
+
+        # ---- μ optimizer updates on the batch ---------------------------------------------------------------
+        sums = torch.zeros(6, device=dev)  # loss, kl, entropy, clipped low, clipped high, token count (first pass)
+        grad_norms = []
+        for it in range(args.num_iterations):
+            for k, mb in enumerate(micro):
+                with ddp.no_sync() if rt.world_size > 1 and k < len(micro) - 1 else nullcontext():
+                    logp, ent = logps(ddp, mb, entropy=it == 0)
+                    # With μ = 1 the sampling policy IS the current one: π_old = π_θ detached, the ratio is exactly 1.
+                    old = old_logp[mb] if old_logp is not None else logp.detach()
+                    loss, kl, low, high = per_token_loss(logp, old, None if ref_logp is None else ref_logp[mb],
+                                                         advantages[mb], args.epsilon, args.epsilon_high, args.beta)
+                    m = Y_mask[mb].float()
+                    part = aggregate(loss, m, args.loss_type, num_completions, num_tokens, args.max_new_tokens)
+                    (part * rt.world_size).backward()  # DDP averages over ranks; the normalisers are global already
+                if it == 0:
+                    sums += torch.stack([part.detach(), (kl * m).sum().detach(), (ent * m).sum(), (low * m).sum(),
+                                         (high * m).sum(), m.sum()])
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        lr = sched.get_last_lr()[0]
+        sched.step()
+        step += 1
+        t_train = time.perf_counter() - t1
+
+        # ---- Metrics, reduced over ranks ----------------------------------------------------------------------
+        sums = C.all_reduce(sums, rt)
+        groups = rewards.view(-1, G)
+        stats = C.all_reduce(torch.cat([
+            torch.tensor([rewards.sum().item(), groups.std(1, unbiased=False).sum().item(),
+                          (groups.std(1, unbiased=False) < 1e-6).sum().item(), lengths.sum().item(),
+                          truncated.sum().item(), failed]), per_func.sum(0)]).to(dev), rt)
+        n_groups = num_completions / G
+        tokens = max(sums[5].item(), 1.0)
+        row = {"step": step, "loss": sums[0].item(), "reward": stats[0].item() / num_completions,
+               "reward_std": stats[1].item() / n_groups, "frac_reward_zero_std": stats[2].item() / n_groups,
+               **{f"rewards/{name}/mean": stats[6 + j].item() / num_completions for j, name in enumerate(columns)},
+               "reward_errors": int(stats[5].item()), "kl": sums[1].item() / tokens,
+               "entropy": sums[2].item() / tokens, "clip_ratio/low_mean": sums[3].item() / tokens,
+               "clip_ratio/high_mean": sums[4].item() / tokens,
+               "completions/mean_length": stats[3].item() / num_completions,
+               "completions/clipped_ratio": stats[4].item() / num_completions,
+               "grad_norm": sum(grad_norms) / len(grad_norms), "learning_rate": lr,
+               "time/generate_s": t_gen, "time/train_s": t_train}
+        if not all(torch.isfinite(torch.tensor(v)) for v in (row["loss"], row["grad_norm"])):
+            raise UserError(f"the loss became {row['loss']} at step {step}; the last good checkpoint is in {ckpt_path} "
+                            "(if one was saved); lower --learning_rate")
+        if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
+            row.update(evaluate())
+        log.log(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['completions/mean_length']:.0f}",
+                        gen_s=f"{t_gen:.0f}", train_s=f"{t_train:.0f}")
+        if (args.save_every and step % args.save_every == 0) or step == last:
+            C.save_state(ckpt_path, model, opt, sched, step, args, rt)
+    bar.close()
+
+    if step == args.max_steps:
+        if rt.is_main:
+            C.save_pretrained(model, tok, args.output_dir)
+        if any(k.startswith("eval") for k in row):
+            rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
+        rt.print(f"saved the model to {args.output_dir}")
+    else:
+        rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
+    C.finish(rt)
+
+
+if __name__ == "__main__":
+    C.run(main)

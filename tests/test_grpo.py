@@ -1,0 +1,321 @@
+"""grpo.py: advantages and every loss type against hand-computed values, where the clip engages, the k3 KL, the
+log-probs and the loss mask of sampled completions, rewards that raise, and tiny-model runs that learn a rule
+reward, resume exactly and run under torchrun."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+import common as C
+import grpo
+from conftest import ok, read_metrics, run_script, write_jsonl
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Advantages (EQ 5.6)
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0])  # two groups of G = 4
+    # Seed 002's worked example: mean 0.5, population std 0.5 -> A = ±1 (up to ε = 1e-4); an all-equal group -> 0.
+    a = grpo.group_advantages(r, 4, "group")
+    assert a.tolist() == pytest.approx([0.5 / 0.5001, -0.5 / 0.5001] * 2 + [0.0] * 4)
+    assert grpo.group_advantages(r, 4, "none").tolist() == [0.5, -0.5, 0.5, -0.5, 0, 0, 0, 0]
+    # batch: the group mean, the std of all eight rewards (mean 1.25, population variance 0.6875)
+    s = math.sqrt(0.6875) + 1e-4
+    assert grpo.group_advantages(r, 4, "batch").tolist() == pytest.approx([0.5 / s, -0.5 / s] * 2 + [0.0] * 4)
+    assert grpo.group_advantages(r, 4, "batch", batch_std=torch.tensor(2.0)).tolist() == \
+        pytest.approx([0.5 / 2.0001, -0.5 / 2.0001] * 2 + [0.0] * 4)
+    # a group with rewards (3, 1): mean 2, std 1
+    assert grpo.group_advantages(torch.tensor([3.0, 1.0]), 2).tolist() == pytest.approx([1 / 1.0001, -1 / 1.0001])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The per-token objective and its aggregation
+# Two completions of lengths 2 and 3 (the first padded): ratios ρ and advantages A = (+1, -1).
+RATIO = torch.tensor([[1.0, 1.5, 7.0], [0.5, 1.0, 1.1]])
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+ADV = torch.tensor([1.0, -1.0])
+# -min(ρA, clip(ρ, 0.8, 1.2)A) per token:
+#   A = +1: ρ = 1 -> -1;  ρ = 1.5 -> -min(1.5, 1.2) = -1.2 (clipped above)
+#   A = -1: ρ = 0.5 -> -min(-0.5, -0.8) = 0.8 (clipped below);  ρ = 1 -> 1;  ρ = 1.1 -> 1.1
+EXPECTED = torch.tensor([[-1.0, -1.2], [0.8, 1.0]])
+
+
+def losses(epsilon=0.2, epsilon_high=0.2, ref_logp=None, beta=0.0):
+    old = torch.zeros(2, 3)
+    logp = torch.log(RATIO).requires_grad_(True)
+    return logp, grpo.per_token_loss(logp, old, ref_logp, ADV, epsilon, epsilon_high, beta)
+
+
+def test_per_token_loss_and_clip_flags_by_hand():
+    logp, (loss, kl, low, high) = losses()
+    assert loss[0, :2].tolist() == pytest.approx([-1.0, -1.2])
+    assert loss[1].tolist() == pytest.approx([0.8, 1.0, 1.1])
+    assert kl.abs().sum() == 0  # no reference
+    assert low.tolist() == [[False, False, False], [True, False, False]]
+    assert high.tolist() == [[False, True, True], [False, False, False]]
+    # Where the clip engages the token has no gradient; elsewhere d(-ρA)/d log π = -ρA.
+    (loss * MASK).sum().backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([-1.0, 0.0, 0.0, 0.0, 1.0, 1.1])
+
+
+def test_clip_engages_only_on_the_side_that_limits_the_update():
+    # A ratio below 1-ε with A > 0, or above 1+ε with A < 0, is NOT clipped: the min keeps the unclipped, worse term.
+    logp = torch.log(torch.tensor([[0.5, 1.5]])).requires_grad_(True)
+    for A, grad in ((1.0, [-0.5, 0.0]), (-1.0, [0.0, 1.5])):
+        logp.grad = None
+        loss, _, low, high = grpo.per_token_loss(logp, torch.zeros(1, 2), None, torch.tensor([A]), 0.2, 0.2, 0.0)
+        loss.sum().backward()
+        assert logp.grad.tolist()[0] == pytest.approx(grad)
+        assert (low | high).tolist() == [[False, True] if A > 0 else [True, False]]
+
+
+def test_clip_higher():
+    _, (loss, _, _, high) = losses(epsilon_high=0.6)  # 1.5 < 1.6: no longer clipped
+    assert loss[0, 1].item() == pytest.approx(-1.5)
+    assert not high[0, 1]
+
+
+def test_loss_types_by_hand():
+    loss = torch.cat([EXPECTED, torch.tensor([[99.0], [1.1]])], 1)  # 99 sits under the mask
+    # grpo: per completion (-1 - 1.2)/2 = -1.1 and (0.8 + 1 + 1.1)/3 = 0.9667, then their mean
+    assert grpo.aggregate(loss, MASK, "grpo", 2, 5, 3).item() == pytest.approx((-1.1 + 2.9 / 3) / 2)
+    # dapo: all five tokens weigh the same: 0.7 / 5
+    assert grpo.aggregate(loss, MASK, "dapo", 2, 5, 3).item() == pytest.approx(0.14)
+    # dr_grpo: 0.7 / (2 completions x 3 max_new_tokens)
+    assert grpo.aggregate(loss, MASK, "dr_grpo", 2, 5, 3).item() == pytest.approx(0.7 / 6)
+    # Split into two micro-batches, the parts add up to the whole (the normalisers are the batch's).
+    for t in ("grpo", "dapo", "dr_grpo"):
+        parts = sum(grpo.aggregate(loss[i : i + 1], MASK[i : i + 1], t, 2, 5, 3) for i in range(2))
+        assert parts.item() == pytest.approx(grpo.aggregate(loss, MASK, t, 2, 5, 3).item())
+
+
+def test_k3_kl_by_hand_and_zero_at_the_reference():
+    logp = torch.log(RATIO)
+    ref = logp.clone()
+    ref[0, 0] += math.log(2)  # π_ref / π_θ = 2 -> k3 = 2 - ln 2 - 1
+    _, (loss, kl, _, _) = losses(ref_logp=ref, beta=0.1)
+    assert kl[0, 0].item() == pytest.approx(1 - math.log(2))
+    assert kl.flatten()[1:].abs().max() < 1e-7
+    assert loss[0, 0].item() == pytest.approx(-1.0 + 0.1 * (1 - math.log(2)))
+    ref[0, 0] -= 2 * math.log(2)  # ratio 1/2: k3 = 0.5 + ln 2 - 1 > 0 as well
+    assert grpo.per_token_loss(logp, logp, ref, ADV, 0.2, 0.2, 0.1)[1][0, 0].item() == pytest.approx(math.log(2) - 0.5)
+
+
+def test_a_group_with_one_iteration_has_zero_loss_but_a_gradient():
+    # With μ = 1 the ratio is exactly 1 and A is centred per group: the grpo loss is -mean(A) = 0, the gradient is not.
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    A = grpo.group_advantages(torch.tensor([1.0, 0.0]), 2)
+    loss, *_ = grpo.per_token_loss(logp, logp.detach(), None, A, 0.2, 0.2, 0.0)
+    total = grpo.aggregate(loss, torch.ones(2, 2), "grpo", 2, 4, 2)
+    total.backward()
+    assert total.item() == pytest.approx(0.0, abs=1e-7)
+    assert logp.grad.abs().sum() > 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollouts: the stop token is trained, what follows it is not; log-probs at the right positions
+class FixedGenerator(torch.nn.Module):
+    """Stands in for a model whose generate() returns fixed continuations, padded with pad == EOS as HF does."""
+
+    def __init__(self, continuations):
+        super().__init__()
+        self.continuations = continuations
+
+    def generate(self, input_ids, attention_mask, **kw):
+        return torch.cat([input_ids, torch.tensor(self.continuations)], 1)
+
+
+def test_completion_is_cut_after_its_first_eos_and_the_mask_includes_it(tok):
+    eos = tok.eos_token_id
+    rt = C.Runtime(torch.device("cpu"), torch.float32)
+    gen = FixedGenerator([[11, 12, eos, eos, eos], [13, eos, eos, eos, eos], [14, 15, 16, 17, 18]])
+    ids = C.generate_ids(gen, tok, [[1, 2, 3], [4, 5], [6]], rt, max_new_tokens=5)
+    assert ids == [[11, 12, eos], [13, eos], [14, 15, 16, 17, 18]]  # the third never stopped: truncated
+    Y, mask = C.pad(ids, tok.pad_token_id)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_completion_logprobs_equal_a_direct_computation(tok, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rt = C.Runtime(torch.device("cpu"), torch.float32)
+    eos = tok.eos_token_id
+    prompts, completions = [[5, 6, 7], [8]], [[20, 21, eos], [22, eos]]
+    P, Pm = C.pad(prompts, tok.pad_token_id, side="left")
+    Y, Ym = C.pad(completions, tok.pad_token_id)
+    logp, ent = C.completion_logprobs(model, P, Pm, Y, Ym, rt, temperature=0.7, with_entropy=True)
+    for i, (p, c) in enumerate(zip(prompts, completions)):  # each sequence alone, no padding at all
+        logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1] / 0.7  # the logits that predict c
+        direct = torch.log_softmax(logits, -1)
+        assert logp[i, : len(c)].tolist() == pytest.approx(direct.gather(-1, torch.tensor(c)[:, None]).squeeze(-1).tolist(), abs=1e-5)
+        assert ent[i, : len(c)].tolist() == pytest.approx((-(direct.exp() * direct).sum(-1)).tolist(), abs=1e-4)
+    # μ = 1: the sampling policy's log-probs (a no-grad pass) equal the trained pass's, so every ratio is 1.
+    with torch.no_grad():
+        old, _ = C.completion_logprobs(model, P, Pm, Y, Ym, rt, temperature=0.7)
+    assert torch.exp(logp - old)[Ym.bool()].tolist() == pytest.approx([1.0] * 5, abs=1e-6)
+    # Same weights as the policy: the k3 KL to the reference is zero.
+    _, kl, _, _ = grpo.per_token_loss(logp, old, old.clone(), torch.ones(2), 0.2, 0.2, 0.05)
+    assert kl[Ym.bool()].abs().max() < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards
+def test_builtin_rewards_and_eq_5_7_weights():
+    texts = ["so \\boxed{7}", "so \\boxed{8}", "seven"]
+    assert grpo.accuracy_reward(texts, ["7"] * 3) == [1.0, 0.0, 0.0]
+    assert grpo.format_reward(texts) == [1.0, 1.0, 0.0]
+    funcs = grpo.load_reward_funcs("accuracy,format", "")
+    assert [(n, w) for n, _, w in funcs] == [("accuracy", 1.0), ("format", 0.2)]  # r = 1[correct] + 0.2 1[format]
+
+
+def test_a_reward_function_that_raises_scores_zero_and_is_counted():
+    def picky(completions, **kw):
+        if len(completions) > 1:
+            raise RuntimeError("one at a time")
+        if "x" in completions[0]:
+            raise ValueError("no x")
+        return [2.0]
+    out, failed = grpo.call_reward(picky, 3, completions=["a", "x", "b"], answer=[None] * 3)
+    assert (out, failed) == ([2.0, 0.0, 2.0], 1)
+    nan_for_b = lambda completions, **kw: [1.0 if c == "a" else float("nan") for c in completions]  # noqa: E731
+    assert grpo.call_reward(nan_for_b, 2, completions=["a", "b"]) == ([1.0, 0.0], 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end on a tiny model
+PETS = {"prompt": "Name six pets.", "answer": "cat"}
+RULES = '''
+def cats(completions, **kw):  # the share of the words that are "cat"
+    return [sum(w == "cat" for w in c.split()) / max(1, len(c.split())) for c in completions]
+
+def picky(completions, completion_ids, **kw):  # fails on every batch, and on completions whose first token is even
+    if len(completions) > 1 or completion_ids[0][0] % 2 == 0:
+        raise ValueError("picky")
+    return [1.0]
+'''
+
+
+@pytest.fixture(scope="module")
+def pets_model(tok, tiny_model_dir, tmp_path_factory):
+    """The tiny model taught (by a short SFT in-process) to answer 'Name six pets.' with six words, each 'cat' or
+    'dog' at random, so that its samples vary and a reward that prefers cats has something to choose from."""
+    import random
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rng = random.Random(0)
+    rows = [C.tokenize_conversation(tok, [{"role": "user", "content": PETS["prompt"]},
+                                          {"role": "assistant", "content": " ".join(rng.choice(["cat", "dog"]) for _ in range(6))}], 64)
+            for _ in range(32)]
+    x, _ = C.pad([r[0] for r in rows], tok.pad_token_id)
+    y, _ = C.pad([r[1] for r in rows], C.IGNORE_INDEX)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(model(x).logits[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    path = str(tmp_path_factory.mktemp("pets"))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def grpo_run(model, out, tmp_path, *extra, nproc=1):
+    data = write_jsonl(tmp_path / "pets.jsonl", [PETS] * 16)
+    rules = tmp_path / "rules.py"
+    rules.write_text(RULES)
+    args = ["--model", model, "--output_dir", out, "--dataset", data, "--eval_size", "0", "--precision", "fp32",
+            "--batch_size", "2", "--num_generations", "8", "--max_new_tokens", "12", "--learning_rate", "2e-3",
+            "--reward_funcs", f"{rules}:cats", "--save_every", "0", *map(str, extra)]
+    return run_script("grpo.py", *args, nproc=nproc)
+
+
+def test_reward_rises_on_a_tiny_model(pets_model, tmp_path):
+    out = str(tmp_path / "out")
+    ok(grpo_run(pets_model, out, tmp_path, "--max_steps", "30", "--beta", "0"))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for key in ("loss", "reward", "reward_std", "rewards/cats/mean", "frac_reward_zero_std", "kl", "entropy",
+                "clip_ratio/low_mean", "clip_ratio/high_mean", "completions/mean_length", "completions/clipped_ratio",
+                "grad_norm", "time/generate_s", "time/train_s", "reward_errors"):
+        assert all(key in r for r in rows), key
+    first, last = (sum(r["reward"] for r in rows[s]) / 5 for s in (slice(0, 5), slice(-5, None)))
+    assert last > first + 0.2, [round(r["reward"], 2) for r in rows]
+    # μ = 1, β = 0, grpo loss: the printed loss is 0 (up to rounding) on every step, while the policy learns.
+    assert max(abs(r["loss"]) for r in rows) < 1e-5
+    assert all(r["kl"] == 0 for r in rows)
+
+
+def test_reward_errors_are_counted_and_the_run_goes_on(pets_model, tmp_path):
+    out = str(tmp_path / "out")
+    ok(grpo_run(pets_model, out, tmp_path, "--max_steps", "2", "--reward_funcs",
+                f"{tmp_path / 'rules.py'}:cats,{tmp_path / 'rules.py'}:picky", "--reward_weights", "1,0.5"))
+    for r in read_metrics(out):  # picky gives 1 to the odd-first-token completions and fails on the rest
+        assert r["reward_errors"] == round(16 * (1 - r["rewards/picky/mean"]))
+        assert r["reward"] == pytest.approx(r["rewards/cats/mean"] + 0.5 * r["rewards/picky/mean"], abs=1e-6)
+
+
+def test_builtin_task_with_reference_iterations_and_held_out_accuracy(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    proc = ok(run_script("grpo.py", "--model", tiny_model_dir, "--output_dir", out, "--precision", "fp32",
+                         "--max_steps", "2", "--batch_size", "2", "--num_generations", "2", "--max_new_tokens", "4",
+                         "--eval_size", "3", "--eval_every", "1", "--num_iterations", "2", "--loss_type", "dapo",
+                         "--scale_rewards", "batch", "--mask_truncated_completions", "--epsilon_high", "0.28"))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all("eval/accuracy" in r and "eval/boxed" in r for r in rows)
+    assert rows[1]["completions/clipped_ratio"] == 1.0  # 4 tokens never reach the stop token of a random model
+    assert "before training: eval/boxed=0" in proc.stdout and "saved the model" in proc.stdout
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 64
+
+
+def test_resume_reproduces_an_uninterrupted_run(pets_model, tmp_path):
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    ok(grpo_run(pets_model, full, tmp_path, "--max_steps", "4"))
+    ok(grpo_run(pets_model, split, tmp_path, "--max_steps", "4", "--stop_after_steps", "2"))
+    assert [r["step"] for r in read_metrics(split)] == [1, 2]
+    ok(grpo_run(pets_model, split, tmp_path, "--max_steps", "4", "--resume"))
+    a, b = read_metrics(full), read_metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x["reward"] == y["reward"] and x["kl"] == pytest.approx(y["kl"], abs=1e-6)
+
+
+def test_torchrun_two_processes(pets_model, tmp_path):
+    out = str(tmp_path / "out")
+    ok(grpo_run(pets_model, out, tmp_path, "--max_steps", "2", nproc=2))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    # 2 prompts x 8 completions over the two ranks: every reward is a share of six-ish words, the mean over all 16
+    assert all(0 <= r["reward"] <= 1 and r["frac_reward_zero_std"] in (0, 0.5, 1) for r in rows)
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def main_raises(monkeypatch, argv, match):
+    monkeypatch.setattr(sys, "argv", ["grpo.py", "--precision", "fp32", "--eval_size", "0", *map(str, argv)])
+    with pytest.raises(C.UserError, match=match):
+        grpo.main()
+
+
+def test_bad_inputs(monkeypatch, tiny_model_dir, tmp_path):
+    base = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "out")]
+    main_raises(monkeypatch, [*base, "--loss_type", "ppo"], "--loss_type ppo: choose grpo, dapo or dr_grpo")
+    main_raises(monkeypatch, [*base, "--scale_rewards", "max"], "--scale_rewards max")
+    main_raises(monkeypatch, [*base, "--num_generations", "1"], "--num_generations must be at least 2")
+    main_raises(monkeypatch, [*base, "--temperature", "0"], "--temperature above 0")
+    main_raises(monkeypatch, [*base, "--reward_funcs", "nope.py:f"], "--reward_funcs nope.py:f: not a built-in")
+    (tmp_path / "r.py").write_text("def f(completions, **kw):\n    return [0.0] * len(completions)\n")
+    main_raises(monkeypatch, [*base, "--reward_funcs", f"{tmp_path / 'r.py'}:g"], "has no function 'g'")
+    main_raises(monkeypatch, [*base, "--reward_weights", "1"], "--reward_weights has 1 numbers for 2")
+    main_raises(monkeypatch, [*base, "--reward_funcs", ""], "no reward: give --reward_funcs, --reward_model")
+    no_answer = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}] * 4)
+    main_raises(monkeypatch, [*base, "--dataset", no_answer], "has no `answer` .* column for the accuracy reward")
+    cols = write_jsonl(tmp_path / "c.jsonl", [{"text": "hi"}] * 4)
+    main_raises(monkeypatch, [*base, "--dataset", cols], r"columns found: \['text'\]; expected a `prompt` or `question`")
+    main_raises(monkeypatch, [*base, "--dataset", write_jsonl(tmp_path / "l.jsonl", [PETS] * 4),
+                              "--max_prompt_length", "3"], "every prompt of .* is longer than --max_prompt_length 3")
