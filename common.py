@@ -307,6 +307,22 @@ def disable_dropout(model):
             m.p = 0.0
 
 
+def load_function(spec, what):
+    """'path/to/file.py:function' -> the function (a user's reward rule). what: the start of the error message."""
+    path, _, name = spec.rpartition(":")
+    if not path or not os.path.isfile(path):
+        raise UserError(f"{what} path/to/file.py:function")
+    module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise UserError(f"{spec}: importing {path} failed: {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, name, None)):
+        raise UserError(f"{spec}: {path} has no function {name!r}")
+    return getattr(module, name)
+
+
 def save_pretrained(model, tok, output_dir):
     """save_pretrained into output_dir so that the folder only looks complete (config.json present) once the
     weights are fully written: everything goes to a temporary folder first, config.json is moved in last."""
@@ -460,6 +476,23 @@ def load_splits(args, n_heldout):
     return mixture, raw, heldout
 
 
+def load_prompts(args, tok, rt, need_answers=None):
+    """For RL scripts: the prompt sources of --dataset (Prompts), the held-out (prompt, answer) pairs that
+    evaluate_answers grades, and the prompt stream: step k reads order[k * batch_size : (k + 1) * batch_size].
+    need_answers names what needs a ground truth in every training row, if anything does."""
+    mixture, raw, heldout = load_splits(args, args.eval_size)
+    sources = [Prompts(s, ds, tok, args.max_prompt_length) for (s, _), ds in zip(mixture, raw)]
+    for (s, _), src in zip(mixture, sources):
+        if src.dropped:
+            rt.print(f"data: {s}: {src.dropped} prompts dropped, longer than --max_prompt_length {args.max_prompt_length}")
+        if need_answers and src[0][2] is None:
+            raise UserError(f"{s} has no `answer` (or `solution`) column for {need_answers}")
+    graded = [(rl_prompt(r), reference_answer(r)) for r in (heldout[i] for i in range(min(args.eval_size, len(heldout))))]
+    order = mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
+                          args.seed, unlimited={i for i, s in enumerate(sources) if s.unlimited})
+    return sources, [(p, a) for p, a in graded if a is not None], order
+
+
 def parse_mixture(datasets_arg, weights_arg):
     """'a,b' and '0.7,0.3' -> [('a', 0.7), ('b', 0.3)], weights normalised to sum to 1 (seed 003's w_s)."""
     specs = [s.strip() for s in datasets_arg.split(",") if s.strip()]
@@ -494,6 +527,38 @@ def mixture_order(sizes, weights, n, seed, unlimited=()):
             order.append((s, perm[s][i]))
         pos[s] += 1
     return order
+
+
+class Prompts:
+    """(prompt messages, prompt token ids, ground truth) of a dataset. Finite datasets are read up front and prompts
+    over max_prompt_length tokens dropped and counted; generated tasks are read when needed."""
+
+    def __init__(self, name, ds, tok, max_prompt_length):
+        self.ds, self.tok, self.max_len = ds, tok, max_prompt_length
+        self.unlimited = getattr(ds, "unlimited", False)
+        rl_prompt(ds[0])  # checks the columns: a clear error before any work
+        read = [] if self.unlimited else [(i, self._read(i)) for i in range(len(ds))]
+        self.rows = [i for i, x in read if x is not None]  # the dataset row of each kept prompt
+        self.items = None if self.unlimited else [x for _, x in read if x is not None]
+        self.dropped = 0 if self.unlimited else len(ds) - len(self.items)
+        if self.items == []:
+            raise UserError(f"every prompt of {name} is longer than --max_prompt_length {max_prompt_length}")
+
+    def _read(self, i):
+        row = self.ds[i]
+        msgs = rl_prompt(row)
+        ids = encode_prompts(self.tok, [msgs])[0]
+        return (msgs, ids, reference_answer(row)) if len(ids) <= self.max_len else None
+
+    def __len__(self):
+        return len(self.ds) if self.unlimited else len(self.items)
+
+    def __getitem__(self, i):
+        return self._read(i) if self.unlimited else self.items[i]
+
+    def row(self, i):
+        """The whole dataset row of prompt i (for its other columns)."""
+        return self.ds[i if self.unlimited else self.rows[i]]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ How this deviates from the equation as written, and from TRL:
         --eval_split test --max_new_tokens 512
     torchrun --nproc_per_node=2 grpo.py ...          # DDP, same code path
 """
-import importlib.util
 import os
 import time
 from contextlib import nullcontext
@@ -176,19 +175,7 @@ def load_reward_funcs(spec, weights_spec):
         if name in BUILTIN_REWARDS:
             funcs.append(BUILTIN_REWARDS[name])
             continue
-        path, _, fn = name.rpartition(":")
-        if not path or not os.path.isfile(path):
-            raise UserError(f"--reward_funcs {name}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}) nor "
-                            "path/to/file.py:function")
-        spec_ = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-        module = importlib.util.module_from_spec(spec_)
-        try:
-            spec_.loader.exec_module(module)
-        except Exception as e:
-            raise UserError(f"--reward_funcs {name}: importing {path} failed: {type(e).__name__}: {e}") from None
-        if not callable(getattr(module, fn, None)):
-            raise UserError(f"--reward_funcs {name}: {path} has no function {fn!r}")
-        funcs.append(getattr(module, fn))
+        funcs.append(C.load_function(name, f"--reward_funcs {name}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}) nor"))
     if weights_spec:
         try:
             weights = [float(w) for w in weights_spec.split(",")]
@@ -226,34 +213,6 @@ def call_reward(fn, n, **kw):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: prompts and their ground truth
-class Prompts:
-    """(prompt messages, prompt token ids, ground truth) of a dataset. Finite datasets are read up front and prompts
-    over max_prompt_length tokens dropped and counted; generated tasks are read when needed."""
-
-    def __init__(self, name, ds, tok, max_prompt_length):
-        self.ds, self.tok, self.max_len = ds, tok, max_prompt_length
-        self.unlimited = getattr(ds, "unlimited", False)
-        C.rl_prompt(ds[0])  # checks the columns: a clear error before any work
-        self.items = None if self.unlimited else [x for x in map(self._read, range(len(ds))) if x is not None]
-        self.dropped = 0 if self.unlimited else len(ds) - len(self.items)
-        if self.items == []:
-            raise UserError(f"every prompt of {name} is longer than --max_prompt_length {max_prompt_length}")
-
-    def _read(self, i):
-        row = self.ds[i]
-        msgs = C.rl_prompt(row)
-        ids = C.encode_prompts(self.tok, [msgs])[0]
-        return (msgs, ids, C.reference_answer(row)) if len(ids) <= self.max_len else None
-
-    def __len__(self):
-        return len(self.ds) if self.unlimited else len(self.items)
-
-    def __getitem__(self, i):
-        return self._read(i) if self.unlimited else self.items[i]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 def main():
     args = C.parse_args(Args)
     if args.loss_type not in ("grpo", "dapo", "dr_grpo"):
@@ -279,20 +238,10 @@ def main():
         raise UserError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
 
     # Data: prompts and answers; the held-out prompts with an answer are graded greedily (pass@1).
-    mixture, raw, heldout = C.load_splits(args, args.eval_size)
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
-    sources = [Prompts(s, ds, tok, args.max_prompt_length) for (s, _), ds in zip(mixture, raw)]
-    for (s, _), src in zip(mixture, sources):
-        if src.dropped:
-            rt.print(f"data: {s}: {src.dropped} prompts dropped, longer than --max_prompt_length {args.max_prompt_length}")
-        if any(f is accuracy_reward for _, f, _ in reward_funcs) and src[0][2] is None:
-            raise UserError(f"{s} has no `answer` (or `solution`) column for the accuracy reward; drop accuracy "
-                            "from --reward_funcs or use --reward_model")
-    graded = [(C.rl_prompt(r), C.reference_answer(r)) for r in (heldout[i] for i in range(min(args.eval_size, len(heldout))))]
-    graded = [(p, a) for p, a in graded if a is not None]
-    order = C.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
-                            args.seed, unlimited={i for i, s in enumerate(sources) if s.unlimited})
+    accuracy = any(f is accuracy_reward for _, f, _ in reward_funcs)
+    sources, graded, order = C.load_prompts(args, tok, rt, need_answers="the accuracy reward" if accuracy else None)
 
     # Models: the policy (trained), the frozen reference (only if beta > 0), the reward model (if any)
     model = C.load_model(path, rt, args.trust_remote_code)

@@ -39,6 +39,44 @@ def tiny_model_dir(tmp_path_factory, tok):
     return path
 
 
+PETS = {"prompt": "Name six pets.", "answer": "cat"}
+RULES = '''
+def cats(completions, **kw):  # the share of the words that are "cat"
+    return [sum(w == "cat" for w in c.split()) / max(1, len(c.split())) for c in completions]
+
+def picky(completions, completion_ids, **kw):  # fails on every batch, and on completions whose first token is even
+    if len(completions) > 1 or completion_ids[0][0] % 2 == 0:
+        raise ValueError("picky")
+    return [1.0]
+'''
+
+
+@pytest.fixture(scope="session")
+def pets_model(tok, tiny_model_dir, tmp_path_factory):
+    """The tiny model taught (by a short SFT in-process) to answer 'Name six pets.' with six words, each 'cat' or
+    'dog' at random, so that its samples vary and a reward that prefers cats has something to choose from."""
+    import random
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rng = random.Random(0)
+    rows = [C.tokenize_conversation(tok, [{"role": "user", "content": PETS["prompt"]},
+                                          {"role": "assistant", "content": " ".join(rng.choice(["cat", "dog"]) for _ in range(6))}], 64)
+            for _ in range(32)]
+    x, _ = C.pad([r[0] for r in rows], tok.pad_token_id)
+    y, _ = C.pad([r[1] for r in rows], C.IGNORE_INDEX)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(model(x).logits[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    path = str(tmp_path_factory.mktemp("pets"))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def write_jsonl(path, rows):
     with open(path, "w") as f:
         for r in rows:

@@ -1,0 +1,251 @@
+"""On-policy distillation (OPD): the student samples, a frozen teacher grades every sampled token.
+
+Seed 000 names OPD beside PPO and GRPO among the major post-training methods. The student π_θ samples completions
+y ~ π_θ(·|x) for training prompts (batched, with the KV cache), and the teacher π_T scores the student's own tokens,
+so the student learns where IT goes wrong, on its own distribution (unlike SFT on teacher outputs). Two losses:
+
+--loss reverse_kl (default; the RL view: Gu et al. 2024, MiniLLM; Thinking Machines Lab 2025, "On-Policy
+Distillation"): every sampled token gets the dense reward r_t = -(log π_θ(y_t|·) - log π_T(y_t|·)), the per-token
+reverse KL on the sample, and the policy gradient is taken with no discount and no baseline:
+
+    L = -1/|tokens| Σ_t sg(r_t) log π_θ(y_t|·),   E[∇L] = ∇ Σ_t KL(π_θ(·|x,y_<t) || π_T(·|x,y_<t))
+
+--loss jsd (GKD: Agarwal et al. 2024, "On-Policy Distillation of Language Models"): the generalized
+Jensen-Shannon divergence between the teacher's and the student's full next-token distributions at every
+position of the sampled sequence,
+
+    JSD_β(P_T || P_θ) = β KL(P_T || M) + (1-β) KL(P_θ || M),   M = β P_T + (1-β) P_θ,
+
+which tends to β KL(P_T || P_θ) as β → 0 and to (1-β) KL(P_θ || P_T) as β → 1; as TRL's GKDTrainer does,
+β = 0 is taken as the forward KL(P_T || P_θ) and β = 1 as the reverse KL(P_θ || P_T) themselves.
+
+--lmbda is the share of steps trained on the dataset's own completions instead of samples (off-policy, supervised
+distillation; the jsd loss is used on those steps, since the sampled-token reward needs samples of π_θ).
+The teacher must share the student's tokenizer; one that does not is refused (TRL #3028).
+
+    python opd.py --teacher out/grpo          # student: the embedded SmolLM2-135M-Instruct; built-in task
+    torchrun --nproc_per_node=2 opd.py ...    # DDP, same code path
+"""
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common as C
+from common import UserError, arg
+
+
+@dataclass
+class Args:
+    model: str = arg(C.DEFAULT_MODEL, "the student: Hub id, local folder or .gguf file")
+    teacher: Optional[str] = arg(None, "the frozen teacher: any causal LM with the student's tokenizer (required)")
+    loss: str = arg("reverse_kl", "reverse_kl (per-token reward on the student's samples) or jsd (generalized JSD "
+                    "over full distributions, GKD)")
+    beta: float = arg(0.5, "β of --loss jsd: 0 forward KL(teacher || student), 1 reverse KL(student || teacher)")
+    lmbda: float = arg(0.0, "share of steps on the dataset's completions instead of student samples (off-policy)")
+    dataset: str = arg("arithmetic", "prompts: built-in task name, local .jsonl/.json/.parquet/.csv, or Hub id; "
+                       "comma-separated for a mixture; --lmbda > 0 needs `completion` (or `messages`) too")
+    dataset_weights: str = arg("", "sampling weights of a mixture, comma-separated (default: equal)")
+    dataset_split: str = arg("train", "split of Hub datasets to train on")
+    dataset_config: Optional[str] = arg(None, "config (subset) name of Hub datasets")
+    eval_split: Optional[str] = arg(None, "held-out split of the first dataset; default: hold out --eval_size rows")
+    eval_size: int = arg(64, "held-out prompts answered greedily and graded (needs an `answer`); 0: off")
+    eval_every: int = arg(5, "measure held-out accuracy every this many steps (and at start and end; 0: only those)")
+    output_dir: str = arg("out/opd", "where the final student, args.json, metrics.jsonl and checkpoint.pt go")
+    max_steps: int = arg(20, "optimizer steps, one batch each")
+    batch_size: int = arg(32, "prompts per step over all ranks, one completion each")
+    micro_batch_size: int = arg(16, "completions per forward/backward pass")
+    generation_batch_size: int = arg(64, "completions sampled together in one generate call (KV cache)")
+    max_new_tokens: int = arg(96, "length limit of a completion")
+    max_prompt_length: int = arg(512, "prompts with more tokens than this are dropped (and counted)")
+    temperature: float = arg(1.0, "sampling temperature; student and teacher log-probs use logits / temperature")
+    learning_rate: float = arg(1e-5, "peak learning rate (AdamW)")
+    warmup_steps: int = arg(0, "linear warmup steps, then cosine decay")
+    min_lr_ratio: float = arg(1.0, "final learning rate as a fraction of the peak (1: constant)")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    save_every: int = arg(50, "write checkpoint.pt every this many steps (0: only at the end)")
+    stop_after_steps: int = arg(0, "stop with a checkpoint after this many steps; continue later with --resume")
+    resume: bool = arg(False, "continue from <output_dir>/checkpoint.pt")
+    seed: int = arg(0, "random seed (prompt order, sampling, on/off-policy choice)")
+    device: str = arg("auto", "auto, cpu, cuda or mps")
+    precision: str = arg("auto", "auto (bf16 where the hardware is fast at it), bf16 or fp32; weights stay fp32")
+    trust_remote_code: bool = arg(False, "allow models and tokenizers that run code from their repository")
+    chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The divergences. Pure functions of tensors.
+def reverse_kl_pg_loss(student_logp, teacher_logp, mask, num_tokens):
+    """The RL view: per-token reward r_t = -(log π_θ(y_t) - log π_T(y_t)) on sampled tokens, REINFORCE with no
+    discount. student_logp, teacher_logp, mask: (N, T). Returns this micro-batch's share of the token mean over
+    num_tokens (the whole batch's); its value is Σ sg(log π_θ - log π_T) log π_θ, its gradient the reverse KL's."""
+    reward = -(student_logp - teacher_logp).detach()
+    return -(reward * student_logp * mask).sum() / num_tokens
+
+
+def generalized_jsd(student_logits, teacher_logits, beta, temperature=1.0):
+    """GKD's generalized JSD per position: (..., V) logits -> (...) divergences, in fp32.
+    β = 0: KL(P_T || P_θ) (forward); β = 1: KL(P_θ || P_T) (reverse); otherwise
+    β KL(P_T || M) + (1-β) KL(P_θ || M) with M = β P_T + (1-β) P_θ."""
+    s = torch.log_softmax(student_logits.float() / temperature, -1)
+    t = torch.log_softmax(teacher_logits.float() / temperature, -1)
+    if beta == 0:
+        return (t.exp() * (t - s)).sum(-1)
+    if beta == 1:
+        return (s.exp() * (s - t)).sum(-1)
+    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)  # log M
+    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def completion_logits(model, P, P_mask, Y, Y_mask, rt):
+    """(N, T, V) logits that predict each completion token (prompts left-padded, completions right-padded)."""
+    x, mask = torch.cat([P, Y], 1), torch.cat([P_mask, Y_mask], 1)
+    with rt.autocast():
+        return model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False,
+                     logits_to_keep=Y.shape[1] + 1).logits[:, :-1]
+
+
+def dataset_completion(row, tok):
+    """The dataset's own answer as completion token ids (its content, then EOS), for off-policy steps."""
+    msgs = C.conversation(row) if "completion" in row or "messages" in row else [{"role": "user"}]
+    if msgs[-1]["role"] != "assistant":
+        raise UserError("--lmbda > 0 needs rows that end in an assistant answer (`completion` or `messages`)")
+    return tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def main():
+    args = C.parse_args(Args)
+    if not args.teacher:
+        raise UserError("--teacher is required: a causal LM with the student's tokenizer (e.g. out/grpo)")
+    if args.loss not in ("reverse_kl", "jsd"):
+        raise UserError(f"--loss {args.loss}: choose reverse_kl or jsd")
+    if not 0 <= args.beta <= 1 or not 0 <= args.lmbda <= 1:
+        raise UserError("--beta and --lmbda must be in [0, 1]")
+    if min(args.max_steps, args.batch_size, args.micro_batch_size, args.max_new_tokens,
+           args.generation_batch_size) < 1 or args.temperature <= 0:
+        raise UserError("--max_steps, --batch_size, --max_new_tokens and the batch sizes must be at least 1; "
+                        "--temperature above 0")
+    rt = C.setup(args.seed, args.device, args.precision)
+    if args.batch_size % rt.world_size:
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of the {rt.world_size} ranks")
+    C.save_args(args, args.output_dir, rt)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+
+    path = C.resolve_model(args.model, rt)
+    tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    teacher_path = C.resolve_model(args.teacher, rt)
+    C.check_same_vocab(tok, teacher_path, "--teacher", args.trust_remote_code)  # TRL #3028: refuse, never guess
+    sources, graded, order = C.load_prompts(args, tok, rt)
+    if args.lmbda > 0:
+        dataset_completion(sources[0].row(0), tok)  # a clear error now rather than at the first off-policy step
+
+    student = C.load_model(path, rt, args.trust_remote_code)
+    teacher = C.load_model(teacher_path, rt, args.trust_remote_code).eval().requires_grad_(False)
+    if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
+        raise UserError(f"--teacher {args.teacher} has {teacher.get_output_embeddings().weight.shape[0]} output "
+                        f"logits, the student {student.get_output_embeddings().weight.shape[0]}; they must match")
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    opt, sched = C.optimizer_and_schedule(student, args)
+    step = 0
+    if args.resume:
+        step = C.restore_state(ckpt_path, student, opt, sched, args, rt)["step"]
+    ddp = DDP(student) if rt.world_size > 1 else student
+    log = C.MetricsLog(args.output_dir, rt, resume_step=step)
+
+    def evaluate():
+        return C.evaluate_answers(student, tok, [p for p, _ in graded], [a for _, a in graded], rt,
+                                  args.max_new_tokens, args.generation_batch_size)[0] if graded else {}
+
+    if step == 0 and graded:
+        row = {"step": 0, **evaluate()}
+        log.log(row)
+        rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+
+    dev, row = rt.device, {}
+    last = min(args.max_steps, step + args.stop_after_steps) if args.stop_after_steps else args.max_steps
+    bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
+    while step < last:
+        t0 = time.perf_counter()
+        rows = order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]
+        prompt_ids = [sources[s][i][1] for s, i in rows]
+        # The same choice on every rank: a function of the seed and the step.
+        off_policy = random.Random(f"{args.seed}/{step}").random() < args.lmbda
+        if off_policy:
+            ids = [dataset_completion(sources[s].row(i), tok)[: args.max_new_tokens] for s, i in rows]
+        else:
+            ids = C.generate_ids(student, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
+                                 args.temperature)
+        t_gen = time.perf_counter() - t0
+
+        P, P_mask = (t.to(dev) for t in C.pad(prompt_ids, tok.pad_token_id, side="left"))
+        Y, Y_mask = (t.to(dev) for t in C.pad(ids, tok.pad_token_id))
+        mask = Y_mask.float()
+        num_tokens = C.all_reduce(mask.sum(), rt).clamp(min=1)
+        micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(ids), args.micro_batch_size)]
+        t1 = time.perf_counter()
+        sums = torch.zeros(2, device=dev)  # loss, Σ (log π_θ - log π_T) over sampled tokens
+        for k, mb in enumerate(micro):
+            with ddp.no_sync() if rt.world_size > 1 and k < len(micro) - 1 else nullcontext():
+                s_logits = completion_logits(ddp, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt)  # (n, T, V)
+                with torch.no_grad():
+                    t_logits = completion_logits(teacher, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt)
+                s_logp = C.gather_logprobs(s_logits, Y[mb], args.temperature)
+                t_logp = C.gather_logprobs(t_logits, Y[mb], args.temperature)
+                if args.loss == "reverse_kl" and not off_policy:
+                    loss = reverse_kl_pg_loss(s_logp, t_logp, mask[mb], num_tokens)
+                else:
+                    loss = (generalized_jsd(s_logits, t_logits, args.beta, args.temperature) * mask[mb]).sum() / num_tokens
+                (loss * rt.world_size).backward()  # DDP averages over ranks; num_tokens is the global count
+            sums += torch.stack([loss.detach(), ((s_logp - t_logp).detach() * mask[mb]).sum()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm).item()
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        t_train = time.perf_counter() - t1
+
+        sums = C.all_reduce(sums, rt)
+        n = C.all_reduce(float(len(ids)), rt).item()
+        row = {"step": step, "loss": sums[0].item(), "kl/student_teacher": sums[1].item() / num_tokens.item(),
+               "on_policy": int(not off_policy), "completions/mean_length": num_tokens.item() / n,
+               "grad_norm": grad_norm, "learning_rate": lr, "time/generate_s": t_gen, "time/train_s": t_train}
+        if not math.isfinite(row["loss"]):
+            raise UserError(f"the loss became {row['loss']} at step {step}; lower --learning_rate")
+        if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
+            row.update(evaluate())
+        log.log(row)
+        bar.update(1)
+        bar.set_postfix(kl=f"{row['kl/student_teacher']:.3f}", len=f"{row['completions/mean_length']:.0f}",
+                        gen_s=f"{t_gen:.0f}", train_s=f"{t_train:.0f}")
+        if (args.save_every and step % args.save_every == 0) or step == last:
+            C.save_state(ckpt_path, student, opt, sched, step, args, rt)
+    bar.close()
+
+    if step == args.max_steps:
+        if rt.is_main:
+            C.save_pretrained(student, tok, args.output_dir)
+        if any(k.startswith("eval") for k in row):
+            rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
+        rt.print(f"saved the student to {args.output_dir}")
+    else:
+        rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
+    C.finish(rt)
+
+
+if __name__ == "__main__":
+    C.run(main)

@@ -1,0 +1,394 @@
+"""RLHF with PPO: a policy, a frozen reference, a reward model and a value model; GAE; a KL penalty in the reward.
+
+The objective is seed 002 EQ 5.3 (seed 004 §4): maximise the reward of sampled responses while staying close to the
+reference policy,
+
+    max_θ E_{x, y ~ π_θ}[ r_φ(x, y) ] - β KL[ π_θ(·|x) || π_ref(·|x) ],
+
+optimised with PPO's clipped surrogate (seed 002 EQ 5.4, seed 004 §2.8) on per-token advantages from a learned
+value function. Each response token is an action; the per-token reward is the KL penalty -β (log π_old - log π_ref)
+(the k1 estimate) at every token, plus the reward model's score at the last token. Advantages come from GAE
+(γ = 1, λ = 0.95) and are whitened over the batch. The implementation details that make PPO work for language
+models ("The N Implementation Details of RLHF with PPO", Huang et al. 2024; ../shared/REFERENCE.md) are each named
+in a comment where they happen, tagged [detail].
+
+The reward is a model trained by reward_model.py (--reward_model) or the verifiable math reward of seed 002 EQ 5.7
+(--reward verifiable). The value model starts as the reward model (its head predicts the final score) or, with the
+verifiable reward, as the policy with a new scalar head.
+
+How this deviates from TRL's PPOTrainer: the KL and entropy are logged per token, and `objective/entropy` is the
+entropy of the policy's distribution (TRL logs the NLL of the sampled tokens under that name).
+
+    python ppo.py --model out/sft --reward_model out/reward_model   # after sft.py and reward_model.py
+    python ppo.py --model out/sft --reward verifiable                # the built-in task's exact reward
+    torchrun --nproc_per_node=2 ppo.py ...                           # DDP, same code path
+"""
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification
+
+import common as C
+from common import UserError, arg
+
+
+@dataclass
+class Args:
+    model: str = arg(C.DEFAULT_MODEL, "the policy to train: Hub id, local folder (e.g. sft.py's output) or .gguf")
+    reward: str = arg("model", "model (score responses with --reward_model), verifiable (seed 002 EQ 5.7: "
+                      "1[correct \\boxed{} answer] + --format_weight x 1[a \\boxed{} answer]), or a rule "
+                      "path/to/file.py:function called as f(prompts=, completions=, completion_ids=, answer=)")
+    reward_model: Optional[str] = arg(None, "a reward_model.py output folder (same tokenizer as the policy)")
+    value_model: Optional[str] = arg(None, "initial value model: default the reward model, or with --reward "
+                                     "verifiable the policy with a new scalar head")
+    format_weight: float = arg(0.2, "λ_fmt of the verifiable reward")
+    dataset: str = arg("arithmetic", "prompts: built-in task name, local .jsonl/.json/.parquet/.csv, or Hub id; "
+                       "comma-separated for a mixture. Rows need a `prompt` or `question`; an `answer` for accuracy")
+    dataset_weights: str = arg("", "sampling weights of a mixture, comma-separated (default: equal)")
+    dataset_split: str = arg("train", "split of Hub datasets to train on")
+    dataset_config: Optional[str] = arg(None, "config (subset) name of Hub datasets")
+    eval_split: Optional[str] = arg(None, "held-out split of the first dataset; default: hold out --eval_size rows")
+    eval_size: int = arg(64, "held-out prompts answered greedily to measure accuracy with the verifiable grader; 0: off")
+    eval_every: int = arg(5, "measure held-out accuracy every this many steps (and at start and end; 0: only those)")
+    output_dir: str = arg("out/ppo", "where the final policy, args.json, metrics.jsonl and checkpoint.pt go")
+    max_steps: int = arg(20, "steps; each samples one batch and runs --num_ppo_epochs epochs on it")
+    batch_size: int = arg(32, "prompts per step over all ranks, one response each")
+    num_mini_batches: int = arg(1, "optimizer updates per PPO epoch: the batch is shuffled and split into this many")
+    micro_batch_size: int = arg(16, "responses per forward/backward pass")
+    generation_batch_size: int = arg(64, "responses sampled together in one generate call (KV cache)")
+    num_ppo_epochs: int = arg(2, "passes over each sampled batch (TRL: 4)")
+    max_new_tokens: int = arg(96, "length limit of a response")
+    max_prompt_length: int = arg(512, "prompts with more tokens than this are dropped (and counted)")
+    temperature: float = arg(0.7, "sampling temperature (TRL's default); every log-prob uses logits / temperature")
+    top_p: float = arg(1.0, "nucleus sampling")
+    missing_eos_penalty: float = arg(1.0, "subtracted from the score of a response that never emitted EOS")
+    kl_coef: float = arg(0.05, "β of the per-token KL penalty (initial value with --target_kl)")
+    target_kl: Optional[float] = arg(None, "turn on the adaptive KL controller (Ziegler et al. 2019) with this "
+                                     "target of the summed per-response KL")
+    kl_horizon: int = arg(10000, "horizon of the adaptive KL controller, in responses")
+    gamma: float = arg(1.0, "discount of GAE")
+    lam: float = arg(0.95, "λ of GAE")
+    cliprange: float = arg(0.2, "ε of the clipped policy ratio")
+    cliprange_value: float = arg(0.2, "clip of the value update around the old values")
+    vf_coef: float = arg(0.1, "weight of the value loss")
+    whiten_rewards: bool = arg(False, "whiten the per-token rewards over the batch before GAE")
+    learning_rate: float = arg(3e-6, "peak learning rate (AdamW) of the policy and the value model")
+    warmup_steps: int = arg(0, "linear warmup steps, then cosine decay")
+    min_lr_ratio: float = arg(1.0, "final learning rate as a fraction of the peak (1: constant)")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (policy and value together)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    save_every: int = arg(50, "write checkpoint.pt every this many steps (0: only at the end)")
+    stop_after_steps: int = arg(0, "stop with a checkpoint after this many steps; continue later with --resume")
+    resume: bool = arg(False, "continue from <output_dir>/checkpoint.pt")
+    seed: int = arg(0, "random seed (prompt order, sampling, minibatch order, a new value head)")
+    device: str = arg("auto", "auto, cpu, cuda or mps")
+    precision: str = arg("auto", "auto (bf16 where the hardware is fast at it), bf16 or fp32; weights stay fp32")
+    trust_remote_code: bool = arg(False, "allow models and tokenizers that run code from their repository")
+    chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The algorithm: per-token rewards, GAE, whitening, the clipped losses. Pure functions of tensors.
+def per_token_rewards(scores, logp, ref_logp, mask, kl_coef):
+    """[detail] The KL penalty is part of the reward: -β (log π_old - log π_ref) at every response token (k1), and
+    the sequence score is added at the LAST real token of each response. scores: (N,); logp, ref_logp, mask: (N, T)
+    right-padded responses. Returns (N, T) rewards (0 on padding) and the (N, T) per-token k1 KL."""
+    kl = (logp - ref_logp) * mask
+    rewards = -kl_coef * kl
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # index of each response's last token
+    rewards[torch.arange(len(scores), device=mask.device), last] += scores
+    return rewards, kl
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over response tokens (Schulman et al. 2016), without a loop over time:
+    δ_t = r_t + γ V_{t+1} - V_t (V = 0 past the last token) and A_t = Σ_{k≥t} (γλ)^{k-t} δ_k, an upper-triangular
+    (T, T) discount matrix applied to δ. rewards, values, mask: (N, T), right-padded. Returns (advantages, returns),
+    returns = A + V, both 0 on padding."""
+    values = values * mask
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
+    delta = (rewards + gamma * next_values - values) * mask  # (N, T)
+    T = rewards.shape[1]
+    k = torch.arange(T, device=rewards.device, dtype=torch.float64)
+    power = k[None, :] - k[:, None]  # power[t, j] = j - t
+    discount = torch.where(power >= 0, (gamma * lam) ** power.clamp(min=0), torch.zeros(()).double())
+    advantages = (delta.double() @ discount.T).float() * mask  # A[:, t] = Σ_j (γλ)^{j-t} δ[:, j]
+    return advantages, (advantages + values) * mask
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """[detail] Whitening over the batch within the mask: (x - mean) / std over the real tokens only. shift_mean
+    False keeps the mean (TRL's reward whitening). Padding stays 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)  # unbiased, as TRL
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def policy_loss(logp, old_logp, advantages, mask, cliprange):
+    """EQ 5.4 per token, averaged over the real tokens: max(-A ρ, -A clip(ρ, 1-ε, 1+ε)). Returns (loss, clipfrac,
+    approxkl = ½ E[(log ρ)²])."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    losses = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange))
+    clipfrac = masked_mean((-advantages * ratio < losses).float(), mask)
+    return masked_mean(losses, mask), clipfrac, 0.5 * masked_mean(log_ratio ** 2, mask)
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value):
+    """[detail] Clipped value loss: ½ max((V - R)², (clip(V, V_old ± c) - R)²), averaged over real tokens.
+    Returns (loss, clipfrac)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    a, b = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.max(a, b), mask), masked_mean((b > a).float(), mask)
+
+
+class AdaptiveKL:
+    """Ziegler et al. 2019's controller: β *= 1 + clip(KL / target - 1, ±0.2) x responses / horizon."""
+
+    def __init__(self, kl_coef, target, horizon):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl, n):
+        if self.target:
+            self.value *= 1 + max(-0.2, min(0.2, kl / self.target - 1)) * n / self.horizon
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+def token_values(value_model, prompt_ids, prompt_mask, response_ids, response_mask, rt):
+    """(N, T) values V(s_t) of the states before each response token: the scalar head on the hidden state at the
+    position that predicts token t (the prompt is left-padded, so position ids come from the mask)."""
+    x, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
+    T = response_ids.shape[1]
+    with rt.autocast():
+        hidden = value_model.base_model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                        use_cache=False).last_hidden_state[:, -T - 1 : -1]  # (N, T, d)
+        head = value_model.score if hasattr(value_model, "score") else value_model.classifier
+        return head(hidden).squeeze(-1).float()
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The two trained models in one module, so that DDP syncs both and one optimizer steps both (as TRL does)."""
+
+    def __init__(self, policy, value, rt, temperature):
+        super().__init__()
+        self.policy, self.value, self.rt, self.temperature = policy, value, rt, temperature
+
+    def forward(self, P, P_mask, Y, Y_mask, with_entropy=False):
+        logp, entropy = C.completion_logprobs(self.policy, P, P_mask, Y, Y_mask, self.rt, self.temperature, with_entropy)
+        return logp, token_values(self.value, P, P_mask, Y, Y_mask, self.rt), entropy
+
+
+def load_value_model(path, args, rt):
+    model, info = C.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
+                               num_labels=1, output_loading_info=True)
+    head = model.score if hasattr(model, "score") else model.classifier
+    if any(k.startswith(("score.", "classifier.")) for k in info["missing_keys"]):
+        # [detail] A new scalar head starts with std 1/sqrt(d_model + 1), so values are O(1) at any width.
+        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+        if getattr(head, "bias", None) is not None:
+            torch.nn.init.zeros_(head.bias)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def main():
+    args = C.parse_args(Args)
+    rule = None
+    if args.reward not in ("model", "verifiable"):
+        rule = C.load_function(args.reward, f"--reward {args.reward}: choose model (with --reward_model), verifiable or")
+    if args.reward == "model" and not args.reward_model:
+        raise UserError("--reward model needs --reward_model PATH (a reward_model.py output), or use --reward verifiable")
+    if min(args.max_steps, args.batch_size, args.num_ppo_epochs, args.num_mini_batches, args.micro_batch_size,
+           args.max_new_tokens, args.generation_batch_size) < 1 or args.temperature <= 0 or args.kl_coef < 0:
+        raise UserError("--max_steps, --batch_size, --num_ppo_epochs, --num_mini_batches, --max_new_tokens and the "
+                        "batch sizes must be at least 1; --temperature above 0; --kl_coef not negative")
+    rt = C.setup(args.seed, args.device, args.precision)
+    if args.batch_size % (rt.world_size * args.num_mini_batches):
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of ranks x --num_mini_batches "
+                        f"({rt.world_size} x {args.num_mini_batches})")
+    C.save_args(args, args.output_dir, rt)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+
+    path = C.resolve_model(args.model, rt)
+    tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    sources, graded, order = C.load_prompts(args, tok, rt, need_answers="--reward verifiable"
+                                            if args.reward == "verifiable" else None)
+
+    # The four models. Dropout is off in all of them ([detail]: C.load_model), the reference and reward model are
+    # frozen in inference mode with no optimizer state; only the policy and the value model are trained.
+    policy = C.load_model(path, rt, args.trust_remote_code)
+    ref = C.load_model(path, rt, args.trust_remote_code).eval().requires_grad_(False)
+    rm = rm_tok = None
+    if args.reward == "model":
+        rm_path = C.resolve_model(args.reward_model, rt)
+        C.check_same_vocab(tok, rm_path, "--reward_model", args.trust_remote_code)
+        rm = C.load_model(rm_path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification).eval()
+        rm.requires_grad_(False)
+        rm_tok = C.load_tokenizer(rm_path, args.trust_remote_code)
+    value_path = C.resolve_model(args.value_model, rt) if args.value_model else rm_path if rm is not None else path
+    value = load_value_model(value_path, args, rt)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        value.gradient_checkpointing_enable()
+    model = PolicyAndValue(policy, value, rt, args.temperature)
+    opt, sched = C.optimizer_and_schedule(model, args)
+    kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
+    step = 0
+    if args.resume:
+        state = C.restore_state(ckpt_path, model, opt, sched, args, rt)
+        step, kl_ctl.value = state["step"], state["kl_coef"]
+    ddp = DDP(model) if rt.world_size > 1 else model
+    log = C.MetricsLog(args.output_dir, rt, resume_step=step)
+
+    def evaluate():
+        return C.evaluate_answers(policy, tok, [p for p, _ in graded], [a for _, a in graded], rt,
+                                  args.max_new_tokens, args.generation_batch_size)[0] if graded else {}
+
+    def scores_of(prompts, texts, answers, ids):
+        if rm is not None:  # the reward model reads prompt + response in its own chat format, at the last real token
+            s = C.score_responses(rm, rm_tok, prompts, texts, rt)
+        elif rule is not None:  # a user's rule: f(prompts=, completions=, completion_ids=, answer=) -> N numbers
+            s = [float(v) for v in rule(prompts=prompts, completions=texts, completion_ids=ids, answer=answers)]
+            if len(s) != len(texts):
+                raise UserError(f"--reward {args.reward} returned {len(s)} rewards for {len(texts)} responses")
+            s = torch.tensor(s)
+        else:  # seed 002 EQ 5.7
+            s = torch.tensor([float(c) + args.format_weight * float(b) for b, c in (C.grade(t, a) for t, a in zip(texts, answers))])
+        # [detail] A response that never emitted EOS (it hit --max_new_tokens) gets a penalty.
+        eos = torch.tensor([tok.eos_token_id in r for r in ids])
+        return s - args.missing_eos_penalty * (~eos).float(), s, eos
+
+    if step == 0 and graded:
+        row = {"step": 0, **evaluate()}
+        log.log(row)
+        rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+
+    dev, row = rt.device, {}
+    last = min(args.max_steps, step + args.stop_after_steps) if args.stop_after_steps else args.max_steps
+    bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
+    while step < last:
+        # ---- Rollout: one response per prompt, batched, with the KV cache; cut after the first EOS ----------
+        t0 = time.perf_counter()
+        mine = [sources[s][i] for s, i in order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]]
+        prompts, prompt_ids, answers = (list(x) for x in zip(*mine))
+        ids = C.generate_ids(policy, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
+                             args.temperature, args.top_p)
+        texts = [tok.decode(r, skip_special_tokens=True) for r in ids]
+        t_gen = time.perf_counter() - t0
+
+        # [detail] Prompts left-padded, responses right-padded: the layout of generation, position ids from the mask.
+        P, P_mask = (t.to(dev) for t in C.pad(prompt_ids, tok.pad_token_id, side="left"))
+        Y, Y_mask = (t.to(dev) for t in C.pad(ids, tok.pad_token_id))
+        mask = Y_mask.float()
+        N = len(ids)
+        micro = [slice(i, i + args.micro_batch_size) for i in range(0, N, args.micro_batch_size)]
+        with torch.no_grad():
+            scores, raw_scores, eos = (t.to(dev) for t in scores_of(prompts, texts, answers, ids))
+            old_logp, old_values = (torch.cat(x) for x in zip(*[model(P[mb], P_mask[mb], Y[mb], Y_mask[mb])[:2] for mb in micro]))
+            ref_logp = torch.cat([C.completion_logprobs(ref, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt, args.temperature)[0]
+                                  for mb in micro])  # [detail] every log-prob with logits / temperature
+            rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, kl_ctl.value)
+            if args.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
+            # [detail] Advantages whitened over the batch, within the response mask. Under DDP over this rank's batch.
+            advantages = masked_whiten(advantages, mask)
+
+        # ---- PPO epochs over shuffled minibatches ------------------------------------------------------------
+        t1 = time.perf_counter()
+        sums = torch.zeros(8, device=dev)  # pg loss, vf loss, pg clipfrac, vf clipfrac, approxkl, entropy, updates, tokens
+        per_mini = N // args.num_mini_batches
+        for epoch in range(args.num_ppo_epochs):
+            perm = torch.randperm(N, device=dev)
+            for m in range(args.num_mini_batches):
+                idx = perm[m * per_mini : (m + 1) * per_mini]
+                parts = [idx[i : i + args.micro_batch_size] for i in range(0, len(idx), args.micro_batch_size)]
+                n_tok = C.all_reduce(mask[idx].sum(), rt).clamp(min=1)  # the minibatch's tokens, over all ranks
+                for k, j in enumerate(parts):
+                    with ddp.no_sync() if rt.world_size > 1 and k < len(parts) - 1 else nullcontext():
+                        logp, values, ent = ddp(P[j], P_mask[j], Y[j], Y_mask[j], with_entropy=epoch == 0)
+                        w = mask[j].sum() / n_tok * rt.world_size  # this micro-batch's share of the token mean
+                        pg, pg_clip, approxkl = policy_loss(logp, old_logp[j], advantages[j], mask[j], args.cliprange)
+                        vf, vf_clip = value_loss(values, old_values[j], returns[j], mask[j], args.cliprange_value)
+                        ((pg + args.vf_coef * vf) * w).backward()
+                    with torch.no_grad():
+                        sums[:5] += torch.stack([pg, vf, pg_clip, vf_clip, approxkl]) * w / rt.world_size
+                        if ent is not None:  # the first epoch sees every token once
+                            sums[5] += (ent * mask[j]).sum()
+                            sums[7] += mask[j].sum()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # [detail] gradient clipping
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sums[6] += 1
+        lr = sched.get_last_lr()[0]
+        sched.step()
+        step += 1
+        t_train = time.perf_counter() - t1
+
+        # ---- Metrics, reduced over ranks ---------------------------------------------------------------------
+        sums = C.all_reduce(sums, rt)
+        kl_sum = kl.sum(1)  # (N,) the KL of each response, summed over its tokens
+        lengths = mask.sum(1)
+        with torch.no_grad():
+            resid = C.all_reduce(torch.stack([(returns * mask).sum(), (returns ** 2 * mask).sum(),
+                                              ((returns - old_values) * mask).sum(), (((returns - old_values) ** 2) * mask).sum(),
+                                              mask.sum()]), rt)
+        var_r = resid[1] / resid[4] - (resid[0] / resid[4]) ** 2
+        var_e = resid[3] / resid[4] - (resid[2] / resid[4]) ** 2
+        tot = C.all_reduce(torch.stack([scores.sum(), kl_sum.sum(), eos.float().sum(), lengths.sum(),
+                                        raw_scores.sum(), torch.tensor(float(N), device=dev)]), rt)
+        n = tot[5].item()
+        updates = sums[6].item() / rt.world_size
+        row = {"step": step, "objective/scores": tot[0].item() / n, "objective/raw_scores": tot[4].item() / n,
+               "objective/kl": tot[1].item() / n, "objective/kl_per_token": tot[1].item() / tot[3].item(),
+               "objective/non_score_reward": -kl_ctl.value * tot[1].item() / n,
+               "objective/rlhf_reward": (tot[0].item() - kl_ctl.value * tot[1].item()) / n,
+               "objective/entropy": sums[5].item() / max(sums[7].item(), 1.0),
+               "policy/approxkl": sums[4].item() / updates, "policy/clipfrac": sums[2].item() / updates,
+               "loss/policy": sums[0].item() / updates, "loss/value": sums[1].item() / updates,
+               "val/clipfrac": sums[3].item() / updates, "val/explained_variance": 1 - (var_e / var_r.clamp(min=1e-8)).item(),
+               "eos_fraction": tot[2].item() / n, "completions/mean_length": tot[3].item() / n,
+               "kl_coef": kl_ctl.value, "learning_rate": lr, "time/generate_s": t_gen, "time/train_s": t_train}
+        kl_ctl.update(row["objective/kl"], n)
+        if not math.isfinite(row["loss/policy"]) or not math.isfinite(row["loss/value"]):
+            raise UserError(f"the loss became non-finite at step {step}; the last good checkpoint is in {ckpt_path} "
+                            "(if one was saved); lower --learning_rate")
+        if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
+            row.update(evaluate())
+        log.log(row)
+        bar.update(1)
+        bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}",
+                        gen_s=f"{t_gen:.0f}", train_s=f"{t_train:.0f}")
+        if (args.save_every and step % args.save_every == 0) or step == last:
+            C.save_state(ckpt_path, model, opt, sched, step, args, rt, kl_coef=kl_ctl.value)
+    bar.close()
+
+    if step == args.max_steps:
+        if rt.is_main:
+            C.save_pretrained(policy, tok, args.output_dir)
+        if any(k.startswith("eval") for k in row):
+            rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
+        rt.print(f"saved the policy to {args.output_dir}")
+    else:
+        rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
+    C.finish(rt)
+
+
+if __name__ == "__main__":
+    C.run(main)
