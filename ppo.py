@@ -59,7 +59,7 @@ class Args:
     eval_every: int = arg(5, "measure held-out accuracy every this many steps (and at start and end; 0: only those)")
     output_dir: str = arg("out/ppo", "where the final policy, args.json, metrics.jsonl and checkpoint.pt go")
     max_steps: int = arg(20, "steps; each samples one batch and runs --num_ppo_epochs epochs on it")
-    batch_size: int = arg(32, "prompts per step over all ranks, one response each")
+    batch_size: int = arg(16, "prompts per step over all ranks, one response each")
     num_mini_batches: int = arg(1, "optimizer updates per PPO epoch: the batch is shuffled and split into this many")
     micro_batch_size: int = arg(16, "responses per forward/backward pass")
     generation_batch_size: int = arg(64, "responses sampled together in one generate call (KV cache)")
@@ -257,8 +257,14 @@ def main():
     log = C.MetricsLog(args.output_dir, rt, resume_step=step)
 
     def evaluate():
-        return C.evaluate_answers(policy, tok, [p for p, _ in graded], [a for _, a in graded], rt,
-                                  args.max_new_tokens, args.generation_batch_size)[0] if graded else {}
+        if not graded:
+            return {}
+        out, texts = C.evaluate_answers(policy, tok, [p for p, _ in graded], [a for _, a in graded], rt,
+                                        args.max_new_tokens, args.generation_batch_size)
+        if rm is not None:  # the reward model's mean score of the same greedy held-out answers
+            s = C.score_responses(rm, rm_tok, [p for p, _ in graded[rt.rank :: rt.world_size]], texts, rt)
+            out["eval/score"] = C.all_reduce(s.sum().to(rt.device), rt).item() / len(graded)
+        return out
 
     def scores_of(prompts, texts, answers, ids):
         if rm is not None:  # the reward model reads prompt + response in its own chat format, at the last real token

@@ -51,17 +51,16 @@ def picky(completions, completion_ids, **kw):  # fails on every batch, and on co
 '''
 
 
-@pytest.fixture(scope="session")
-def pets_model(tok, tiny_model_dir, tmp_path_factory):
-    """The tiny model taught (by a short SFT in-process) to answer 'Name six pets.' with six words, each 'cat' or
-    'dog' at random, so that its samples vary and a reward that prefers cats has something to choose from."""
+def teach_words(tok, tiny_model_dir, path, words):
+    """The tiny model taught (by a short SFT in-process) to answer 'Name six pets.' with six words, each drawn at
+    random from `words`."""
     import random
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     rng = random.Random(0)
     rows = [C.tokenize_conversation(tok, [{"role": "user", "content": PETS["prompt"]},
-                                          {"role": "assistant", "content": " ".join(rng.choice(["cat", "dog"]) for _ in range(6))}], 64)
+                                          {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(6))}], 64)
             for _ in range(32)]
     x, _ = C.pad([r[0] for r in rows], tok.pad_token_id)
     y, _ = C.pad([r[1] for r in rows], C.IGNORE_INDEX)
@@ -71,10 +70,21 @@ def pets_model(tok, tiny_model_dir, tmp_path_factory):
         loss.backward()
         opt.step()
         opt.zero_grad()
-    path = str(tmp_path_factory.mktemp("pets"))
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    return path
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pets_model(tok, tiny_model_dir, tmp_path_factory):
+    """'cat' or 'dog' at random: its samples vary, so a reward that prefers cats has something to choose from."""
+    return teach_words(tok, tiny_model_dir, tmp_path_factory.mktemp("pets"), ["cat", "dog"])
+
+
+@pytest.fixture(scope="session")
+def cats_model(tok, tiny_model_dir, tmp_path_factory):
+    """Only 'cat': a teacher for the pets model to move towards."""
+    return teach_words(tok, tiny_model_dir, tmp_path_factory.mktemp("cats"), ["cat"])
 
 
 def write_jsonl(path, rows):

@@ -235,6 +235,19 @@ def test_builtin_task_with_reference_iterations_and_held_out_accuracy(tiny_model
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 64
 
 
+def test_reward_model_as_the_only_reward(pets_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    rm_dir = str(tmp_path / "rm")
+    AutoModelForSequenceClassification.from_pretrained(pets_model, num_labels=1).save_pretrained(rm_dir)
+    C.load_tokenizer(pets_model).save_pretrained(rm_dir)
+    out = str(tmp_path / "out")
+    ok(grpo_run(pets_model, out, tmp_path, "--max_steps", "1", "--reward_funcs", "", "--reward_model", rm_dir,
+                "--reward_model_weight", "2"))
+    row = read_metrics(out)[0]
+    assert row["reward"] == pytest.approx(2 * row["rewards/reward_model/mean"], abs=1e-5)
+    assert row["reward_std"] > 0  # a fresh head still scores completions differently
+
+
 def test_resume_reproduces_an_uninterrupted_run(pets_model, tmp_path):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     ok(grpo_run(pets_model, full, tmp_path, "--max_steps", "4"))

@@ -84,21 +84,23 @@ def opd_run(student, teacher, out, tmp_path, *extra, nproc=1):
 
 
 @pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
-def test_student_moves_towards_the_teacher(tiny_model_dir, pets_model, tmp_path, loss):
+def test_student_moves_towards_the_teacher(pets_model, cats_model, tmp_path, loss):
+    # The student says cat or dog at random; the teacher only cat. Sampled dogs are where the KL is.
     out = str(tmp_path / "out")
-    ok(opd_run(tiny_model_dir, pets_model, out, tmp_path, "--max_steps", "12", "--loss", loss))
+    ok(opd_run(pets_model, cats_model, out, tmp_path, "--max_steps", "12", "--loss", loss))
     rows = read_metrics(out)
     kl = [r["kl/student_teacher"] for r in rows]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert sum(kl[-3:]) / 3 < 0.5 * sum(kl[:3]) / 3, [round(k, 2) for k in kl]
 
 
-def test_off_policy_steps_and_torchrun(tiny_model_dir, pets_model, tmp_path):
+def test_off_policy_steps_and_torchrun(pets_model, cats_model, tmp_path, tok):
     out = str(tmp_path / "out")
-    ok(opd_run(tiny_model_dir, pets_model, out, tmp_path, "--max_steps", "4", "--lmbda", "0.5", nproc=2))
+    ok(opd_run(pets_model, cats_model, out, tmp_path, "--max_steps", "4", "--lmbda", "0.5", nproc=2))
     rows = read_metrics(out)
     assert {r["on_policy"] for r in rows} == {0, 1}  # both kinds of step occurred (seeded)
-    assert all(r["completions/mean_length"] == 8 for r in rows if not r["on_policy"])  # the dataset's, cut to 8
+    answer = len(tok("cat dog cat dog cat dog", add_special_tokens=False)["input_ids"]) + 1  # and EOS
+    assert all(r["completions/mean_length"] == answer for r in rows if not r["on_policy"])  # the dataset's answer
 
 
 def main_raises(monkeypatch, argv, match):

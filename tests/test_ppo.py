@@ -154,7 +154,7 @@ def test_reward_model_value_from_it_verifiable_eval_and_torchrun(pets_model, tmp
                   "--max_steps", "2", "--batch_size", "4", "--max_new_tokens", "6", "--eval_size", "2", "--eval_every", "1",
                   "--num_mini_batches", "2", "--micro_batch_size", "1", "--target_kl", "1.0", "--whiten_rewards", nproc=2))
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [0, 1, 2] and all("eval/accuracy" in r for r in rows)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all("eval/accuracy" in r and "eval/score" in r for r in rows)
     assert rows[2]["kl_coef"] != 0.05  # the adaptive controller moved β
 
 
