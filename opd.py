@@ -6,7 +6,8 @@ so the student learns where IT goes wrong, on its own distribution (unlike SFT o
 
 --loss reverse_kl (default; the RL view: Gu et al. 2024, MiniLLM; Thinking Machines Lab 2025, "On-Policy
 Distillation"): every sampled token gets the dense reward r_t = -(log π_θ(y_t|·) - log π_T(y_t|·)), the per-token
-reverse KL on the sample, and the policy gradient is taken with no discount and no baseline:
+reverse KL on the sample, and the policy gradient is taken with discount 0 (each token's advantage is its own
+reward; later tokens' rewards are not summed in, as in the Thinking Machines post) and no baseline:
 
     L = -1/|tokens| Σ_t sg(r_t) log π_θ(y_t|·),   E[∇L] = ∇ Σ_t KL(π_θ(·|x,y_<t) || π_T(·|x,y_<t))
 
@@ -86,8 +87,8 @@ class Args:
 # ----------------------------------------------------------------------------------------------------------------
 # The divergences. Pure functions of tensors.
 def reverse_kl_pg_loss(student_logp, teacher_logp, mask, num_tokens):
-    """The RL view: per-token reward r_t = -(log π_θ(y_t) - log π_T(y_t)) on sampled tokens, REINFORCE with no
-    discount. student_logp, teacher_logp, mask: (N, T). Returns this micro-batch's share of the token mean over
+    """The RL view: per-token reward r_t = -(log π_θ(y_t) - log π_T(y_t)) on sampled tokens, REINFORCE with
+    discount 0. student_logp, teacher_logp, mask: (N, T). Returns this micro-batch's share of the token mean over
     num_tokens (the whole batch's); its value is Σ sg(log π_θ - log π_T) log π_θ, its gradient the reverse KL's."""
     reward = -(student_logp - teacher_logp).detach()
     return -(reward * student_logp * mask).sum() / num_tokens
