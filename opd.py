@@ -224,7 +224,8 @@ def main():
         n = C.all_reduce(float(len(ids)), rt).item()
         row = {"step": step, "loss": sums[0].item(), "kl/student_teacher": sums[1].item() / num_tokens.item(),
                "on_policy": int(not off_policy), "completions/mean_length": num_tokens.item() / n,
-               "grad_norm": grad_norm, "learning_rate": lr, "time/generate_s": t_gen, "time/train_s": t_train}
+               "grad_norm": grad_norm, "learning_rate": lr, "time/generate_s": t_gen, "time/train_s": t_train,
+               "seconds_per_step": time.perf_counter() - t0}
         if not math.isfinite(row["loss"]):
             raise UserError(f"the loss became {row['loss']} at step {step}; lower --learning_rate")
         if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):

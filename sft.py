@@ -219,9 +219,10 @@ def main():
         step += 1
         tokens = C.all_reduce(float(tokens), rt).item()
         num_tokens += int(tokens)
-        tps = tokens / (time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        tps = tokens / seconds
         row = {"step": step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm, "num_tokens": num_tokens,
-               "tokens_per_second": tps}
+               "tokens_per_second": tps, "seconds_per_step": seconds}
         if eval_examples and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
         if step == args.max_steps and answerable:
