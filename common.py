@@ -8,6 +8,7 @@ If you want to change a loss, an advantage or a rollout, that code lives in the 
 import glob
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -299,6 +300,21 @@ def load_model(path, rt, trust_remote_code=False, cls=None, **kwargs):
     disable_dropout(model)
     model.to(rt.device)
     return loaded
+
+
+def freeze(model, rt):
+    """A model that is only read (reference, reward model, teacher): eval mode, no gradients, and the weights of every
+    nn.Linear stored in the autocast dtype. Under autocast each linear layer casts its weight to bf16 at every call
+    anyway, caching the cast only for weights that require grad, so the outputs stay the same while the cast and
+    half the memory go. Embeddings and norms stay fp32 as autocast leaves them (a tied lm_head gets its own copy)."""
+    model.eval().requires_grad_(False)
+    if rt.dtype != torch.float32:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight = torch.nn.Parameter(m.weight.detach().to(rt.dtype), requires_grad=False)
+                if m.bias is not None:
+                    m.bias = torch.nn.Parameter(m.bias.detach().to(rt.dtype), requires_grad=False)
+    return model
 
 
 def disable_dropout(model):
@@ -714,6 +730,19 @@ def gather_logprobs(logits, tokens, temperature=1.0, chunk_size=256):
     return out.view(tokens.shape)
 
 
+def label_logits(model, input_ids, attention_mask, labels, rt):
+    """The logits that predict the labelled tokens of a right-padded batch, and those labels: (B, K, V) and (B, K),
+    K covering the positions from the batch's earliest labelled token on. lm_head, the vocabulary projection (a fifth
+    of a small model's compute), runs only there, not over the prompts before it (logits_to_keep, so a model's own
+    logit scaling or soft-capping still applies)."""
+    targets = labels[:, 1:]  # (B, T-1): the logits at t predict token t+1
+    first = int((targets != IGNORE_INDEX).any(0).int().argmax())  # the earliest column with a label
+    with rt.autocast():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=labels.shape[1] - first).logits[:, :-1]  # positions first .. T-2
+    return logits, targets[:, first:]
+
+
 def token_entropy(logits, temperature=1.0, chunk_size=256):
     """(..., V) logits -> (...) entropy H(p) = logsumexp(z) - Σ p z of the sampling distribution (z = logits / T),
     in fp32, chunked like gather_logprobs. This is the policy's entropy, not the NLL of the sampled token."""
@@ -781,26 +810,81 @@ def encode_prompts(tok, prompts):
             for p in prompts]
 
 
+def sample_tokens(logits, temperature=1.0, top_p=1.0):
+    """(B, V) logits -> (B,) token ids drawn from exactly softmax(logits / temperature), restricted to the smallest
+    set of most likely tokens whose mass reaches top_p (nucleus) when top_p < 1; argmax when temperature is 0.
+    Inverse-CDF sampling: one uniform number per row against the cumulative distribution (fp64), which is
+    much cheaper on a CPU than torch.multinomial's one exponential draw per vocabulary entry."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        p, order = probs.sort(-1, descending=True)
+        p[p.cumsum(-1) - p >= top_p] = 0  # the mass before a token already reaches top_p: drop it (never the first)
+        probs = torch.zeros_like(probs).scatter_(-1, order, p)
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # first token with cdf > u
+
+
 @torch.no_grad()
-def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, temperature=0.0, top_p=1.0):
-    """Batched sampling (greedy when temperature is 0) with the KV cache from token-id prompts, left-padded.
-    Returns the completions' token ids, each cut after its first EOS (the EOS kept: it is the stop action)."""
+def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, temperature=0.0, top_p=1.0,
+                 return_logprobs=False):
+    """Sampling (greedy when temperature is 0) with the KV cache, batch_size completions at a time, from token-id
+    prompts. Returns the completions' token ids, each cut after its first EOS (the EOS kept: it is the stop action),
+    and with return_logprobs also each token's log-prob under softmax(logits / temperature) (fp32 lists).
+
+    The loop is ours rather than model.generate's so that the distribution is exactly the one every log-prob of RL
+    is computed against: generate would also apply what a checkpoint's generation_config.json asks for
+    (repetition_penalty, no_repeat_ngram_size, min_p, top_k...), which the training forward knows nothing about.
+    It is also faster: identical prompts (a GRPO group) are prefilled once and their cache copied; a row that has
+    emitted EOS leaves the batch; one autocast region covers the whole loop, so autocast casts each weight to bf16
+    once per call (it caches casts of weights that require grad; frozen models come pre-cast, see `freeze`)."""
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()
-    out_ids = []
+    from transformers import DynamicCache
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in 5.x
+    eos, dev, T = tok.eos_token_id, rt.device, max_new_tokens
+    out_ids, out_logps = [], []
     for i in range(0, len(prompt_ids), batch_size):
-        x, mask = pad(prompt_ids[i : i + batch_size], tok.pad_token_id, side="left")
-        kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        chunk = [tuple(p) for p in prompt_ids[i : i + batch_size]]
+        unique = list(dict.fromkeys(chunk))
+        first = {p: k for k, p in enumerate(unique)}
+        copies = torch.tensor([first[p] for p in chunk], device=dev)  # (B,) the unique prompt of each row
+        x, mask = (t.to(dev) for t in pad(unique, tok.pad_token_id, side="left"))
+        cache = {cache_arg: DynamicCache(config=model.config)}
+        tokens = torch.full((len(chunk), T), tok.pad_token_id, dtype=torch.long, device=dev)
+        logps = torch.zeros((len(chunk), T), dtype=torch.float32, device=dev)
         with rt.autocast():
-            out = model.generate(input_ids=x.to(rt.device), attention_mask=mask.to(rt.device), max_new_tokens=max_new_tokens,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, top_k=None, **kw)
-        for row in out[:, x.shape[1] :].tolist():
-            if tok.eos_token_id in row:  # finished rows are padded with pad == EOS in SmolLM2: cut at the first
-                row = row[: row.index(tok.eos_token_id) + 1]
-            out_ids.append(row)
+            logits = model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                           use_cache=True, logits_to_keep=1, **cache).logits[:, -1]
+            cache[cache_arg].batch_select_indices(copies)  # one cache row per completion
+            logits, mask = logits[copies], mask[copies]
+            rows = torch.arange(len(chunk), device=dev)  # the rows still generating
+            for t in range(T):
+                y = sample_tokens(logits, temperature, top_p)  # (b,)
+                tokens[rows, t] = y
+                if return_logprobs:
+                    logps[rows, t] = gather_logprobs(logits, y, temperature or 1.0)
+                if t == T - 1:
+                    break
+                going = y != eos
+                if not going.all():  # finished rows leave the batch (and the cache)
+                    if not going.any():
+                        break
+                    keep = going.nonzero().squeeze(1)
+                    cache[cache_arg].batch_select_indices(keep)
+                    rows, y, mask = rows[keep], y[keep], mask[keep]
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+                logits = model(input_ids=y[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                               use_cache=True, **cache).logits[:, -1]
+        for row, lp in zip(tokens.tolist(), logps.tolist()):
+            n = row.index(eos) + 1 if eos in row else T
+            out_ids.append(row[:n])
+            out_logps.append(lp[:n])
     model.train(was_training)
-    return out_ids
+    return (out_ids, out_logps) if return_logprobs else out_ids
 
 
 def generate(model, tok, prompts, rt, max_new_tokens=128, batch_size=32, temperature=0.0, top_p=1.0):

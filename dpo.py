@@ -131,10 +131,7 @@ def response_logps(model, pairs, rt, pad_id):
     x, mask = C.pad([ids for ids, _ in seqs], pad_id)
     y, _ = C.pad([labels for _, labels in seqs], C.IGNORE_INDEX)
     x, mask, y = x.to(rt.device), mask.to(rt.device), y.to(rt.device)
-    with rt.autocast():
-        logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits  # (2B, T, V)
-    # (2B, T): the token each position predicts; the last position predicts nothing and is masked out.
-    targets = torch.cat([y[:, 1:], torch.full_like(y[:, :1], C.IGNORE_INDEX)], dim=1)
+    logits, targets = C.label_logits(model, x, mask, y, rt)  # (2B, K, V), (2B, K): prompt positions skipped
     keep = targets != C.IGNORE_INDEX
     logps = C.gather_logprobs(logits, targets.clamp(min=0)) * keep
     return logps.sum(-1), keep.sum(-1)
@@ -230,9 +227,9 @@ def main():
     if args.loss_type != "simpo" and args.ref_model:
         ref_path = C.resolve_model(args.ref_model, rt)
         C.check_same_vocab(tok, ref_path, "--ref_model", args.trust_remote_code)
-        ref_model = C.load_model(ref_path, rt, args.trust_remote_code).requires_grad_(False)
+        ref_model = C.freeze(C.load_model(ref_path, rt, args.trust_remote_code), rt)
     elif args.loss_type != "simpo":  # the starting policy is the reference: use it before the first update
-        ref_model = model if args.precompute_ref_log_probs else copy.deepcopy(model).requires_grad_(False)
+        ref_model = model if args.precompute_ref_log_probs else C.freeze(copy.deepcopy(model), rt)
     keys = list(dict.fromkeys(mine))
     ref_table, eval_ref = None, None
     if ref_model is not None and args.precompute_ref_log_probs:

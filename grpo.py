@@ -249,13 +249,12 @@ def main():
         model.gradient_checkpointing_enable()
     ref = None
     if args.beta > 0:
-        ref = C.load_model(path, rt, args.trust_remote_code).eval().requires_grad_(False)
+        ref = C.freeze(C.load_model(path, rt, args.trust_remote_code), rt)
     rm = None
     if args.reward_model:
         from transformers import AutoModelForSequenceClassification
         rm_path = C.resolve_model(args.reward_model, rt)
-        rm = C.load_model(rm_path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification)
-        rm.eval().requires_grad_(False)
+        rm = C.freeze(C.load_model(rm_path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification), rt)
         rm_tok = C.load_tokenizer(rm_path, args.trust_remote_code)
     opt, sched = C.optimizer_and_schedule(model, args)
     step = 0

@@ -154,7 +154,7 @@ def main():
         dataset_completion(sources[0].row(0), tok)  # a clear error now rather than at the first off-policy step
 
     student = C.load_model(path, rt, args.trust_remote_code)
-    teacher = C.load_model(teacher_path, rt, args.trust_remote_code).eval().requires_grad_(False)
+    teacher = C.freeze(C.load_model(teacher_path, rt, args.trust_remote_code), rt)
     if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
         raise UserError(f"--teacher {args.teacher} has {teacher.get_output_embeddings().weight.shape[0]} output "
                         f"logits, the student {student.get_output_embeddings().weight.shape[0]}; they must match")

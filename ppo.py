@@ -233,13 +233,12 @@ def main():
     # The four models. Dropout is off in all of them ([detail]: C.load_model), the reference and reward model are
     # frozen in inference mode with no optimizer state; only the policy and the value model are trained.
     policy = C.load_model(path, rt, args.trust_remote_code)
-    ref = C.load_model(path, rt, args.trust_remote_code).eval().requires_grad_(False)
+    ref = C.freeze(C.load_model(path, rt, args.trust_remote_code), rt)
     rm = rm_tok = None
     if args.reward == "model":
         rm_path = C.resolve_model(args.reward_model, rt)
         C.check_same_vocab(tok, rm_path, "--reward_model", args.trust_remote_code)
-        rm = C.load_model(rm_path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification).eval()
-        rm.requires_grad_(False)
+        rm = C.freeze(C.load_model(rm_path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification), rt)
         rm_tok = C.load_tokenizer(rm_path, args.trust_remote_code)
     value_path = C.resolve_model(args.value_model, rt) if args.value_model else rm_path if rm is not None else path
     value = load_value_model(value_path, args, rt)

@@ -113,12 +113,10 @@ def batches(examples, size, pad_id):
 def token_nll(model, x, mask, y, rt):
     """Summed NLL of the trained tokens of one micro-batch (EQ 5.1's numerator) and the number of its tokens."""
     x, mask, y = x.to(rt.device), mask.to(rt.device), y.to(rt.device)
-    with rt.autocast():
-        logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits  # (B, T, V)
-    targets = y[:, 1:]  # (B, T-1): logits at t predict token t+1
+    logits, targets = C.label_logits(model, x, mask, y, rt)  # (B, K, V), (B, K): prompt positions skipped
     keep = targets != C.IGNORE_INDEX
     # Only the rows of the logits at trained positions are upcast to fp32 for the loss.
-    nll = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+    nll = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
     return nll, keep.sum()
 
 

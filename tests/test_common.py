@@ -105,6 +105,22 @@ def test_gather_logprobs_matches_log_softmax():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_label_logits_skip_the_prompt_but_not_a_label(tok, tiny_model_dir):
+    # Two right-padded rows whose labels start at 4 and 6: lm_head runs from the earliest (column 3 of the shifted
+    # targets) on, and those logits equal the full forward's at the same positions.
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rt = C.Runtime(torch.device("cpu"), torch.float32)
+    I = C.IGNORE_INDEX
+    x, mask = C.pad([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18]], tok.pad_token_id)
+    y, _ = C.pad([[I, I, I, I, 9, 10], [I, I, I, I, I, I, 17, 18]], I)
+    with torch.no_grad():
+        logits, targets = C.label_logits(model, x, mask, y, rt)
+        full = model(input_ids=x, attention_mask=mask).logits
+    assert targets.tolist() == [[9, 10, I, I], [I, I, 17, 18]]  # y[:, 4:]: every label kept, in place
+    torch.testing.assert_close(logits, full[:, 3:-1], atol=1e-5, rtol=1e-5)
+
+
 MEMORY_PROBE = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})

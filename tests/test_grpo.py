@@ -116,27 +116,6 @@ def test_a_group_with_one_iteration_has_zero_loss_but_a_gradient():
 
 # ----------------------------------------------------------------------------------------------------------------
 # Rollouts: the stop token is trained, what follows it is not; log-probs at the right positions
-class FixedGenerator(torch.nn.Module):
-    """Stands in for a model whose generate() returns fixed continuations, padded with pad == EOS as HF does."""
-
-    def __init__(self, continuations):
-        super().__init__()
-        self.continuations = continuations
-
-    def generate(self, input_ids, attention_mask, **kw):
-        return torch.cat([input_ids, torch.tensor(self.continuations)], 1)
-
-
-def test_completion_is_cut_after_its_first_eos_and_the_mask_includes_it(tok):
-    eos = tok.eos_token_id
-    rt = C.Runtime(torch.device("cpu"), torch.float32)
-    gen = FixedGenerator([[11, 12, eos, eos, eos], [13, eos, eos, eos, eos], [14, 15, 16, 17, 18]])
-    ids = C.generate_ids(gen, tok, [[1, 2, 3], [4, 5], [6]], rt, max_new_tokens=5)
-    assert ids == [[11, 12, eos], [13, eos], [14, 15, 16, 17, 18]]  # the third never stopped: truncated
-    Y, mask = C.pad(ids, tok.pad_token_id)
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
-
-
 def test_completion_logprobs_equal_a_direct_computation(tok, tiny_model_dir):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
