@@ -701,13 +701,15 @@ def tokenize_conversation(tok, messages, max_length, train_from=0):
 
 
 def pad(seqs, value, side="right"):
-    """List of int lists -> (B, T) tensor padded with `value`; the mask comes from lengths, never from token ids."""
+    """List of int (or, with a float value, float) lists -> (B, T) tensor padded with `value`, and the (B, T) mask,
+    which comes from lengths, never from token ids."""
     T = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), T), value, dtype=torch.long)
+    dtype = torch.float32 if isinstance(value, float) else torch.long
+    out = torch.full((len(seqs), T), value, dtype=dtype)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
         sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
-        out[i, sl] = torch.tensor(s, dtype=torch.long)
+        out[i, sl] = torch.tensor(s, dtype=dtype)
         mask[i, sl] = 1
     return out, mask
 

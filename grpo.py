@@ -282,8 +282,9 @@ def main():
         prompts = [m for m, _, _ in mine for _ in range(G)]  # each group is contiguous: rows g*G .. g*G+G-1
         prompt_ids = [ids for _, ids, _ in mine for _ in range(G)]
         answers = [a for _, _, a in mine for _ in range(G)]
-        completion_ids = C.generate_ids(model, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
-                                        args.temperature, args.top_p)
+        completion_ids, sampled_logp = C.generate_ids(model, tok, prompt_ids, rt, args.max_new_tokens,
+                                                      args.generation_batch_size, args.temperature, args.top_p,
+                                                      return_logprobs=True)
         completions = [tok.decode(c, skip_special_tokens=True) for c in completion_ids]
         t_gen = time.perf_counter() - t0
 
@@ -311,7 +312,8 @@ def main():
         lengths = Y_mask.sum(1)
         if args.mask_truncated_completions:
             Y_mask = Y_mask * (~truncated)[:, None]
-        P, P_mask, Y, Y_mask, advantages = (t.to(dev) for t in (P, P_mask, Y, Y_mask, advantages))
+        S = C.pad(sampled_logp, 0.0)[0]  # (N, Tc) the log-probs the sampler drew each token with
+        P, P_mask, Y, Y_mask, S, advantages = (t.to(dev) for t in (P, P_mask, Y, Y_mask, S, advantages))
         N = len(completion_ids)
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, N, args.micro_batch_size)]
         num_completions = C.all_reduce(float(N), rt).item()
@@ -326,7 +328,8 @@ def main():
             ref_logp = torch.cat([logps(ref, mb)[0] for mb in micro]) if ref is not None else None
 
         # ---- μ optimizer updates on the batch ---------------------------------------------------------------
-        sums = torch.zeros(6, device=dev)  # loss, kl, entropy, clipped low, clipped high, token count (first pass)
+        sums = torch.zeros(7, device=dev)  # loss, kl, entropy, clipped low, clipped high, tokens, |Δ sampler| (first pass)
+        gap_max = torch.zeros((), device=dev)
         grad_norms = []
         for it in range(args.num_iterations):
             for k, mb in enumerate(micro):
@@ -340,8 +343,12 @@ def main():
                     part = aggregate(loss, m, args.loss_type, num_completions, num_tokens, args.max_new_tokens)
                     (part * rt.world_size).backward()  # DDP averages over ranks; the normalisers are global already
                 if it == 0:
+                    # The sampler and this forward compute the same distribution (same weights, same autocast), but
+                    # incrementally with the KV cache: the gap is rounding, logged to show it stays negligible.
+                    gap = (logp.detach() - S[mb]).abs() * m
+                    gap_max = torch.maximum(gap_max, gap.max())
                     sums += torch.stack([part.detach(), (kl * m).sum().detach(), (ent * m).sum(), (low * m).sum(),
-                                         (high * m).sum(), m.sum()])
+                                         (high * m).sum(), m.sum(), gap.sum()])
             grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -364,7 +371,8 @@ def main():
                **{f"rewards/{name}/mean": stats[6 + j].item() / num_completions for j, name in enumerate(columns)},
                "reward_errors": int(stats[5].item()), "kl": sums[1].item() / tokens,
                "entropy": sums[2].item() / tokens, "clip_ratio/low_mean": sums[3].item() / tokens,
-               "clip_ratio/high_mean": sums[4].item() / tokens,
+               "clip_ratio/high_mean": sums[4].item() / tokens, "sampling/logp_diff_mean": sums[6].item() / tokens,
+               "sampling/logp_diff_max": C.all_reduce(gap_max, rt, op="max").item(),
                "completions/mean_length": stats[3].item() / num_completions,
                "completions/clipped_ratio": stats[4].item() / num_completions,
                "grad_norm": sum(grad_norms) / len(grad_norms), "learning_rate": lr,

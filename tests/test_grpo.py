@@ -181,8 +181,10 @@ def test_reward_rises_on_a_tiny_model(pets_model, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 31))
     for key in ("loss", "reward", "reward_std", "rewards/cats/mean", "frac_reward_zero_std", "kl", "entropy",
                 "clip_ratio/low_mean", "clip_ratio/high_mean", "completions/mean_length", "completions/clipped_ratio",
-                "grad_norm", "time/generate_s", "time/train_s", "reward_errors"):
+                "grad_norm", "time/generate_s", "time/train_s", "reward_errors", "sampling/logp_diff_mean"):
         assert all(key in r for r in rows), key
+    # fp32: the sampler drew every token with the log-prob the training forward computes for it, every step.
+    assert max(r["sampling/logp_diff_max"] for r in rows) < 1e-4
     first, last = (sum(r["reward"] for r in rows[s]) / 5 for s in (slice(0, 5), slice(-5, None)))
     assert last > first + 0.2, [round(r["reward"], 2) for r in rows]
     # μ = 1, β = 0, grpo loss: the printed loss is 0 (up to rounding) on every step, while the policy learns.
