@@ -756,18 +756,43 @@ def token_entropy(logits, temperature=1.0, chunk_size=256):
     return out.view(logits.shape[:-1])
 
 
+def cache_kwarg(model):
+    """The name under which this model's forward takes a KV cache (transformers 5 renames past_key_values)."""
+    model = getattr(model, "module", model)
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rt, temperature=1.0,
-                        with_entropy=False):
+                        with_entropy=False, group_size=1):
     """log π(y_t | x, y_<t) of every completion token, for prompts left-padded (N, P) and completions right-padded
     (N, Tc) as generation lays them out. Position ids come from the attention mask, so left padding does not shift
     them, and lm_head runs only on the Tc positions that predict completion tokens. Returns (N, Tc) fp32 log-probs
-    (garbage where completion_mask is 0) and, if asked, the (N, Tc) entropies (computed without gradient)."""
-    x, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    Tc = completion_ids.shape[1]
-    with rt.autocast():
-        logits = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=False,
-                       logits_to_keep=Tc + 1).logits[:, :-1]  # (N, Tc, V): the logits at P-1+t predict token t
+    (garbage where completion_mask is 0) and, if asked, the (N, Tc) entropies (computed without gradient).
+
+    With group_size G > 1, rows g*G .. g*G+G-1 share one prompt (a GRPO group): the prompt goes through the model
+    once, and its KV cache, gradient included, is repeated for the G completions, the same numbers for a third
+    less work at GRPO's shapes. (Not with gradient checkpointing, which cannot keep a cache.)"""
+    inner = getattr(model, "module", model)  # under DDP the prompt pass runs on the bare model: one DDP forward
+    if group_size > 1 and not any(getattr(m, "gradient_checkpointing", False) for m in inner.modules()):
+        from transformers import DynamicCache
+        P, P_mask = prompt_ids[::group_size], prompt_mask[::group_size]
+        cache = DynamicCache(config=inner.config)
+        kv = {cache_kwarg(model): cache}
+        with rt.autocast():
+            first = inner(input_ids=P, attention_mask=P_mask, position_ids=(P_mask.cumsum(-1) - 1).clamp(min=0),
+                          use_cache=True, logits_to_keep=1, **kv).logits  # (N / G, 1, V): predicts token 0
+            cache.batch_repeat_interleave(group_size)  # (N / G) prompts -> N rows
+            positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(completion_ids.shape[1], device=P.device)
+            rest = model(input_ids=completion_ids, attention_mask=torch.cat([prompt_mask, completion_mask], 1),
+                         position_ids=positions, use_cache=True, **kv).logits  # (N, Tc, V): t predicts t+1
+        logits = torch.cat([first.repeat_interleave(group_size, 0), rest[:, :-1]], 1)  # (N, Tc, V)
+    else:
+        x, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        Tc = completion_ids.shape[1]
+        with rt.autocast():
+            logits = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=False,
+                           logits_to_keep=Tc + 1).logits[:, :-1]  # (N, Tc, V): the logits at P-1+t predict token t
     logp = gather_logprobs(logits, completion_ids, temperature)
     if not with_entropy:
         return logp, None
@@ -846,7 +871,6 @@ def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, 
     was_training = model.training
     model.eval()
     from transformers import DynamicCache
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in 5.x
     eos, dev, T = tok.eos_token_id, rt.device, max_new_tokens
     out_ids, out_logps = [], []
     for i in range(0, len(prompt_ids), batch_size):
@@ -855,13 +879,14 @@ def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, 
         first = {p: k for k, p in enumerate(unique)}
         copies = torch.tensor([first[p] for p in chunk], device=dev)  # (B,) the unique prompt of each row
         x, mask = (t.to(dev) for t in pad(unique, tok.pad_token_id, side="left"))
-        cache = {cache_arg: DynamicCache(config=model.config)}
+        cache = DynamicCache(config=model.config)
+        kv = {cache_kwarg(model): cache}
         tokens = torch.full((len(chunk), T), tok.pad_token_id, dtype=torch.long, device=dev)
         logps = torch.zeros((len(chunk), T), dtype=torch.float32, device=dev)
         with rt.autocast():
             logits = model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                           use_cache=True, logits_to_keep=1, **cache).logits[:, -1]
-            cache[cache_arg].batch_select_indices(copies)  # one cache row per completion
+                           use_cache=True, logits_to_keep=1, **kv).logits[:, -1]
+            cache.batch_select_indices(copies)  # one cache row per completion
             logits, mask = logits[copies], mask[copies]
             rows = torch.arange(len(chunk), device=dev)  # the rows still generating
             for t in range(T):
@@ -876,11 +901,11 @@ def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, 
                     if not going.any():
                         break
                     keep = going.nonzero().squeeze(1)
-                    cache[cache_arg].batch_select_indices(keep)
+                    cache.batch_select_indices(keep)
                     rows, y, mask = rows[keep], y[keep], mask[keep]
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
                 logits = model(input_ids=y[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                               use_cache=True, **cache).logits[:, -1]
+                               use_cache=True, **kv).logits[:, -1]
         for row, lp in zip(tokens.tolist(), logps.tolist()):
             n = row.index(eos) + 1 if eos in row else T
             out_ids.append(row[:n])
@@ -1024,7 +1049,9 @@ def optimizer_and_schedule(model, args):
     """AdamW over the trainable parameters, linear warmup then cosine decay (--learning_rate, --warmup_steps,
     --min_lr_ratio, --weight_decay, --max_steps)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    # The fused kernel updates all parameters in one pass over memory (~2x faster than the default on a CPU).
+    fused = params[0].device.type in ("cpu", "cuda")
+    opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
     return opt, sched

@@ -64,7 +64,8 @@ class Args:
                           "trains on batch_size x num_generations completions")
     num_generations: int = arg(8, "completions per prompt: the group G of EQ 5.6")
     generation_batch_size: int = arg(64, "completions sampled together in one generate call (KV cache)")
-    micro_batch_size: int = arg(16, "completions per forward/backward pass")
+    micro_batch_size: int = arg(16, "completions per forward/backward pass; a multiple of --num_generations lets each "
+                                "group's prompt go through the model once")
     max_new_tokens: int = arg(96, "length limit of a completion (sampled and greedy)")
     max_prompt_length: int = arg(512, "prompts with more tokens than this are dropped (and counted)")
     temperature: float = arg(1.0, "sampling temperature; every log-prob uses logits / temperature")
@@ -319,8 +320,11 @@ def main():
         num_completions = C.all_reduce(float(N), rt).item()
         num_tokens = max(C.all_reduce(Y_mask.sum().float(), rt).item(), 1.0)
 
+        # A micro-batch that holds whole groups computes each group's prompt once (C.completion_logprobs).
+        share = G if args.micro_batch_size % G == 0 else 1
+
         def logps(m, mb, entropy=False):
-            return C.completion_logprobs(m, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt, args.temperature, entropy)
+            return C.completion_logprobs(m, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt, args.temperature, entropy, share)
 
         t1 = time.perf_counter()
         with torch.no_grad():  # log-probs of the sampling policy (only needed when a batch is reused) and reference

@@ -162,6 +162,28 @@ def test_a_reward_function_that_raises_scores_zero_and_is_counted():
     assert grpo.call_reward(nan_for_b, 2, completions=["a", "b"]) == ([1.0, 0.0], 1)
 
 
+def test_a_group_prompt_computed_once_gives_the_same_logprobs_and_gradients(tok, tiny_model_dir):
+    # group_size 2: each prompt goes through the model once and its KV cache is repeated for both completions.
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rt = C.Runtime(torch.device("cpu"), torch.float32)
+    eos = tok.eos_token_id
+    P, Pm = C.pad([[5, 6, 7], [5, 6, 7], [8, 9], [8, 9]], tok.pad_token_id, side="left")
+    Y, Ym = C.pad([[20, 21, eos], [22, eos], [23, 24, 25, 26], [27]], tok.pad_token_id)
+    grads = []
+    for g in (1, 2):
+        logp, ent = C.completion_logprobs(model, P, Pm, Y, Ym, rt, 0.7, with_entropy=True, group_size=g)
+        (logp * Ym).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+        if g == 1:
+            plain, plain_ent = logp.detach(), ent
+    torch.testing.assert_close(logp.detach()[Ym.bool()], plain[Ym.bool()], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent[Ym.bool()], plain_ent[Ym.bool()], atol=1e-4, rtol=1e-4)
+    for a, b in zip(*grads):  # the prompt's gradient comes back through the repeated cache, summed over the group
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # End to end on a tiny model
 def grpo_run(model, out, tmp_path, *extra, nproc=1):
