@@ -762,30 +762,42 @@ def cache_kwarg(model):
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def can_share_prefix(model):
+    """Gradient checkpointing keeps no KV cache, so a shared prefix cannot be passed on under it."""
+    return not any(getattr(m, "gradient_checkpointing", False) for m in getattr(model, "module", model).modules())
+
+
+def shared_prefix_logits(model, prefix_ids, prefix_mask, index, rest_ids, rest_mask, rt):
+    """The logits that predict every token of rest_ids (N, Tr, right-padded), where row i continues prefix index[i]
+    of prefix_ids (U, P, left-padded). Each prefix goes through the model once and its KV cache, gradient included,
+    is copied to the rows that continue it: a GRPO group's prompt is computed once instead of G times, a DPO pair's
+    once instead of twice, and the gradients are the same (tested). Returns (N, Tr, V); position t predicts token t."""
+    from transformers import DynamicCache
+    inner = getattr(model, "module", model)  # under DDP the prefix pass runs on the bare model: one DDP forward
+    cache = DynamicCache(config=inner.config)
+    kv = {cache_kwarg(model): cache}
+    mask = torch.cat([prefix_mask[index], rest_mask], 1)
+    positions = prefix_mask.sum(-1)[index, None] + torch.arange(rest_ids.shape[1], device=rest_ids.device)
+    with rt.autocast():
+        first = inner(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1,
+                      position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), **kv).logits  # (U, 1, V)
+        cache.batch_select_indices(index)  # U prefixes -> N rows
+        rest = model(input_ids=rest_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kv).logits
+    return torch.cat([first[index], rest[:, :-1]], 1)  # (N, Tr, V): the prefix's last logit predicts rest token 0
+
+
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rt, temperature=1.0,
                         with_entropy=False, group_size=1):
     """log π(y_t | x, y_<t) of every completion token, for prompts left-padded (N, P) and completions right-padded
     (N, Tc) as generation lays them out. Position ids come from the attention mask, so left padding does not shift
     them, and lm_head runs only on the Tc positions that predict completion tokens. Returns (N, Tc) fp32 log-probs
     (garbage where completion_mask is 0) and, if asked, the (N, Tc) entropies (computed without gradient).
-
-    With group_size G > 1, rows g*G .. g*G+G-1 share one prompt (a GRPO group): the prompt goes through the model
-    once, and its KV cache, gradient included, is repeated for the G completions, the same numbers for a third
-    less work at GRPO's shapes. (Not with gradient checkpointing, which cannot keep a cache.)"""
-    inner = getattr(model, "module", model)  # under DDP the prompt pass runs on the bare model: one DDP forward
-    if group_size > 1 and not any(getattr(m, "gradient_checkpointing", False) for m in inner.modules()):
-        from transformers import DynamicCache
-        P, P_mask = prompt_ids[::group_size], prompt_mask[::group_size]
-        cache = DynamicCache(config=inner.config)
-        kv = {cache_kwarg(model): cache}
-        with rt.autocast():
-            first = inner(input_ids=P, attention_mask=P_mask, position_ids=(P_mask.cumsum(-1) - 1).clamp(min=0),
-                          use_cache=True, logits_to_keep=1, **kv).logits  # (N / G, 1, V): predicts token 0
-            cache.batch_repeat_interleave(group_size)  # (N / G) prompts -> N rows
-            positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(completion_ids.shape[1], device=P.device)
-            rest = model(input_ids=completion_ids, attention_mask=torch.cat([prompt_mask, completion_mask], 1),
-                         position_ids=positions, use_cache=True, **kv).logits  # (N, Tc, V): t predicts t+1
-        logits = torch.cat([first.repeat_interleave(group_size, 0), rest[:, :-1]], 1)  # (N, Tc, V)
+    With group_size G > 1, rows g*G .. g*G+G-1 share one prompt (a GRPO group), computed once (shared_prefix_logits)."""
+    if group_size > 1 and can_share_prefix(model):
+        N = len(prompt_ids)
+        logits = shared_prefix_logits(model, prompt_ids[::group_size], prompt_mask[::group_size],
+                                      torch.arange(N, device=prompt_ids.device) // group_size, completion_ids,
+                                      completion_mask, rt)
     else:
         x, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)

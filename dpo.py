@@ -125,13 +125,33 @@ def preference_loss(chosen, rejected, ref_chosen, ref_rejected, args):
 
 # ----------------------------------------------------------------------------------------------------------------
 def response_logps(model, pairs, rt, pad_id):
-    """Chosen and rejected of `pairs` in one concatenated forward pass -> per-sequence summed response log-probs
-    and response lengths, each (2B,): the B chosen first, then the B rejected."""
-    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
-    x, mask = C.pad([ids for ids, _ in seqs], pad_id)
-    y, _ = C.pad([labels for _, labels in seqs], C.IGNORE_INDEX)
-    x, mask, y = x.to(rt.device), mask.to(rt.device), y.to(rt.device)
-    logits, targets = C.label_logits(model, x, mask, y, rt)  # (2B, K, V), (2B, K): prompt positions skipped
+    """Chosen and rejected of `pairs` in one pass -> per-sequence summed response log-probs and response lengths,
+    each (2B,): the B chosen first, then the B rejected. The prompt a pair's responses share goes through the model
+    once, its KV cache feeding both (C.shared_prefix_logits); with gradient checkpointing, which keeps no cache,
+    the 2B whole sequences go through one concatenated forward."""
+    chosen, rejected = [c for c, _ in pairs], [r for _, r in pairs]
+    seqs, dev = chosen + rejected, rt.device  # (ids, labels) of the 2B sequences
+
+    def start(labels):  # the first labelled token
+        return next(j for j, l in enumerate(labels) if l != C.IGNORE_INDEX)
+
+    def common(a, b):  # the length of the common prefix
+        return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    # n: where a pair's sequences part; before it (prompt, assistant header) both are the same tokens.
+    n = [min(start(cl), start(rl), common(c, r)) for (c, cl), (r, rl) in zip(chosen, rejected)]
+    if C.can_share_prefix(model) and min(n) > 0:
+        prefix, prefix_mask = C.pad([c[:k] for (c, _), k in zip(chosen, n)], pad_id, side="left")
+        x, mask = C.pad([ids[k:] for (ids, _), k in zip(seqs, n + n)], pad_id)
+        targets, _ = C.pad([labels[k:] for (_, labels), k in zip(seqs, n + n)], C.IGNORE_INDEX)  # (2B, Tr)
+        index = torch.arange(len(pairs)).repeat(2)  # row i continues pair i mod B
+        logits = C.shared_prefix_logits(model, prefix.to(dev), prefix_mask.to(dev), index.to(dev), x.to(dev),
+                                        mask.to(dev), rt)  # (2B, Tr, V): position t predicts targets[:, t]
+        targets = targets.to(dev)
+    else:
+        x, mask = C.pad([ids for ids, _ in seqs], pad_id)
+        y, _ = C.pad([labels for _, labels in seqs], C.IGNORE_INDEX)
+        logits, targets = C.label_logits(model, x.to(dev), mask.to(dev), y.to(dev), rt)  # prompt positions skipped
     keep = targets != C.IGNORE_INDEX
     logps = C.gather_logprobs(logits, targets.clamp(min=0)) * keep
     return logps.sum(-1), keep.sum(-1)

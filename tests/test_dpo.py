@@ -53,8 +53,12 @@ PAIRS = [{"prompt": f"Is {w} a fruit? Answer yes or no.", "chosen": "yes" if f e
          for w, f in [("apple", 1), ("carrot", 0), ("banana", 1), ("potato", 0)]]
 
 
-def test_response_logps_equal_a_direct_computation(tok, tiny_model_dir):
+@pytest.mark.parametrize("shared", [True, False])
+def test_response_logps_equal_a_direct_computation(tok, tiny_model_dir, shared, monkeypatch):
+    # shared: each pair's prompt goes through the model once (the default); not: whole sequences (as under
+    # gradient checkpointing). Both give the log-probs of each sequence computed alone.
     from transformers import AutoModelForCausalLM
+    monkeypatch.setattr(C, "can_share_prefix", lambda model: shared)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     rt = C.Runtime(torch.device("cpu"), torch.float32)
     pairs = [C.tokenize_pair(tok, *C.preference_pair(r), 1024) for r in PAIRS[:3]]
@@ -67,6 +71,13 @@ def test_response_logps_equal_a_direct_computation(tok, tiny_model_dir):
             direct = sum(lp[t - 1, ids[t]].item() for t in range(1, len(ids)) if labels[t] != C.IGNORE_INDEX)
             assert logps[j].item() == pytest.approx(direct, rel=1e-5)
             assert lengths[j].item() == sum(l != C.IGNORE_INDEX for l in labels)
+    # The gradient of the summed log-probs, through the shared prompt's cache, is the whole sequences' gradient.
+    dpo.response_logps(model, pairs, rt, tok.pad_token_id)[0].sum().backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    monkeypatch.setattr(C, "can_share_prefix", lambda model: False)
+    model.zero_grad()
+    dpo.response_logps(model, pairs, rt, tok.pad_token_id)[0].sum().backward()
+    torch.testing.assert_close(grad, torch.cat([p.grad.flatten() for p in model.parameters()]), atol=5e-5, rtol=1e-4)
     # responses only: the prompt tokens are never scored
     (ids, labels), _ = pairs[0]
     assert tok.decode([t for t, l in zip(ids, labels) if l != C.IGNORE_INDEX]) == "yes<|im_end|>"
