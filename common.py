@@ -814,14 +814,26 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reward-model scores
-def sequence_scores(model, input_ids, attention_mask):
+def sequence_scores(model, input_ids, attention_mask, prefix=None):
     """(B,) scalar scores of an AutoModelForSequenceClassification with one label, read at each row's last real
     token as the attention mask says, whatever the padding side. transformers' own pooling finds the last token
-    that is not the pad id, which misreads rows when pad == EOS or the padding is on the left (TRL #3750, #2778)."""
+    that is not the pad id, which misreads rows when pad == EOS or the padding is on the left (TRL #3750, #2778).
+    With prefix = (prefix_ids (U, P) left-padded, prefix_mask, index (B,)), row i of input_ids (right-padded, at
+    least one token) continues prefix index[i], which goes through the model once, as in shared_prefix_logits."""
     T = input_ids.shape[1]
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # position ids that ignore left padding
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                              use_cache=False).last_hidden_state
+    mask, kv = attention_mask, {}
+    if prefix is not None:
+        from transformers import DynamicCache
+        prefix_ids, prefix_mask, index = prefix
+        cache = DynamicCache(config=model.config)
+        kv = {cache_kwarg(model.base_model): cache}
+        model.base_model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True,
+                         position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), **kv)
+        cache.batch_select_indices(index)  # U prefixes -> B rows
+        positions, mask = positions + prefix_mask.sum(-1)[index, None], torch.cat([prefix_mask[index], mask], 1)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=bool(kv),
+                              **kv).last_hidden_state
     last = (attention_mask * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
     head = model.score if hasattr(model, "score") else model.classifier
     return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()

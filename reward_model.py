@@ -81,16 +81,26 @@ class Scorer(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask):
-        return C.sequence_scores(self.model, input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask, prefix=None):
+        return C.sequence_scores(self.model, input_ids, attention_mask, prefix)
 
 
 def pair_rewards(scorer, pairs, rt, pad_id):
-    """Chosen and rejected of `pairs` in one forward pass -> (B,) chosen rewards, (B,) rejected rewards."""
-    seqs = [c[0] for c, _ in pairs] + [r[0] for _, r in pairs]
-    x, mask = C.pad(seqs, pad_id)
+    """Chosen and rejected of `pairs` in one pass -> (B,) chosen rewards, (B,) rejected rewards. The tokens a pair's
+    two sequences start with (prompt, assistant header) go through the model once, their KV cache feeding both
+    (not under gradient checkpointing, which keeps no cache: then the 2B whole sequences go through at once)."""
+    chosen, rejected = [c[0] for c, _ in pairs], [r[0] for _, r in pairs]
+    # n: the common prefix of a pair, leaving each sequence at least its last token, where the score is read.
+    n = [min(next((j for j, (a, b) in enumerate(zip(c, r)) if a != b), len(c)), len(c) - 1, len(r) - 1)
+         for c, r in zip(chosen, rejected)]
+    dev, prefix = rt.device, None
+    if C.can_share_prefix(scorer) and min(n) > 0:
+        p, p_mask = C.pad([c[:k] for c, k in zip(chosen, n)], pad_id, side="left")
+        prefix = (p.to(dev), p_mask.to(dev), torch.arange(len(pairs), device=dev).repeat(2))  # row i: pair i mod B
+        chosen, rejected = [c[k:] for c, k in zip(chosen, n)], [r[k:] for r, k in zip(rejected, n)]
+    x, mask = C.pad(chosen + rejected, pad_id)
     with rt.autocast():
-        scores = scorer(x.to(rt.device), mask.to(rt.device))  # (2B,)
+        scores = scorer(x.to(dev), mask.to(dev), prefix)  # (2B,)
     return scores[: len(pairs)], scores[len(pairs) :]
 
 

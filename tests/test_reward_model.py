@@ -54,6 +54,30 @@ def test_score_responses_is_batched_and_padding_free(tiny_rm, tok):
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
 
 
+def test_pair_rewards_with_the_prompt_computed_once_equal_each_sequence_alone(tiny_model_dir, tok, monkeypatch):
+    # Each pair's shared prompt goes through the model once (the default); the scores, and the gradient of their
+    # sum, are those of the whole sequences (the path under gradient checkpointing).
+    from transformers import AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rt = C.Runtime(torch.device("cpu"), torch.float32)
+    rows = SEPARABLE[:2] + [{"prompt": "A much longer prompt, so that the prompts are padded.", "chosen": "same",
+                             "rejected": "same!"}]
+    pairs = [C.tokenize_pair(tok, *C.preference_pair(r), 1024) for r in rows]
+    scorer, out = RM.Scorer(model), {}
+    for shared in (True, False):
+        monkeypatch.setattr(C, "can_share_prefix", lambda m: shared)
+        chosen, rejected = RM.pair_rewards(scorer, pairs, rt, tok.pad_token_id)
+        (chosen.sum() - 2 * rejected.sum()).backward()
+        out[shared] = torch.cat([chosen, rejected]).detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+        model.zero_grad()
+    with torch.no_grad():
+        alone = [C.sequence_scores(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item()
+                 for s in [c[0] for c, _ in pairs] + [r[0] for _, r in pairs]]
+    assert out[True][0].tolist() == pytest.approx(alone, abs=1e-5)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=5e-5, rtol=1e-4)
+
+
 SEPARABLE = [{"prompt": f"Reply to message number {i}.", "chosen": f"Thank you kindly for message {i}!",
               "rejected": f"Go away, message {i}."} for i in range(48)]
 
