@@ -3,7 +3,7 @@ transformers' model.generate under bf16 autocast, at the same batch, interleaved
 
     python bench/rollout.py                      # 2 prompts x 8 completions and 8 x 8, at most 64 new tokens
 
-Prints generated tokens per second (only real tokens: each completion is cut after its first EOS) and their ratio.
+Also prints the machine's bf16 and fp32 matmul rates. Prints generated tokens per second (only real tokens: each completion is cut after its first EOS) and their ratio.
 The two paths draw from the same distribution but not the same random numbers, so their completions differ; the
 token counts are printed so that a reader can see the lengths are comparable. Run it on a quiet machine.
 """
@@ -32,6 +32,17 @@ def hf_generate(model, tok, prompt_ids, rt, max_new_tokens, temperature):
     return rows
 
 
+def matmul_gflops(dtype, n=2048, reps=10):
+    """The machine's matmul rate: the yardstick for how close a training step comes to the hardware."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=C.DEFAULT_MODEL)
@@ -46,7 +57,8 @@ def main():
     model = C.load_model(path, rt).train()  # as in an RL script: the trained policy, weights fp32, requires grad
     task = C.Arithmetic("train")
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"precision {rt.dtype}, {args.max_new_tokens} new tokens at most, temperature {args.temperature}")
+          f"precision {rt.dtype}, {args.max_new_tokens} new tokens at most, temperature {args.temperature}; "
+          f"matmul 2048^3: bf16 {matmul_gflops(torch.bfloat16):.0f} GFLOP/s, fp32 {matmul_gflops(torch.float32):.0f}")
     print("| prompts x completions | model.generate tokens/s | generate_ids tokens/s | ratio | tokens (generate / ids) |")
     print("|---|---|---|---|---|")
     for shape in args.shapes.split(","):

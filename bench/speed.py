@@ -116,6 +116,8 @@ def trl_run(a):
     load = lambda name: datasets.load_dataset("json", data_files=f"{a.data}/{name}.jsonl", split="train")
     common = dict(output_dir=a.output_dir, max_steps=a.steps, bf16=True, use_cpu=True, eval_strategy="no",
                   save_strategy="no", report_to=[], seed=0, gradient_accumulation_steps=1, logging_steps=1)
+    if os.environ.get("BENCH_TRL_NO_GRADIENT_CHECKPOINTING"):  # set by --trl_no_gradient_checkpointing
+        common["gradient_checkpointing"] = False
     kw = dict(model=a.model, callbacks=[StepTimer()])
     if a.trl == "sft":
         cfg = trl.SFTConfig(per_device_train_batch_size=8, max_length=512, learning_rate=1e-5, **common)
@@ -245,6 +247,8 @@ def main():
     p.add_argument("--max_wait", type=float, default=300,
                    help="before each run wait up to this many seconds for other processes to go quiet")
     p.add_argument("--out", default=None, help="also write the raw numbers as JSON here")
+    p.add_argument("--trl_no_gradient_checkpointing", action="store_true",
+                   help="turn off TRL's default gradient checkpointing (ours is off by default), for a like-for-like run")
     p.add_argument("--trl", choices=METHODS, help=argparse.SUPPRESS)  # runner mode: one TRL run
     for name in ("--model", "--data", "--output_dir", "--result"):
         p.add_argument(name, help=argparse.SUPPRESS)
@@ -257,6 +261,8 @@ def main():
         json.dump(res, open(a.result, "w"), default=str)
         sys.exit(1 if "error" in res else 0)
 
+    if a.trl_no_gradient_checkpointing:
+        os.environ["BENCH_TRL_NO_GRADIENT_CHECKPOINTING"] = "1"  # read by the TRL runner subprocesses
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     if unknown := set(methods) - set(METHODS):
         p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
