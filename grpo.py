@@ -380,7 +380,7 @@ def main():
                "completions/mean_length": stats[3].item() / num_completions,
                "completions/clipped_ratio": stats[4].item() / num_completions,
                "grad_norm": sum(grad_norms) / len(grad_norms), "learning_rate": lr,
-               "time/generate_s": t_gen, "time/train_s": t_train,
+               "time/generate_s": t_gen, "time/score_s": t1 - t0 - t_gen, "time/train_s": t_train,
                "seconds_per_step": time.perf_counter() - t0}
         if not all(torch.isfinite(torch.tensor(v)) for v in (row["loss"], row["grad_norm"])):
             raise UserError(f"the loss became {row['loss']} at step {step}; the last good checkpoint is in {ckpt_path} "

@@ -369,7 +369,8 @@ def main():
                "loss/policy": sums[0].item() / updates, "loss/value": sums[1].item() / updates,
                "val/clipfrac": sums[3].item() / updates, "val/explained_variance": 1 - (var_e / var_r.clamp(min=1e-8)).item(),
                "eos_fraction": tot[2].item() / n, "completions/mean_length": tot[3].item() / n,
-               "kl_coef": kl_ctl.value, "learning_rate": lr, "time/generate_s": t_gen, "time/train_s": t_train,
+               "kl_coef": kl_ctl.value, "learning_rate": lr, "time/generate_s": t_gen, "time/score_s": t1 - t0 - t_gen,
+               "time/train_s": t_train,
                "seconds_per_step": time.perf_counter() - t0}
         kl_ctl.update(row["objective/kl"], n)
         if not math.isfinite(row["loss/policy"]) or not math.isfinite(row["loss/value"]):
