@@ -23,7 +23,6 @@ from fractions import Fraction
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 IGNORE_INDEX = -100  # label of a token that is not trained (cross_entropy's ignore_index)

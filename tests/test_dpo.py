@@ -1,6 +1,5 @@
 """dpo.py: each loss against hand-computed values, ln 2 at the first step, response log-probs against a direct
 computation, a run whose margin grows until every pair is ranked right, data formats and bad input."""
-import json
 import math
 import os
 import sys
