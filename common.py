@@ -16,13 +16,14 @@ import random
 import re
 import socket
 import sys
-import zlib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 
 import torch
 import torch.distributed as dist
+
+import tasks
+from tasks import BOX_INSTRUCTION, BUILTIN_TASKS, grade, reference_answer
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 IGNORE_INDEX = -100  # label of a token that is not trained (cross_entropy's ignore_index)
@@ -352,86 +353,6 @@ def save_pretrained(model, tok, output_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The built-in task: procedurally generated arithmetic with a disjoint held-out split
-BOX_INSTRUCTION = "Put the final answer in \\boxed{}."
-
-
-def arithmetic_problem(rng):
-    """One problem: prompt, worked answer ending in \\boxed{N}, the number N, and a key that identifies it."""
-    op = rng.choice("+-*")
-    if op == "+":
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        t = (a // 10 + b // 10) * 10
-        work = f"{a} + {b} = {a // 10 * 10} + {b // 10 * 10} + {a % 10} + {b % 10} = {t} + {a % 10 + b % 10} = {a + b}."
-        n, q = a + b, f"{a} + {b}"
-    elif op == "-":
-        a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=True)
-        work = f"{a} - {b} = {a} - {b // 10 * 10} - {b % 10} = {a - b // 10 * 10} - {b % 10} = {a - b}."
-        n, q = a - b, f"{a} - {b}"
-    else:
-        a, b = rng.randint(2, 9), rng.randint(10, 99)
-        work = f"{a} * {b} = {a} * {b // 10 * 10} + {a} * {b % 10} = {a * (b // 10 * 10)} + {a * (b % 10)} = {a * b}."
-        n, q = a * b, f"{a} * {b}"
-    ask = rng.choice(["What is {q}?", "Compute {q}.", "Calculate {q}.", "Work out {q}."]).format(q=q)
-    return {"prompt": f"{ask} {BOX_INSTRUCTION}", "completion": f"{work} The answer is \\boxed{{{n}}}.",
-            "answer": str(n), "key": q}
-
-
-def is_heldout(key):
-    return zlib.crc32(key.encode()) % 10 == 0  # a fixed 10% of all problems never appear in training
-
-
-class Arithmetic:
-    """Unlimited seeded arithmetic problems in TRL's conversational prompt-completion format. The "test" split
-    holds exactly the problems whose key hashes into the held-out tenth; "train" never contains one of them."""
-    unlimited = True
-    column_names = ["prompt", "completion", "answer"]
-
-    def __init__(self, split="train", seed=0, size=10**9):
-        self.split, self.seed, self.size = split, seed, size
-
-    def __len__(self):
-        return self.size
-
-    def problem(self, i):
-        rng = random.Random(f"arithmetic/{self.split}/{self.seed}/{i}")
-        while True:
-            p = arithmetic_problem(rng)
-            if is_heldout(p["key"]) == (self.split != "train"):
-                return p, rng
-
-    def __getitem__(self, i):
-        p, _ = self.problem(i)
-        return {"prompt": [{"role": "user", "content": p["prompt"]}],
-                "completion": [{"role": "assistant", "content": p["completion"]}], "answer": p["answer"]}
-
-
-def wrong_completion(p, rng):
-    """A plausible wrong answer: the same working with a slip in the last step, or the right number without a box."""
-    n, text = p["answer"], p["completion"]
-    if rng.random() < 0.25:
-        return text.replace(f"\\boxed{{{n}}}", n)
-    wrong = str(int(n) + rng.choice([-10, -2, -1, 1, 2, 10]))
-    head, _, _ = text.rpartition(f"= {n}.")
-    return f"{head}= {wrong}. The answer is \\boxed{{{wrong}}}."
-
-
-class ArithmeticPreferences(Arithmetic):
-    """The arithmetic task as preference pairs (TRL's explicit-prompt format): chosen is the correct worked answer,
-    rejected a plausible wrong one."""
-    column_names = ["prompt", "chosen", "rejected", "answer"]
-
-    def __getitem__(self, i):
-        p, rng = self.problem(i)
-        return {"prompt": [{"role": "user", "content": p["prompt"]}],
-                "chosen": [{"role": "assistant", "content": p["completion"]}],
-                "rejected": [{"role": "assistant", "content": wrong_completion(p, rng)}], "answer": p["answer"]}
-
-
-BUILTIN_TASKS = {"arithmetic": Arithmetic, "arithmetic_preferences": ArithmeticPreferences}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Datasets: Hub ids, local files, built-in tasks, weighted mixtures
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -439,7 +360,9 @@ LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 def load_data(spec, split="train", config=None, seed=0):
     """One dataset: a built-in task name, a local .jsonl/.json/.parquet/.csv, or a Hub id (with split/config)."""
     if spec in BUILTIN_TASKS:
-        return BUILTIN_TASKS[spec]("train" if split == "train" else "test", seed)
+        if split not in tasks.SPLITS:
+            raise UserError(f"{spec} has the splits {', '.join(tasks.SPLITS)}, not {split!r}")
+        return BUILTIN_TASKS[spec](split, seed)
     import datasets
     datasets.disable_progress_bars()
     path = os.path.expanduser(spec)
@@ -474,7 +397,7 @@ def load_splits(args, n_heldout):
     mixture = parse_mixture(args.dataset, args.dataset_weights)
     raw = [load_data(s, args.dataset_split, args.dataset_config, args.seed) for s, _ in mixture]
     if getattr(raw[0], "unlimited", False):
-        test = load_data(mixture[0][0], "test", seed=args.seed)
+        test = load_data(mixture[0][0], args.eval_split or "test", seed=args.seed)
         heldout = [test[i] for i in range(n_heldout)]
     elif args.eval_split:
         if os.path.isfile(os.path.expanduser(mixture[0][0])):
@@ -491,10 +414,11 @@ def load_splits(args, n_heldout):
     return mixture, raw, heldout
 
 
-def load_prompts(args, tok, rt, need_answers=None):
+def load_prompts(args, tok, rt, need_answers=None, reads_per_step=1):
     """For RL scripts: the prompt sources of --dataset (Prompts), the held-out (prompt, answer) pairs that
     evaluate_answers grades, and the prompt stream: step k reads order[k * batch_size : (k + 1) * batch_size].
-    need_answers names what needs a ground truth in every training row, if anything does."""
+    need_answers names what needs a ground truth in every training row, if anything does; reads_per_step: how many
+    batches of prompts a step may read at most."""
     mixture, raw, heldout = load_splits(args, args.eval_size)
     sources = [Prompts(s, ds, tok, args.max_prompt_length) for (s, _), ds in zip(mixture, raw)]
     for (s, _), src in zip(mixture, sources):
@@ -503,8 +427,9 @@ def load_prompts(args, tok, rt, need_answers=None):
         if need_answers and src[0][2] is None:
             raise UserError(f"{s} has no `answer` (or `solution`) column for {need_answers}")
     graded = [(rl_prompt(r), reference_answer(r)) for r in (heldout[i] for i in range(min(args.eval_size, len(heldout))))]
-    order = mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
-                          args.seed, unlimited={i for i, s in enumerate(sources) if s.unlimited})
+    order = mixture_order([len(s) for s in sources], [w for _, w in mixture],
+                          args.max_steps * args.batch_size * reads_per_step, args.seed,
+                          unlimited={i for i, s in enumerate(sources) if s.unlimited})
     return sources, [(p, a) for p, a in graded if a is not None], order
 
 
@@ -943,61 +868,6 @@ def generate(model, tok, prompts, rt, max_new_tokens=128, batch_size=32, tempera
     return ids, [tok.decode(row, skip_special_tokens=True) for row in ids]
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{...} in text (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 1, start + len("\\boxed{")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None
-
-
-_FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
-
-
-def _number(s):
-    """'1,234' '$5' '-3.0' '\\frac{1}{2}' '3/4' '12 dollars' '50\\%' -> an exact Fraction, or None if s is not a
-    number (after dropping $, thousands separators, units in words or \\text{}, and a leading 'x =')."""
-    s = s.replace("\\!", "").replace("\\,", "").replace("\\$", "").replace("$", "").replace("\u2212", "-")
-    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{[^{}]*\}", "", s)  # units: 5\text{ cm}
-    s = _FRAC.sub(r"\1/\2", s).replace("\\left", "").replace("\\right", "")
-    s = re.sub(r"^[a-zA-Z]\s*=", "", s.strip())  # x = 5
-    s = re.sub(r"(?<=\d),(?=\d{3}(\D|$))", "", s)  # thousands separators
-    s = re.sub(r"(\\%|%|\^\\circ|\^\{\\circ\}|°)", "", s)
-    s = re.sub(r"(\s+[a-zA-Z]+)+\.?$|(?<=\d)[a-zA-Z]{2,}\.?$", "", s.strip())  # 12 dollars, 5cm (not 2x)
-    s = s.replace(" ", "").rstrip(".")
-    m = re.fullmatch(r"\(?(-?(?:\d+\.?\d*|\.\d+))\)?(?:/\(?(-?(?:\d+\.?\d*|\.\d+))\)?)?", s)
-    if not m:
-        return None
-    num, den = Fraction(m.group(1)), Fraction(m.group(2)) if m.group(2) else Fraction(1)
-    return num / den if den else None
-
-
-def normalize_answer(s):
-    """A canonical form for comparing answers: numbers exactly (0.5 == 1/2 == \\frac{1}{2}, 1,000 == 1000.0,
-    $18 == 18 dollars), anything else as the string without spaces, \\left/\\right and a final period."""
-    s = str(s).strip()
-    n = _number(s)
-    if n is not None:
-        return str(n)
-    return re.sub(r"\s+|\\left|\\right|\\!", "", s).rstrip(".")
-
-
-def reference_answer(row):
-    """The ground truth of a row, or None: an `answer` column (GSM8K's worked answers end in "#### 42"), else the
-    last \\boxed{} of a `solution` column (MATH)."""
-    if row.get("answer") is not None:
-        a = str(row["answer"])
-        return a.rpartition("####")[2].strip() if "####" in a else a.strip()
-    if row.get("solution") is not None:
-        return last_boxed(str(row["solution"]))
-    return None
-
-
 def rl_prompt(row):
     """The prompt messages of a row for sampling: a `prompt` (TRL) or `question` (GSM8K) column, or a `messages`
     conversation up to its last assistant turn. A plain-string question gets BOX_INSTRUCTION appended unless it
@@ -1015,12 +885,6 @@ def rl_prompt(row):
             return msgs
     raise UserError(f"columns found: {sorted(row)}; expected a `prompt` or `question` column "
                     "(or `messages` ending in a user turn)")
-
-
-def grade(text, answer):
-    """(has a \\boxed{} answer, that answer equals the ground truth) for one completion."""
-    box = last_boxed(text)
-    return box is not None, box is not None and normalize_answer(box) == normalize_answer(answer)
 
 
 def evaluate_answers(model, tok, prompts, answers, rt, max_new_tokens=128, batch_size=32):

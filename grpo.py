@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
+import tasks as T
 from common import UserError, arg
 
 
@@ -83,6 +84,11 @@ class Args:
                          "dapo (over the batch's tokens), dr_grpo (sum / (completions x max_new_tokens))")
     scale_rewards: str = arg("group", "divide advantages by the std of the group, of the whole batch, or none "
                              "(Dr. GRPO)")
+    dynamic_sampling: bool = arg(False, "DAPO's dynamic sampling: drop groups whose rewards are all equal (their "
+                                 "advantages are 0) and sample fresh prompts in their place, up to "
+                                 "--max_resample_rounds more rounds per step; a batch still short is filled up with "
+                                 "dropped groups")
+    max_resample_rounds: int = arg(3, "with --dynamic_sampling: extra sampling rounds per step, at most")
     mask_truncated_completions: bool = arg(False, "leave completions that hit --max_new_tokens without stopping "
                                            "out of the loss")
     reward_funcs: str = arg("accuracy,format", "comma-separated rule rewards: accuracy (1 if the last \\boxed{} "
@@ -158,11 +164,11 @@ def aggregate(loss, mask, loss_type, num_completions, num_tokens, max_new_tokens
 # ----------------------------------------------------------------------------------------------------------------
 # Rewards: rule functions, an optional reward model; a function that raises scores 0 and is counted
 def accuracy_reward(completions, answer, **kw):
-    return [float(C.grade(c, a)[1]) if a is not None else 0.0 for c, a in zip(completions, answer)]
+    return [float(T.grade(c, a)[1]) if a is not None else 0.0 for c, a in zip(completions, answer)]
 
 
 def format_reward(completions, **kw):
-    return [float(C.last_boxed(c) is not None) for c in completions]
+    return [float(T.last_boxed(c) is not None) for c in completions]
 
 
 BUILTIN_REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
@@ -224,9 +230,10 @@ def main():
         raise UserError("--num_generations must be at least 2: advantages compare completions of the same prompt")
     if min(args.max_steps, args.batch_size, args.num_iterations, args.max_new_tokens, args.micro_batch_size,
            args.generation_batch_size) < 1 or args.temperature <= 0 or args.beta < 0 or args.epsilon < 0 \
-            or args.epsilon_high < 0:
+            or args.epsilon_high < 0 or args.max_resample_rounds < 0:
         raise UserError("--max_steps, --batch_size, --num_iterations, --max_new_tokens and the batch sizes must be "
-                        "at least 1; --temperature above 0; --beta, --epsilon and --epsilon_high not negative")
+                        "at least 1; --temperature above 0; --beta, --epsilon, --epsilon_high and "
+                        "--max_resample_rounds not negative")
     rt = C.setup(args.seed, args.device, args.precision)
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch_size {args.batch_size} (prompts) must be a multiple of the {rt.world_size} ranks")
@@ -242,7 +249,8 @@ def main():
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     accuracy = any(f is accuracy_reward for _, f, _ in reward_funcs)
-    sources, graded, order = C.load_prompts(args, tok, rt, need_answers="the accuracy reward" if accuracy else None)
+    sources, graded, order = C.load_prompts(args, tok, rt, need_answers="the accuracy reward" if accuracy else None,
+                                            reads_per_step=1 + args.max_resample_rounds * args.dynamic_sampling)
 
     # Models: the policy (trained), the frozen reference (only if beta > 0), the reward model (if any)
     model = C.load_model(path, rt, args.trust_remote_code)
@@ -258,9 +266,10 @@ def main():
         rm = C.freeze(C.load_model(rm_path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification), rt)
         rm_tok = C.load_tokenizer(rm_path, args.trust_remote_code)
     opt, sched = C.optimizer_and_schedule(model, args)
-    step = 0
-    if args.resume:
-        step = C.restore_state(ckpt_path, model, opt, sched, args, rt)["step"]
+    step, cursor = 0, 0  # cursor: how far the prompt stream has been read (further than step x batch_size with
+    if args.resume:      # --dynamic_sampling)
+        state = C.restore_state(ckpt_path, model, opt, sched, args, rt)
+        step, cursor = state["step"], state.get("cursor", state["step"] * args.batch_size)
     ddp = DDP(model) if rt.world_size > 1 else model
     log = C.MetricsLog(args.output_dir, rt, resume_step=step)
 
@@ -274,12 +283,15 @@ def main():
         rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
 
     G, dev, row = args.num_generations, rt.device, {}
-    last = min(args.max_steps, step + args.stop_after_steps) if args.stop_after_steps else args.max_steps
-    bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
-    while step < last:
-        # ---- Rollout: G completions per prompt, sampled in batches with the KV cache --------------------------
-        t0 = time.perf_counter()
-        mine = [sources[s][i] for s, i in order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]]
+    reward_names = [name for name, _, _ in reward_funcs] + (["reward_model"] if rm is not None else [])
+    weights = torch.tensor([w for _, _, w in reward_funcs] + ([args.reward_model_weight] if rm is not None else []))
+
+    def rollout(cursor):
+        """Sample G completions for each of this rank's prompts at position `cursor` of the prompt stream and score
+        them: a list of groups {"prompt_ids", "completion_ids", "sampled_logp": G lists each, "per_func": (G, K)
+        rewards of each function, "rewards": (G,) their weighted sum (EQ 5.7 and the others)}, the number of
+        reward-function failures, and the seconds spent scoring."""
+        mine = [sources[s][i] for s, i in order[cursor : cursor + args.batch_size][rt.rank :: rt.world_size]]
         prompts = [m for m, _, _ in mine for _ in range(G)]  # each group is contiguous: rows g*G .. g*G+G-1
         prompt_ids = [ids for _, ids, _ in mine for _ in range(G)]
         answers = [a for _, _, a in mine for _ in range(G)]
@@ -287,19 +299,45 @@ def main():
                                                       args.generation_batch_size, args.temperature, args.top_p,
                                                       return_logprobs=True)
         completions = [tok.decode(c, skip_special_tokens=True) for c in completion_ids]
-        t_gen = time.perf_counter() - t0
-
-        # ---- Rewards (EQ 5.7 and the others), weighted; then advantages within each group (EQ 5.6) -----------
-        columns, failed = {}, 0
+        t = time.perf_counter()
+        columns, failed = [], 0
         for name, fn, _ in reward_funcs:
-            columns[name], f = call_reward(fn, len(completions), prompts=prompts, completions=completions,
-                                           completion_ids=completion_ids, answer=answers)
+            r, f = call_reward(fn, len(completions), prompts=prompts, completions=completions,
+                               completion_ids=completion_ids, answer=answers)
+            columns.append(r)
             failed += f
         if rm is not None:
-            columns["reward_model"] = C.score_responses(rm, rm_tok, prompts, completions, rt).tolist()
-        weights = torch.tensor([w for _, _, w in reward_funcs] + ([args.reward_model_weight] if rm is not None else []))
-        per_func = torch.tensor(list(columns.values())).T  # (N, K)
-        rewards = per_func @ weights  # (N,)
+            columns.append(C.score_responses(rm, rm_tok, prompts, completions, rt).tolist())
+        per_func = torch.tensor(columns).T  # (N, K)
+        groups = [{"prompt_ids": prompt_ids[g : g + G], "completion_ids": completion_ids[g : g + G],
+                   "sampled_logp": sampled_logp[g : g + G], "per_func": per_func[g : g + G],
+                   "rewards": per_func[g : g + G] @ weights} for g in range(0, len(prompts), G)]
+        return groups, failed, time.perf_counter() - t
+
+    def flat(group):  # all G rewards equal: every advantage is 0, the group teaches nothing but the KL term
+        return group["rewards"].std().item() < 1e-6
+
+    last = min(args.max_steps, step + args.stop_after_steps) if args.stop_after_steps else args.max_steps
+    bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
+    while step < last:
+        # ---- Rollout: G completions per prompt, sampled with the KV cache, and their rewards --------------------
+        t0 = time.perf_counter()
+        groups, failed, t_score = rollout(cursor)
+        cursor, sampled, rounds = cursor + args.batch_size, groups, 0
+        if args.dynamic_sampling:  # DAPO (Yu et al. 2025, arXiv:2503.14476, Eq. 11): train on groups that differ
+            keep = [g for g in groups if not flat(g)]
+            while rounds < args.max_resample_rounds and C.all_reduce(float(len(keep) < len(groups)), rt, op="max").item():
+                more, f, t = rollout(cursor)  # every rank takes part in a round while any rank is short
+                cursor, rounds, failed, t_score = cursor + args.batch_size, rounds + 1, failed + f, t_score + t
+                sampled, keep = sampled + more, keep + [g for g in more if not flat(g)]
+            groups = (keep + [g for g in sampled if flat(g)])[: len(groups)]  # short: fill up with flat groups
+        prompt_ids = [x for g in groups for x in g["prompt_ids"]]
+        completion_ids = [x for g in groups for x in g["completion_ids"]]
+        sampled_logp = [x for g in groups for x in g["sampled_logp"]]
+        rewards = torch.cat([g["rewards"] for g in groups])
+        t_gen = time.perf_counter() - t0 - t_score
+
+        # ---- Advantages within each group (EQ 5.6) ------------------------------------------------------------
         batch_std = None
         if args.scale_rewards == "batch":  # the std of all rewards of the step, over every rank
             s = C.all_reduce(torch.stack([rewards.sum(), (rewards ** 2).sum(), torch.tensor(float(len(rewards)))]), rt)
@@ -363,16 +401,18 @@ def main():
 
         # ---- Metrics, reduced over ranks ----------------------------------------------------------------------
         sums = C.all_reduce(sums, rt)
-        groups = rewards.view(-1, G)
+        # The reward metrics are over every group sampled this step (with --dynamic_sampling, the dropped too).
+        all_rewards = torch.stack([g["rewards"] for g in sampled])  # (groups, G)
         stats = C.all_reduce(torch.cat([
-            torch.tensor([rewards.sum().item(), groups.std(1, unbiased=False).sum().item(),
-                          (groups.std(1, unbiased=False) < 1e-6).sum().item(), lengths.sum().item(),
-                          truncated.sum().item(), failed]), per_func.sum(0)]).to(dev), rt)
-        n_groups = num_completions / G
+            torch.tensor([all_rewards.sum().item(), all_rewards.std(1, unbiased=False).sum().item(),
+                          (all_rewards.std(1, unbiased=False) < 1e-6).sum().item(), lengths.sum().item(),
+                          truncated.sum().item(), failed, float(len(sampled)), sum(flat(g) for g in groups)]),
+            torch.cat([g["per_func"] for g in sampled]).sum(0)]).to(dev), rt)
+        n_sampled = stats[6].item()
         tokens = max(sums[5].item(), 1.0)
-        row = {"step": step, "loss": sums[0].item(), "reward": stats[0].item() / num_completions,
-               "reward_std": stats[1].item() / n_groups, "frac_reward_zero_std": stats[2].item() / n_groups,
-               **{f"rewards/{name}/mean": stats[6 + j].item() / num_completions for j, name in enumerate(columns)},
+        row = {"step": step, "loss": sums[0].item(), "reward": stats[0].item() / (n_sampled * G),
+               "reward_std": stats[1].item() / n_sampled, "frac_reward_zero_std": stats[2].item() / n_sampled,
+               **{f"rewards/{name}/mean": stats[8 + j].item() / (n_sampled * G) for j, name in enumerate(reward_names)},
                "reward_errors": int(stats[5].item()), "kl": sums[1].item() / tokens,
                "entropy": sums[2].item() / tokens, "clip_ratio/low_mean": sums[3].item() / tokens,
                "clip_ratio/high_mean": sums[4].item() / tokens, "sampling/logp_diff_mean": sums[6].item() / tokens,
@@ -380,8 +420,11 @@ def main():
                "completions/mean_length": stats[3].item() / num_completions,
                "completions/clipped_ratio": stats[4].item() / num_completions,
                "grad_norm": sum(grad_norms) / len(grad_norms), "learning_rate": lr,
-               "time/generate_s": t_gen, "time/score_s": t1 - t0 - t_gen, "time/train_s": t_train,
+               "time/generate_s": t_gen, "time/score_s": t_score, "time/train_s": t_train,
                "seconds_per_step": time.perf_counter() - t0}
+        if args.dynamic_sampling:
+            row.update({"dynamic_sampling/rounds": rounds,
+                        "dynamic_sampling/frac_trained_zero_std": stats[7].item() / (num_completions / G)})
         if not all(torch.isfinite(torch.tensor(v)) for v in (row["loss"], row["grad_norm"])):
             raise UserError(f"the loss became {row['loss']} at step {step}; the last good checkpoint is in {ckpt_path} "
                             "(if one was saved); lower --learning_rate")
@@ -392,7 +435,7 @@ def main():
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['completions/mean_length']:.0f}",
                         gen_s=f"{t_gen:.0f}", train_s=f"{t_train:.0f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
-            C.save_state(ckpt_path, model, opt, sched, step, args, rt)
+            C.save_state(ckpt_path, model, opt, sched, step, args, rt, cursor=cursor)
     bar.close()
 
     if step == args.max_steps:

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
 import common as C
+import tasks as T
 from common import UserError, arg
 
 
@@ -274,7 +275,7 @@ def main():
                 raise UserError(f"--reward {args.reward} returned {len(s)} rewards for {len(texts)} responses")
             s = torch.tensor(s)
         else:  # seed 002 EQ 5.7
-            s = torch.tensor([float(c) + args.format_weight * float(b) for b, c in (C.grade(t, a) for t, a in zip(texts, answers))])
+            s = torch.tensor([float(c) + args.format_weight * float(b) for b, c in (T.grade(t, a) for t, a in zip(texts, answers))])
         # [detail] A response that never emitted EOS (it hit --max_new_tokens) gets a penalty.
         eos = torch.tensor([tok.eos_token_id in r for r in ids])
         return s - args.missing_eos_penalty * (~eos).float(), s, eos

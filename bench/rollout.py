@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import tasks as T  # noqa: E402
 
 
 @torch.no_grad()
@@ -55,7 +56,7 @@ def main():
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path)
     model = C.load_model(path, rt).train()  # as in an RL script: the trained policy, weights fp32, requires grad
-    task = C.Arithmetic("train")
+    task = T.Arithmetic("train")
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"precision {rt.dtype}, {args.max_new_tokens} new tokens at most, temperature {args.temperature}; "
           f"matmul 2048^3: bf16 {matmul_gflops(torch.bfloat16):.0f} GFLOP/s, fp32 {matmul_gflops(torch.float32):.0f}")

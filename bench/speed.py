@@ -34,8 +34,8 @@ OURS = {"gradient_checkpointing": False, "model dtype": "torch.float32",
 # ---------------------------------------------------------------------------------------------------------------
 # Data: temporary JSONL files from the repo's built-in arithmetic task
 def write_data(folder, n):
-    import common as C
-    sft, pref = C.Arithmetic("train"), C.ArithmeticPreferences("train")
+    import tasks as T
+    sft, pref = T.Arithmetic("train"), T.ArithmeticPreferences("train")
     files = {
         "sft": [{k: sft[i][k] for k in ("prompt", "completion")} for i in range(n)],
         "pref": [{k: pref[i][k] for k in ("prompt", "chosen", "rejected")} for i in range(n)],
@@ -83,15 +83,15 @@ def read_ours(out):
 # ---------------------------------------------------------------------------------------------------------------
 # TRL side: runs inside its own subprocess (--trl METHOD)
 def accuracy_reward(completions, answer, **kwargs):
-    import common as C
+    import tasks as T
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [1.0 if C.grade(t, a)[1] else 0.0 for t, a in zip(texts, answer)]
+    return [1.0 if T.grade(t, a)[1] else 0.0 for t, a in zip(texts, answer)]
 
 
 def format_reward(completions, **kwargs):
-    import common as C
+    import tasks as T
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [0.2 if C.last_boxed(t) is not None else 0.0 for t in texts]
+    return [0.2 if T.last_boxed(t) is not None else 0.0 for t in texts]
 
 
 def trl_run(a):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common as C
+import tasks as T
 from conftest import ROOT
 
 IM_START, IM_END, NL = 1, 2, 198  # SmolLM2: <|im_start|>, <|im_end|> (also EOS and PAD), "\n"
@@ -95,9 +96,9 @@ def test_gather_logprobs_matches_log_softmax():
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 50) * 4
     tokens = torch.randint(0, 50, (3, 7))
-    for T in (1.0, 0.7):
-        ref = torch.log_softmax(logits / T, -1).gather(-1, tokens[..., None]).squeeze(-1)
-        got = C.gather_logprobs(logits, tokens, temperature=T, chunk_size=4)
+    for temp in (1.0, 0.7):
+        ref = torch.log_softmax(logits / temp, -1).gather(-1, tokens[..., None]).squeeze(-1)
+        got = C.gather_logprobs(logits, tokens, temperature=temp, chunk_size=4)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     got = C.gather_logprobs(logits.bfloat16(), tokens)  # bf16 logits are upcast chunk by chunk
     ref = torch.log_softmax(logits.bfloat16().float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
@@ -152,18 +153,60 @@ def test_gather_logprobs_is_lighter_in_memory():
 
 
 def test_arithmetic_task_is_seeded_correct_and_disjoint():
-    train, test = C.Arithmetic("train", seed=0), C.Arithmetic("test", seed=0)
-    assert train[5] == C.Arithmetic("train", seed=0)[5] and train[5] != C.Arithmetic("train", seed=1)[5]
+    train, test = T.Arithmetic("train", seed=0), T.Arithmetic("test", seed=0)
+    assert train[5] == T.Arithmetic("train", seed=0)[5] and train[5] != T.Arithmetic("train", seed=1)[5]
     problem = lambda row: re.search(r"\d+ [-+*] \d+", row["prompt"][0]["content"]).group(0)
     for i in range(300):
         row = train[i]
         assert str(eval(problem(row))) == row["answer"], row
         assert row["completion"][0]["content"].endswith(f"\\boxed{{{row['answer']}}}.")
-        assert C.grade(row["completion"][0]["content"], row["answer"]) == (True, True)
+        assert T.grade(row["completion"][0]["content"], row["answer"]) == (True, True)
     train_q = {problem(train[i]) for i in range(3000)}
     test_q = {problem(test[i]) for i in range(500)}
     assert not train_q & test_q
     assert len(test_q) > 300  # plenty of distinct held-out problems
+
+
+def test_arithmetic_task_keeps_its_problems():
+    """The problems of `arithmetic` are those every earlier result was measured on."""
+    assert T.Arithmetic("train", seed=0)[0]["completion"][0]["content"] == \
+        "25 - 24 = 25 - 20 - 4 = 5 - 4 = 1. The answer is \\boxed{1}."
+    assert T.Arithmetic("test", seed=0)[0]["prompt"][0]["content"] == "Compute 66 - 41. " + T.BOX_INSTRUCTION
+
+
+def test_hard_task_kinds_answers_and_disjoint_split():
+    train, test = T.ArithmeticHard("train", seed=0), T.ArithmeticHard("test", seed=0)
+    problem = lambda row: re.search(r"\d+ [-+*] \d+( [-+] \d+)?", row["prompt"][0]["content"]).group(0)
+    kinds = set()
+    for i in range(500):
+        row = train[i]
+        q = problem(row)
+        assert str(eval(q)) == row["answer"] and int(row["answer"]) >= 0, row
+        assert T.grade(row["completion"][0]["content"], row["answer"]) == (True, True)
+        ops = re.findall(r" ([-+*]) ", q)
+        kinds.add("".join(ops) if len(ops) == 2 else ops[0])
+        if len(ops) == 1:  # one operation: at least one operand has three digits
+            assert max(int(x) for x in re.findall(r"\d+", q)) >= 100, q
+    assert kinds == {"+", "-", "*", "+-", "*+"}
+    assert not {problem(train[i]) for i in range(3000)} & {problem(test[i]) for i in range(500)}
+    assert T.Arithmetic("train", seed=0)[0] != train[0]
+
+
+@pytest.mark.parametrize("cls", [T.Arithmetic, T.ArithmeticHard])
+def test_reworded_split_asks_the_test_problems_in_unseen_words(cls):
+    test, reworded, train = cls("test", seed=0), cls("reworded", seed=0), cls("train", seed=0)
+    train_words = {re.sub(r"\d+", "N", train[i]["prompt"][0]["content"]) for i in range(2000)}
+    for i in range(200):
+        assert reworded[i]["answer"] == test[i]["answer"]
+        assert reworded[i]["completion"] == test[i]["completion"]  # the same problem, the same worked answer
+        words = re.sub(r"\d+", "N", reworded[i]["prompt"][0]["content"])
+        assert words not in train_words and reworded[i]["prompt"][0]["content"].endswith(T.BOX_INSTRUCTION)
+
+
+def test_builtin_task_split_names_are_checked(tmp_path):
+    assert C.load_data("arithmetic_hard", "reworded")[0] == T.ArithmeticHard("reworded")[0]
+    with pytest.raises(C.UserError, match="has the splits train, test, reworded, not 'validation'"):
+        C.load_data("arithmetic", "validation")
 
 
 def test_mixture_order_follows_weights_and_epochs():
@@ -227,17 +270,17 @@ VERIFIER_CASES = [
 
 @pytest.mark.parametrize("text,answer,expected", VERIFIER_CASES)
 def test_grade(text, answer, expected):
-    assert C.grade(text, answer) == expected
+    assert T.grade(text, answer) == expected
 
 
 def test_reference_answers_and_prompts():
     gsm8k = {"question": "Janet has 3 ducks. How many?", "answer": "She has 1,000 + 2 = <<1000+2=1002>>1002.\n#### 1,002"}
-    assert C.reference_answer(gsm8k) == "1,002"
-    assert C.grade("\\boxed{1002}", C.reference_answer(gsm8k)) == (True, True)
-    assert C.reference_answer({"solution": "so $\\boxed{\\frac{1}{2}}$"}) == "\\frac{1}{2}"
-    assert C.reference_answer({"answer": 42}) == "42"
-    assert C.reference_answer({"prompt": "q"}) is None
-    assert C.rl_prompt(gsm8k) == [{"role": "user", "content": "Janet has 3 ducks. How many? " + C.BOX_INSTRUCTION}]
+    assert T.reference_answer(gsm8k) == "1,002"
+    assert T.grade("\\boxed{1002}", T.reference_answer(gsm8k)) == (True, True)
+    assert T.reference_answer({"solution": "so $\\boxed{\\frac{1}{2}}$"}) == "\\frac{1}{2}"
+    assert T.reference_answer({"answer": 42}) == "42"
+    assert T.reference_answer({"prompt": "q"}) is None
+    assert C.rl_prompt(gsm8k) == [{"role": "user", "content": "Janet has 3 ducks. How many? " + T.BOX_INSTRUCTION}]
     assert C.rl_prompt({"prompt": "Say \\boxed{1}."}) == [{"role": "user", "content": "Say \\boxed{1}."}]
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert C.rl_prompt({"messages": conv}) == conv[:1]
@@ -325,13 +368,13 @@ def test_preference_filtering_counts(tok, capsys):
 
 
 def test_builtin_preference_task():
-    task = C.ArithmeticPreferences("train", seed=0)
+    task = T.ArithmeticPreferences("train", seed=0)
     for i in range(100):
         row = task[i]
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
-        assert C.grade(chosen, row["answer"]) == (True, True)
-        assert C.grade(rejected, row["answer"])[1] is False and chosen != rejected
-    assert task[3]["prompt"] == C.Arithmetic("train", seed=0)[3]["prompt"]  # the same problems as the SFT task
+        assert T.grade(chosen, row["answer"]) == (True, True)
+        assert T.grade(rejected, row["answer"])[1] is False and chosen != rejected
+    assert task[3]["prompt"] == T.Arithmetic("train", seed=0)[3]["prompt"]  # the same problems as the SFT task
 
 
 def test_prompt_repeated_in_chosen_and_rejected_is_stripped():

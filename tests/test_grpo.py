@@ -263,6 +263,53 @@ def test_resume_reproduces_an_uninterrupted_run(pets_model, tmp_path):
         assert x["reward"] == y["reward"] and x["kl"] == pytest.approx(y["kl"], abs=1e-6)
 
 
+MIXED_RULES = """
+def cats_on_pets(prompts, completions, **kw):  # the cats reward on the pets prompt, 0 on every other prompt
+    return [sum(w == "cat" for w in c.split()) / max(1, len(c.split())) if "pets" in p[-1]["content"] else 0.0
+            for p, c in zip(prompts, completions)]
+"""
+
+
+def dynamic_run(model, out, tmp_path, *extra):
+    data = write_jsonl(tmp_path / "mixed.jsonl", [PETS, {"prompt": "Say nothing.", "answer": "-"}] * 8)
+    rules = tmp_path / "mixed_rules.py"
+    rules.write_text(MIXED_RULES)
+    return run_script("grpo.py", "--model", model, "--output_dir", out, "--dataset", data, "--eval_size", "0",
+                      "--precision", "fp32", "--batch_size", "2", "--num_generations", "4", "--max_new_tokens", "8",
+                      "--reward_funcs", f"{rules}:cats_on_pets", "--save_every", "0", "--dynamic_sampling",
+                      *map(str, extra))
+
+
+def test_dynamic_sampling_trains_only_on_groups_whose_rewards_differ(pets_model, tmp_path):
+    """Half the prompts score 0 whatever the completion (a flat group, zero advantages); the pets prompt's groups
+    differ. Dynamic sampling replaces the flat groups with freshly sampled ones."""
+    out = str(tmp_path / "out")
+    ok(dynamic_run(pets_model, out, tmp_path, "--max_steps", "6", "--max_resample_rounds", "12"))
+    rows = read_metrics(out)
+    assert all(r["dynamic_sampling/frac_trained_zero_std"] == 0 for r in rows)
+    assert any(r["dynamic_sampling/rounds"] > 0 for r in rows)
+    for r in rows:  # the reward metrics cover every group sampled: 2 per round
+        n = 2 * (1 + r["dynamic_sampling/rounds"])
+        assert r["frac_reward_zero_std"] * n == pytest.approx(round(r["frac_reward_zero_std"] * n))
+        assert r["frac_reward_zero_std"] > 0 or r["dynamic_sampling/rounds"] == 0
+    out0 = str(tmp_path / "out0")  # no extra round: the flat groups are trained on, as without the option
+    ok(dynamic_run(pets_model, out0, tmp_path, "--max_steps", "3", "--max_resample_rounds", "0"))
+    for r in read_metrics(out0):
+        assert r["dynamic_sampling/rounds"] == 0
+        assert r["dynamic_sampling/frac_trained_zero_std"] == r["frac_reward_zero_std"]
+
+
+def test_resume_with_dynamic_sampling_reads_on_where_it_stopped(pets_model, tmp_path):
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    ok(dynamic_run(pets_model, full, tmp_path, "--max_steps", "4"))
+    ok(dynamic_run(pets_model, split, tmp_path, "--max_steps", "4", "--stop_after_steps", "2"))
+    ok(dynamic_run(pets_model, split, tmp_path, "--max_steps", "4", "--resume"))
+    a, b = read_metrics(full), read_metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x["reward"] == y["reward"] and x["dynamic_sampling/rounds"] == y["dynamic_sampling/rounds"]
+
+
 def test_torchrun_two_processes(pets_model, tmp_path):
     out = str(tmp_path / "out")
     ok(grpo_run(pets_model, out, tmp_path, "--max_steps", "2", nproc=2))

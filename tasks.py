@@ -1,0 +1,212 @@
+"""The built-in tasks and the answer grader: the environment the RL scripts are rewarded by.
+
+Procedurally generated arithmetic, in TRL's conversational formats, unlimited and seeded, each with a held-out tenth
+of all problems that training never sees:
+
+    arithmetic              two-digit + and -, one-digit x two-digit, with worked answers (SFT demonstrations)
+    arithmetic_hard         harder kinds the demonstrations never show: three-digit +, -, one-digit x three-digit,
+                            and two-step problems (a + b - c, a x b + c), each with the same kind of worked answer
+    arithmetic_preferences  `arithmetic` as preference pairs: the worked answer against a plausible wrong one
+
+Splits: "train"; "test", the held-out problems; "reworded", the same held-out problems asked in wordings that
+"train" never uses ("What is the sum of 23 and 45?" for "What is 23 + 45?"), which measures whether what was learned
+carries over to an unseen phrasing.
+
+The grader reads the last \\boxed{} of a completion and compares it with the answer as an exact number.
+"""
+import random
+import re
+import zlib
+from fractions import Fraction
+
+BOX_INSTRUCTION = "Put the final answer in \\boxed{}."
+SPLITS = ("train", "test", "reworded")
+TEMPLATES = ["What is {q}?", "Compute {q}.", "Calculate {q}.", "Work out {q}."]
+REWORDED = {  # one list per kind, as long as TEMPLATES, so a reworded problem i is test problem i
+    "+": ["What is the sum of {a} and {b}?", "Add {a} and {b}.", "How much is {a} plus {b}?",
+          "Find the total of {a} and {b}."],
+    "-": ["What is {a} minus {b}?", "Subtract {b} from {a}.", "How much is left when {b} is taken from {a}?",
+          "Find the difference between {a} and {b}."],
+    "*": ["What is the product of {a} and {b}?", "Multiply {a} by {b}.", "How much is {a} times {b}?",
+          "What do {a} groups of {b} make?"],
+    "+-": ["Add {a} and {b}, then subtract {c}.", "What is {a} plus {b} minus {c}?",
+           "Start from {a}, add {b} and take away {c}. What is left?", "Find the sum of {a} and {b}, minus {c}."],
+    "*+": ["Multiply {a} by {b}, then add {c}.", "What is {a} times {b} plus {c}?",
+           "Take {a} groups of {b} and {c} more. How many is that?", "Find the product of {a} and {b}, plus {c}."],
+}
+
+
+def worked(op, a, b):
+    """The steps of a op b that the demonstrations teach: split off the units, then recombine."""
+    if op == "+":
+        t = (a // 10 + b // 10) * 10
+        return f"{a} + {b} = {a // 10 * 10} + {b // 10 * 10} + {a % 10} + {b % 10} = {t} + {a % 10 + b % 10} = {a + b}"
+    if op == "-":
+        return f"{a} - {b} = {a} - {b // 10 * 10} - {b % 10} = {a - b // 10 * 10} - {b % 10} = {a - b}"
+    return f"{a} * {b} = {a} * {b // 10 * 10} + {a} * {b % 10} = {a * (b // 10 * 10)} + {a * (b % 10)} = {a * b}"
+
+
+def arithmetic_problem(rng, hard=False, reworded=False):
+    """One problem: prompt, worked answer ending in \\boxed{N}, the number N, and a key that identifies it.
+    hard=False draws exactly the problems (and random numbers) of the original task."""
+    if not hard:
+        kind = rng.choice("+-*")
+        if kind == "+":
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+        elif kind == "-":
+            a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=True)
+        else:
+            a, b = rng.randint(2, 9), rng.randint(10, 99)
+        c = None
+    else:
+        kind = rng.choice(["+", "-", "*", "+-", "*+"])
+        if kind == "+":
+            a, b = rng.randint(100, 999), rng.randint(100, 999)
+        elif kind == "-":
+            a, b = sorted((rng.randint(100, 999), rng.randint(100, 999)), reverse=True)
+        elif kind == "*":
+            a, b = rng.randint(2, 9), rng.randint(100, 999)
+        elif kind == "+-":
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+        else:
+            a, b = rng.randint(2, 9), rng.randint(10, 99)
+        c = rng.randint(10, min(99, a + b)) if kind == "+-" else rng.randint(10, 99) if kind == "*+" else None
+    if c is None:
+        n, q, work = eval_op(kind, a, b), f"{a} {kind} {b}", worked(kind, a, b) + "."
+    else:
+        first = eval_op(kind[0], a, b)
+        n, q = eval_op(kind[1], first, c), f"{a} {kind[0]} {b} {kind[1]} {c}"
+        work = f"First, {worked(kind[0], a, b)}. Then {worked(kind[1], first, c)}."
+    ask = rng.choice(REWORDED[kind] if reworded else TEMPLATES).format(q=q, a=a, b=b, c=c)
+    return {"prompt": f"{ask} {BOX_INSTRUCTION}", "completion": f"{work} The answer is \\boxed{{{n}}}.",
+            "answer": str(n), "key": q}
+
+
+def eval_op(op, a, b):
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def is_heldout(key):
+    return zlib.crc32(key.encode()) % 10 == 0  # a fixed 10% of all problems never appear in training
+
+
+class Arithmetic:
+    """Unlimited seeded arithmetic problems in TRL's conversational prompt-completion format. "test" and
+    "reworded" hold exactly the problems whose key hashes into the held-out tenth; "train" never contains one."""
+    unlimited = True
+    hard = False
+    column_names = ["prompt", "completion", "answer"]
+
+    def __init__(self, split="train", seed=0, size=10**9):
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: the built-in tasks have {', '.join(SPLITS)}")
+        self.split, self.seed, self.size = split, seed, size
+
+    def __len__(self):
+        return self.size
+
+    def problem(self, i):
+        split = "test" if self.split == "reworded" else self.split
+        rng = random.Random(f"arithmetic{'_hard' if self.hard else ''}/{split}/{self.seed}/{i}")
+        while True:
+            p = arithmetic_problem(rng, self.hard, self.split == "reworded")
+            if is_heldout(p["key"]) == (self.split != "train"):
+                return p, rng
+
+    def __getitem__(self, i):
+        p, _ = self.problem(i)
+        return {"prompt": [{"role": "user", "content": p["prompt"]}],
+                "completion": [{"role": "assistant", "content": p["completion"]}], "answer": p["answer"]}
+
+
+class ArithmeticHard(Arithmetic):
+    hard = True
+
+
+def wrong_completion(p, rng):
+    """A plausible wrong answer: the same working with a slip in the last step, or the right number without a box."""
+    n, text = p["answer"], p["completion"]
+    if rng.random() < 0.25:
+        return text.replace(f"\\boxed{{{n}}}", n)
+    wrong = str(int(n) + rng.choice([-10, -2, -1, 1, 2, 10]))
+    head, _, _ = text.rpartition(f"= {n}.")
+    return f"{head}= {wrong}. The answer is \\boxed{{{wrong}}}."
+
+
+class ArithmeticPreferences(Arithmetic):
+    """The arithmetic task as preference pairs (TRL's explicit-prompt format): chosen is the correct worked answer,
+    rejected a plausible wrong one."""
+    column_names = ["prompt", "chosen", "rejected", "answer"]
+
+    def __getitem__(self, i):
+        p, rng = self.problem(i)
+        return {"prompt": [{"role": "user", "content": p["prompt"]}],
+                "chosen": [{"role": "assistant", "content": p["completion"]}],
+                "rejected": [{"role": "assistant", "content": wrong_completion(p, rng)}], "answer": p["answer"]}
+
+
+BUILTIN_TASKS = {"arithmetic": Arithmetic, "arithmetic_hard": ArithmeticHard,
+                 "arithmetic_preferences": ArithmeticPreferences}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The grader
+def last_boxed(text):
+    """Content of the last \\boxed{...} in text (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+_FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+
+
+def _number(s):
+    """'1,234' '$5' '-3.0' '\\frac{1}{2}' '3/4' '12 dollars' '50\\%' -> an exact Fraction, or None if s is not a
+    number (after dropping $, thousands separators, units in words or \\text{}, and a leading 'x =')."""
+    s = s.replace("\\!", "").replace("\\,", "").replace("\\$", "").replace("$", "").replace("\u2212", "-")
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{[^{}]*\}", "", s)  # units: 5\text{ cm}
+    s = _FRAC.sub(r"\1/\2", s).replace("\\left", "").replace("\\right", "")
+    s = re.sub(r"^[a-zA-Z]\s*=", "", s.strip())  # x = 5
+    s = re.sub(r"(?<=\d),(?=\d{3}(\D|$))", "", s)  # thousands separators
+    s = re.sub(r"(\\%|%|\^\\circ|\^\{\\circ\}|°)", "", s)
+    s = re.sub(r"(\s+[a-zA-Z]+)+\.?$|(?<=\d)[a-zA-Z]{2,}\.?$", "", s.strip())  # 12 dollars, 5cm (not 2x)
+    s = s.replace(" ", "").rstrip(".")
+    m = re.fullmatch(r"\(?(-?(?:\d+\.?\d*|\.\d+))\)?(?:/\(?(-?(?:\d+\.?\d*|\.\d+))\)?)?", s)
+    if not m:
+        return None
+    num, den = Fraction(m.group(1)), Fraction(m.group(2)) if m.group(2) else Fraction(1)
+    return num / den if den else None
+
+
+def normalize_answer(s):
+    """A canonical form for comparing answers: numbers exactly (0.5 == 1/2 == \\frac{1}{2}, 1,000 == 1000.0,
+    $18 == 18 dollars), anything else as the string without spaces, \\left/\\right and a final period."""
+    s = str(s).strip()
+    n = _number(s)
+    if n is not None:
+        return str(n)
+    return re.sub(r"\s+|\\left|\\right|\\!", "", s).rstrip(".")
+
+
+def reference_answer(row):
+    """The ground truth of a row, or None: an `answer` column (GSM8K's worked answers end in "#### 42"), else the
+    last \\boxed{} of a `solution` column (MATH)."""
+    if row.get("answer") is not None:
+        a = str(row["answer"])
+        return a.rpartition("####")[2].strip() if "####" in a else a.strip()
+    if row.get("solution") is not None:
+        return last_boxed(str(row["solution"]))
+    return None
+
+
+def grade(text, answer):
+    """(has a \\boxed{} answer, that answer equals the ground truth) for one completion."""
+    box = last_boxed(text)
+    return box is not None, box is not None and normalize_answer(box) == normalize_answer(answer)
