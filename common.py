@@ -1,9 +1,10 @@
 """Plumbing shared by every script: nothing in here changes what an algorithm does.
 
 Argument parsing, device / DDP / precision setup, model and tokenizer loading (Hub id, local folder, .gguf, or the
-embedded SmolLM2-135M-Instruct offline), datasets (Hub, local files, the built-in arithmetic task, mixtures),
-chat-template masking, log-prob gathering, batched generation, the answer grader, logging and checkpoints.
-If you want to change a loss, an advantage or a rollout, that code lives in the method's own script.
+embedded SmolLM2-135M-Instruct offline), datasets (Hub, local files, the built-in tasks of tasks.py, mixtures),
+chat-template masking, log-prob gathering, batched generation, logging and checkpoints.
+If you want to change a loss, an advantage or a rollout, that code lives in the method's own script; the built-in
+tasks and the answer grader are in tasks.py.
 """
 import glob
 import hashlib
@@ -434,7 +435,7 @@ def load_prompts(args, tok, rt, need_answers=None, reads_per_step=1):
 
 
 def parse_mixture(datasets_arg, weights_arg):
-    """'a,b' and '0.7,0.3' -> [('a', 0.7), ('b', 0.3)], weights normalised to sum to 1 (seed 003's w_s)."""
+    """'a,b' and '0.7,0.3' -> [('a', 0.7), ('b', 0.3)], weights normalised to sum to 1 (the w_s of a mixture)."""
     specs = [s.strip() for s in datasets_arg.split(",") if s.strip()]
     if not specs:
         raise UserError("--dataset is empty")
@@ -932,13 +933,15 @@ def save_args(args, output_dir, rt):
             json.dump(asdict(args), f, indent=2)
 
 
-def optimizer_and_schedule(model, args):
+def optimizer_and_schedule(model, args, groups=None):
     """AdamW over the trainable parameters, linear warmup then cosine decay (--learning_rate, --warmup_steps,
-    --min_lr_ratio, --weight_decay, --max_steps)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    --min_lr_ratio, --weight_decay, --max_steps). groups: [(parameters, peak learning rate)] to give parts of the
+    model their own rate (the schedule scales each)."""
+    groups = [{"params": [p for p in ps if p.requires_grad], "lr": lr}
+              for ps, lr in (groups or [(model.parameters(), args.learning_rate)])]
     # The fused kernel updates all parameters in one pass over memory (~2x faster than the default on a CPU).
-    fused = params[0].device.type in ("cpu", "cuda")
-    opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=fused)
+    fused = groups[0]["params"][0].device.type in ("cpu", "cuda")
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
     return opt, sched

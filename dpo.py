@@ -1,6 +1,6 @@
 """Direct preference optimization (DPO) and close variants, trained on preference pairs (prompt, chosen, rejected).
 
-DPO (seed 002 EQ 5.5; seed 003 writes it with Δ_θ and Δ_ref; seed 001 §4) needs no reward model and no sampling:
+DPO (Rafailov et al. 2023, arXiv:2305.18290, Eq. 7) needs no reward model and no sampling:
 
     L_DPO = -log σ( β [ (log π_θ(y_w|x) - log π_ref(y_w|x)) - (log π_θ(y_l|x) - log π_ref(y_l|x)) ] )
 
@@ -9,12 +9,12 @@ implicit reward of a response is r(x, y) = β (log π_θ(y|x) - log π_ref(y|x))
 reward often fall during training, and that is fine: the margin between them is what the loss raises.
 
 --loss_type (h = (log π_θ(y_w) - log π_ref(y_w)) - (log π_θ(y_l) - log π_ref(y_l))):
-    sigmoid  EQ 5.5. With --label_smoothing ε > 0 it is conservative DPO (cDPO, Mitchell 2023), which assumes
+    sigmoid  DPO, Eq. 7. With --label_smoothing ε > 0 it is conservative DPO (cDPO, Mitchell 2023), which assumes
              labels flipped with probability ε: -(1-ε) log σ(βh) - ε log σ(-βh)
-    robust   robust DPO (Chowdhury et al. 2024, eq. 8), an unbiased estimate of the clean loss under label-flip
+    robust   robust DPO (Chowdhury et al. 2024, arXiv:2403.00409, Eq. 8), an unbiased estimate of the clean loss under label-flip
              rate ε: [-(1-ε) log σ(βh) + ε log σ(-βh)] / (1-2ε)
-    ipo      IPO (Azar et al. 2023, eq. 17): (h - 1/(2β))², with log-probs averaged over response tokens (as TRL)
-    simpo    SimPO (Meng et al. 2024, eq. 6): -log σ(β/|y_w| log π_θ(y_w) - β/|y_l| log π_θ(y_l) - γ), no reference
+    ipo      IPO (Azar et al. 2023, arXiv:2310.12036, Eq. 17): (h - 1/(2β))², with log-probs averaged over response tokens (as TRL)
+    simpo    SimPO (Meng et al. 2024, arXiv:2405.14734, Eq. 6): -log σ(β/|y_w| log π_θ(y_w) - β/|y_l| log π_θ(y_l) - γ), no reference
 
 How this deviates from the paper: the reference log-probs are computed once, before training, with the starting
 policy (or --ref_model), so a single model is held while training (TRL's precompute_ref_log_probs); chosen and
@@ -86,7 +86,7 @@ class Args:
 # ----------------------------------------------------------------------------------------------------------------
 # The losses: pure functions of per-pair log-probs, (B,) tensors -> (B,) losses
 def sigmoid_loss(pi_logratios, ref_logratios, beta, label_smoothing=0.0):
-    """EQ 5.5; cDPO when label_smoothing > 0. pi_logratios = log π_θ(y_w|x) - log π_θ(y_l|x), ref likewise."""
+    """DPO (Rafailov et al. 2023, Eq. 7); cDPO when label_smoothing > 0. pi_logratios = log π_θ(y_w|x) - log π_θ(y_l|x), ref likewise."""
     logits = beta * (pi_logratios - ref_logratios)
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
@@ -99,12 +99,12 @@ def robust_loss(pi_logratios, ref_logratios, beta, label_smoothing):
 
 
 def ipo_loss(pi_logratios, ref_logratios, beta):
-    """IPO (Azar et al. 2023, eq. 17): regress the log-ratio margin onto 1/(2β), with τ = β. Log-probs per token."""
+    """IPO (Azar et al. 2023, arXiv:2310.12036, Eq. 17): regress the log-ratio margin onto 1/(2β), with τ = β. Log-probs per token."""
     return (pi_logratios - ref_logratios - 1 / (2 * beta)) ** 2
 
 
 def simpo_loss(pi_logratios, beta, gamma):
-    """SimPO (Meng et al. 2024, eq. 6): pi_logratios of length-normalised log-probs, margin γ, no reference."""
+    """SimPO (Meng et al. 2024, arXiv:2405.14734, Eq. 6): pi_logratios of length-normalised log-probs, margin γ, no reference."""
     return -F.logsigmoid(beta * pi_logratios - gamma)
 
 

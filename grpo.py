@@ -1,30 +1,38 @@
 """GRPO: group-relative policy optimisation with verifiable rewards (RLVR).
 
 For each prompt x the policy samples a group of G completions y_1..y_G and each gets a reward r_i. The advantage of
-a completion is its reward against its own group's (seed 002 EQ 5.6; seed 003 with population std and ε_R):
+a completion is its reward against its own group's (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, §4.1.2):
 
     A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + ε)
 
-and every token of y_i is pushed by A_i through PPO's clipped ratio, with a KL penalty to a frozen reference
-(seed 003; seed 002 §5.6; seed 001 §3.4):
+and every token of y_i is pushed by A_i through PPO's clipped ratio (Schulman et al. 2017, arXiv:1707.06347,
+Eq. 7), with a KL penalty to a frozen reference (DeepSeekMath Eq. 3, and Eq. 4 for D_KL):
 
     J(θ) = 1/G Σ_i 1/|y_i| Σ_t [ min(ρ_it A_i, clip(ρ_it, 1-ε, 1+ε_high) A_i) - β D_KL,t ],
     ρ_it = π_θ(y_it | x, y_i<t) / π_old(y_it | x, y_i<t),
-    D_KL,t = π_ref/π_θ - log(π_ref/π_θ) - 1          (the k3 estimator, ≥ 0, unbiased on samples of π_θ)
+    D_KL,t = π_ref/π_θ - log(π_ref/π_θ) - 1          (the k3 estimator, ≥ 0, unbiased on samples of π_θ:
+                                                       Schulman 2020, "Approximating KL divergence")
 
-The default reward is the verifiable one of seed 002 EQ 5.7: r = 1[the last \\boxed{} equals the answer]
-+ λ_fmt 1[there is a \\boxed{} answer], λ_fmt = 0.2. Other rule functions (a file.py:function), and a reward model
-trained by reward_model.py (--reward_model), can be added with weights.
+The default reward is verifiable (RLVR: Lambert et al. 2024, Tülu 3, arXiv:2411.15124; accuracy and format rules as
+in DeepSeek-R1, Guo et al. 2025, arXiv:2501.12948, §2.2.2): r = 1[the last \\boxed{} equals the answer]
++ λ_fmt 1[there is a \\boxed{} answer], λ_fmt = 0.2 (our choice). Other rule functions (a file.py:function), and
+a reward model trained by reward_model.py (--reward_model), can be added with weights.
 
 How this deviates from the equation as written, and from TRL:
-- --loss_type grpo (default) is seed 003's 1/|y_i| per-completion mean; `dapo` normalises by the tokens of the
-  whole batch (TRL's default), `dr_grpo` by a constant (completions x max_new_tokens); use it with
-  --scale_rewards none (Dr. GRPO removes both the length and the std normalisation).
-- β defaults to seed 003's 0.05 (TRL: 0, and then no reference model is loaded, as here with --beta 0).
+- --loss_type grpo (default) is DeepSeekMath's 1/|y_i| per-completion mean; `dapo` normalises by the tokens of
+  the whole batch (Yu et al. 2025, arXiv:2503.14476, §3.3; TRL's default), `dr_grpo` by a constant (completions x
+  max_new_tokens); use it with --scale_rewards none (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783, removes both
+  the length and the std normalisation).
+- The std in A_i is the population std (divide by G). TRL's is Bessel-corrected (G - 1), so TRL's advantages are
+  sqrt((G - 1) / G) times ours (0.94x at G = 8); ε = 1e-4.
+- The k3 term's gradient is, in expectation, that of KL(π_ref || π_θ), not KL(π_θ || π_ref), as in TRL,
+  DeepSeekMath and verl.
+- β defaults to 0.05 (DeepSeekMath: 0.04; TRL: 0, and then no reference model is loaded, as here with --beta 0).
 - One step = one batch of --batch_size prompts x --num_generations completions, sampled once and then used for
   --num_iterations optimizer updates (μ in the GRPO paper) against the stored log-probs of the sampling policy.
 - Every log-prob (sampling policy, current policy, reference) is computed from logits / --temperature, the
-  distribution that was actually sampled.
+  distribution that was actually sampled. With --top_p < 1 the log-probs are still those of the whole
+  distribution, not of the truncated one that was sampled (as in TRL).
 
     python grpo.py --model out/sft                   # the built-in arithmetic task, after python sft.py
     python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k --dataset_config main \\
@@ -63,7 +71,7 @@ class Args:
     max_steps: int = arg(20, "steps; each samples one batch and makes --num_iterations optimizer updates on it")
     batch_size: int = arg(8, "PROMPTS per step over all ranks; each gets --num_generations completions, so a step "
                           "trains on batch_size x num_generations completions")
-    num_generations: int = arg(8, "completions per prompt: the group G of EQ 5.6")
+    num_generations: int = arg(8, "completions per prompt: the group G")
     generation_batch_size: int = arg(64, "completions sampled together in one generate call (KV cache)")
     micro_batch_size: int = arg(16, "completions per forward/backward pass; a multiple of --num_generations lets each "
                                 "group's prompt go through the model once")
@@ -76,11 +84,11 @@ class Args:
     min_lr_ratio: float = arg(1.0, "final learning rate as a fraction of the peak (1: constant)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
-    beta: float = arg(0.05, "weight of the k3 KL to the reference (seed 003's λ_KL); 0 loads no reference model")
+    beta: float = arg(0.05, "weight of the k3 KL to the reference (β of DeepSeekMath Eq. 3); 0 loads no reference model")
     epsilon: float = arg(0.2, "clip range below: the ratio is clipped at 1 - epsilon")
     epsilon_high: float = arg(0.2, "clip range above: at 1 + epsilon_high (DAPO's clip-higher uses 0.28)")
     num_iterations: int = arg(1, "optimizer updates per sampled batch (μ); >1 reuses it with the stored old log-probs")
-    loss_type: str = arg("grpo", "grpo (seed 003: mean over each completion's tokens, then over completions), "
+    loss_type: str = arg("grpo", "grpo (DeepSeekMath: mean over each completion's tokens, then over completions), "
                          "dapo (over the batch's tokens), dr_grpo (sum / (completions x max_new_tokens))")
     scale_rewards: str = arg("group", "divide advantages by the std of the group, of the whole batch, or none "
                              "(Dr. GRPO)")
@@ -95,7 +103,7 @@ class Args:
                             "is right), format (1 if there is a \\boxed{}), or path/to/file.py:function called as "
                             "f(prompts=, completions=, completion_ids=, answer=) -> list of floats")
     reward_weights: str = arg("", "weights of --reward_funcs, comma-separated (default: 1 each, 0.2 for format: "
-                              "EQ 5.7's λ_fmt)")
+                              "λ_fmt)")
     reward_model: Optional[str] = arg(None, "a reward_model.py output folder, added as one more reward")
     reward_model_weight: float = arg(1.0, "weight of --reward_model's score")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
@@ -113,8 +121,8 @@ class Args:
 # ----------------------------------------------------------------------------------------------------------------
 # The algorithm: advantages, the per-token objective, and its aggregation. Pure functions of tensors.
 def group_advantages(rewards, group_size, scale_rewards="group", eps=1e-4, batch_std=None):
-    """EQ 5.6. rewards: (N,) with the G = group_size completions of each prompt contiguous -> (N,) advantages.
-    group: (r - group mean) / (group std + eps), std over the group (population, as seed 003's σ_R);
+    """DeepSeekMath §4.1.2. rewards: (N,) with the G = group_size completions of each prompt contiguous -> (N,) advantages.
+    group: (r - group mean) / (group std + eps), std over the group (population: TRL's is Bessel-corrected);
     batch: the group mean, but the std of the whole batch (batch_std when given, e.g. over DDP ranks);
     none:  r - group mean (Dr. GRPO). A group whose rewards are all equal gets zero advantages."""
     r = rewards.view(-1, group_size)
@@ -148,7 +156,7 @@ def per_token_loss(logp, old_logp, ref_logp, advantages, epsilon, epsilon_high, 
 def aggregate(loss, mask, loss_type, num_completions, num_tokens, max_new_tokens):
     """This micro-batch's share of the batch loss. loss, mask: (n, T). The normalisers are over the WHOLE batch
     (all micro-batches and ranks), so the gradient does not depend on how the batch is split:
-    grpo:    1/N Σ_i 1/|y_i| Σ_t loss_it      (seed 003; per completion, then over completions)
+    grpo:    1/N Σ_i 1/|y_i| Σ_t loss_it      (DeepSeekMath Eq. 3; per completion, then over completions)
     dapo:    Σ_it loss_it / Σ_i |y_i|          (each token weighs the same: long completions are not diluted)
     dr_grpo: Σ_it loss_it / (N · max_new_tokens) (a constant: no length bias at all)"""
     loss = loss * mask
@@ -191,7 +199,7 @@ def load_reward_funcs(spec, weights_spec):
         if len(weights) != len(names):
             raise UserError(f"--reward_weights has {len(weights)} numbers for {len(names)} --reward_funcs")
     else:
-        weights = [0.2 if n == "format" else 1.0 for n in names]  # EQ 5.7: λ_fmt = 0.2
+        weights = [0.2 if n == "format" else 1.0 for n in names]  # λ_fmt = 0.2
     return [(n.rpartition(":")[2], f, w) for n, f, w in zip(names, funcs, weights)]
 
 
@@ -289,7 +297,7 @@ def main():
     def rollout(cursor):
         """Sample G completions for each of this rank's prompts at position `cursor` of the prompt stream and score
         them: a list of groups {"prompt_ids", "completion_ids", "sampled_logp": G lists each, "per_func": (G, K)
-        rewards of each function, "rewards": (G,) their weighted sum (EQ 5.7 and the others)}, the number of
+        rewards of each function, "rewards": (G,) their weighted sum}, the number of
         reward-function failures, and the seconds spent scoring."""
         mine = [sources[s][i] for s, i in order[cursor : cursor + args.batch_size][rt.rank :: rt.world_size]]
         prompts = [m for m, _, _ in mine for _ in range(G)]  # each group is contiguous: rows g*G .. g*G+G-1
@@ -324,7 +332,7 @@ def main():
         t0 = time.perf_counter()
         groups, failed, t_score = rollout(cursor)
         cursor, sampled, rounds = cursor + args.batch_size, groups, 0
-        if args.dynamic_sampling:  # DAPO (Yu et al. 2025, arXiv:2503.14476, Eq. 11): train on groups that differ
+        if args.dynamic_sampling:  # DAPO (Yu et al. 2025, arXiv:2503.14476, §3.2): train on groups that differ
             keep = [g for g in groups if not flat(g)]
             while rounds < args.max_resample_rounds and C.all_reduce(float(len(keep) < len(groups)), rt, op="max").item():
                 more, f, t = rollout(cursor)  # every rank takes part in a round while any rank is short
@@ -337,7 +345,7 @@ def main():
         rewards = torch.cat([g["rewards"] for g in groups])
         t_gen = time.perf_counter() - t0 - t_score
 
-        # ---- Advantages within each group (EQ 5.6) ------------------------------------------------------------
+        # ---- Advantages within each group (DeepSeekMath §4.1.2) ----------------------------------------------
         batch_std = None
         if args.scale_rewards == "batch":  # the std of all rewards of the step, over every rank
             s = C.all_reduce(torch.stack([rewards.sum(), (rewards ** 2).sum(), torch.tensor(float(len(rewards)))]), rt)

@@ -1,17 +1,17 @@
 """On-policy distillation (OPD): the student samples, a frozen teacher grades every sampled token.
 
-Seed 000 names OPD beside PPO and GRPO among the major post-training methods. The student π_θ samples completions
-y ~ π_θ(·|x) for training prompts (batched, with the KV cache), and the teacher π_T scores the student's own tokens,
-so the student learns where IT goes wrong, on its own distribution (unlike SFT on teacher outputs). Two losses:
+The student π_θ samples completions y ~ π_θ(·|x) for training prompts (batched, with the KV cache), and the teacher
+π_T scores the student's own tokens, so the student learns where IT goes wrong, on its own distribution (unlike SFT
+on teacher outputs). Two losses:
 
---loss reverse_kl (default; the RL view: Gu et al. 2024, MiniLLM; Thinking Machines Lab 2025, "On-Policy
-Distillation"): every sampled token gets the dense reward r_t = -(log π_θ(y_t|·) - log π_T(y_t|·)), the per-token
-reverse KL on the sample, and the policy gradient is taken with discount 0 (each token's advantage is its own
+--loss reverse_kl (default; the RL view: Gu et al. 2024, MiniLLM, arXiv:2306.08543; Lu and Thinking Machines Lab
+2025, "On-Policy Distillation"): every sampled token gets the dense reward r_t = -(log π_θ(y_t|·) - log π_T(y_t|·)),
+the per-token reverse KL on the sample, and the policy gradient is taken with discount 0 (each token's advantage is its own
 reward; later tokens' rewards are not summed in, as in the Thinking Machines post) and no baseline:
 
     L = -1/|tokens| Σ_t sg(r_t) log π_θ(y_t|·),   E[∇L] = ∇ Σ_t KL(π_θ(·|x,y_<t) || π_T(·|x,y_<t))
 
---loss jsd (GKD: Agarwal et al. 2024, "On-Policy Distillation of Language Models"): the generalized
+--loss jsd (GKD: Agarwal et al. 2024, "On-Policy Distillation of Language Models", arXiv:2306.13649): the generalized
 Jensen-Shannon divergence between the teacher's and the student's full next-token distributions at every
 position of the sampled sequence,
 

@@ -1,19 +1,20 @@
 """RLHF with PPO: a policy, a frozen reference, a reward model and a value model; GAE; a KL penalty in the reward.
 
-The objective is seed 002 EQ 5.3 (seed 004 §4): maximise the reward of sampled responses while staying close to the
+The objective is the KL-regularised reward of RLHF (Ziegler et al. 2019, arXiv:1909.08593, Eq. 2; Ouyang et al.
+2022, InstructGPT, arXiv:2203.02155, Eq. 2): maximise the reward of sampled responses while staying close to the
 reference policy,
 
     max_θ E_{x, y ~ π_θ}[ r_φ(x, y) ] - β KL[ π_θ(·|x) || π_ref(·|x) ],
 
-optimised with PPO's clipped surrogate (seed 002 EQ 5.4, seed 004 §2.8) on per-token advantages from a learned
-value function. Each response token is an action; the per-token reward is the KL penalty -β (log π_old - log π_ref)
+optimised with PPO's clipped surrogate (Schulman et al. 2017, arXiv:1707.06347, Eq. 7) on per-token advantages
+from a learned value function. Each response token is an action; the per-token reward is the KL penalty -β (log π_old - log π_ref)
 (the k1 estimate) at every token, plus the reward model's score at the last token. Advantages come from GAE
-(γ = 1, λ = 0.95) and are whitened over the batch. The implementation details that make PPO work for language
-models ("The N Implementation Details of RLHF with PPO", Huang et al. 2024; ../shared/REFERENCE.md) are each named
-in a comment where they happen, tagged [detail].
+(Schulman et al. 2016, arXiv:1506.02438, Eq. 16; γ = 1, λ = 0.95) and are whitened over the batch. The implementation details that make PPO work for language
+models (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", arXiv:2403.17031) are each named in
+a comment where they happen, tagged [detail: its name].
 
-The reward is a model trained by reward_model.py (--reward_model) or the verifiable math reward of seed 002 EQ 5.7
-(--reward verifiable). The value model starts as the reward model (its head predicts the final score) or, with the
+The reward is a model trained by reward_model.py (--reward_model) or the verifiable math reward of grpo.py
+(--reward verifiable: 1[correct \\boxed{} answer] + 0.2 x 1[a \\boxed{} answer]). The value model starts as the reward model (its head predicts the final score) or, with the
 verifiable reward, as the policy with a new scalar head.
 
 How this deviates from TRL's PPOTrainer: the KL and entropy are logged per token, and `objective/entropy` is the
@@ -43,7 +44,7 @@ from common import UserError, arg
 @dataclass
 class Args:
     model: str = arg(C.DEFAULT_MODEL, "the policy to train: Hub id, local folder (e.g. sft.py's output) or .gguf")
-    reward: str = arg("model", "model (score responses with --reward_model), verifiable (seed 002 EQ 5.7: "
+    reward: str = arg("model", "model (score responses with --reward_model), verifiable ("
                       "1[correct \\boxed{} answer] + --format_weight x 1[a \\boxed{} answer]), or a rule "
                       "path/to/file.py:function called as f(prompts=, completions=, completion_ids=, answer=)")
     reward_model: Optional[str] = arg(None, "a reward_model.py output folder (same tokenizer as the policy)")
@@ -80,7 +81,11 @@ class Args:
     cliprange_value: float = arg(0.2, "clip of the value update around the old values")
     vf_coef: float = arg(0.1, "weight of the value loss")
     whiten_rewards: bool = arg(False, "whiten the per-token rewards over the batch before GAE")
-    learning_rate: float = arg(3e-6, "peak learning rate (AdamW) of the policy and the value model")
+    learning_rate: float = arg(3e-6, "peak learning rate (AdamW) of the policy")
+    value_learning_rate: Optional[float] = arg(None, "peak learning rate of the value model (default: "
+                                               "--learning_rate, as TRL; OpenRLHF gives the critic its own)")
+    value_warmup_steps: int = arg(0, "first steps that train only the value model, so that the policy's first "
+                                  "advantages do not come from an untrained value head")
     warmup_steps: int = arg(0, "linear warmup steps, then cosine decay")
     min_lr_ratio: float = arg(1.0, "final learning rate as a fraction of the peak (1: constant)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
@@ -99,7 +104,7 @@ class Args:
 # ----------------------------------------------------------------------------------------------------------------
 # The algorithm: per-token rewards, GAE, whitening, the clipped losses. Pure functions of tensors.
 def per_token_rewards(scores, logp, ref_logp, mask, kl_coef):
-    """[detail] The KL penalty is part of the reward: -β (log π_old - log π_ref) at every response token (k1), and
+    """[detail: the KL penalty as a per-token reward] -β (log π_old - log π_ref) at every response token (k1), and
     the sequence score is added at the LAST real token of each response. scores: (N,); logp, ref_logp, mask: (N, T)
     right-padded responses. Returns (N, T) rewards (0 on padding) and the (N, T) per-token k1 KL."""
     kl = (logp - ref_logp) * mask
@@ -130,8 +135,8 @@ def masked_mean(x, mask):
 
 
 def masked_whiten(x, mask, shift_mean=True):
-    """[detail] Whitening over the batch within the mask: (x - mean) / std over the real tokens only. shift_mean
-    False keeps the mean (TRL's reward whitening). Padding stays 0."""
+    """[detail: masked whitening] Whitening over the batch within the mask: (x - mean) / std over the real tokens
+    only. shift_mean False keeps the mean (TRL's reward whitening). Padding stays 0."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)  # unbiased, as TRL
     out = (x - mean) * torch.rsqrt(var + 1e-8)
@@ -139,7 +144,7 @@ def masked_whiten(x, mask, shift_mean=True):
 
 
 def policy_loss(logp, old_logp, advantages, mask, cliprange):
-    """EQ 5.4 per token, averaged over the real tokens: max(-A ρ, -A clip(ρ, 1-ε, 1+ε)). Returns (loss, clipfrac,
+    """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7) per token, averaged over the real tokens: max(-A ρ, -A clip(ρ, 1-ε, 1+ε)). Returns (loss, clipfrac,
     approxkl = ½ E[(log ρ)²])."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
@@ -149,7 +154,7 @@ def policy_loss(logp, old_logp, advantages, mask, cliprange):
 
 
 def value_loss(values, old_values, returns, mask, cliprange_value):
-    """[detail] Clipped value loss: ½ max((V - R)², (clip(V, V_old ± c) - R)²), averaged over real tokens.
+    """[detail: value function clipping] ½ max((V - R)², (clip(V, V_old ± c) - R)²), averaged over real tokens.
     Returns (loss, clipfrac)."""
     clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     a, b = (values - returns) ** 2, (clipped - returns) ** 2
@@ -198,7 +203,7 @@ def load_value_model(path, args, rt):
                                num_labels=1, output_loading_info=True)
     head = model.score if hasattr(model, "score") else model.classifier
     if any(k.startswith(("score.", "classifier.")) for k in info["missing_keys"]):
-        # [detail] A new scalar head starts with std 1/sqrt(d_model + 1), so values are O(1) at any width.
+        # [detail: scalar head initialisation] std 1/sqrt(d_model + 1), so values are O(1) at any width.
         torch.nn.init.normal_(head.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
         if getattr(head, "bias", None) is not None:
             torch.nn.init.zeros_(head.bias)
@@ -214,9 +219,11 @@ def main():
     if args.reward == "model" and not args.reward_model:
         raise UserError("--reward model needs --reward_model PATH (a reward_model.py output), or use --reward verifiable")
     if min(args.max_steps, args.batch_size, args.num_ppo_epochs, args.num_mini_batches, args.micro_batch_size,
-           args.max_new_tokens, args.generation_batch_size) < 1 or args.temperature <= 0 or args.kl_coef < 0:
+           args.max_new_tokens, args.generation_batch_size) < 1 or args.temperature <= 0 or args.kl_coef < 0 \
+            or args.value_warmup_steps < 0 or (args.value_learning_rate is not None and args.value_learning_rate <= 0):
         raise UserError("--max_steps, --batch_size, --num_ppo_epochs, --num_mini_batches, --max_new_tokens and the "
-                        "batch sizes must be at least 1; --temperature above 0; --kl_coef not negative")
+                        "batch sizes must be at least 1; --temperature and --value_learning_rate above 0; --kl_coef "
+                        "and --value_warmup_steps not negative")
     rt = C.setup(args.seed, args.device, args.precision)
     if args.batch_size % (rt.world_size * args.num_mini_batches):
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of ranks x --num_mini_batches "
@@ -231,8 +238,8 @@ def main():
     sources, graded, order = C.load_prompts(args, tok, rt, need_answers="--reward verifiable"
                                             if args.reward == "verifiable" else None)
 
-    # The four models. Dropout is off in all of them ([detail]: C.load_model), the reference and reward model are
-    # frozen in inference mode with no optimizer state; only the policy and the value model are trained.
+    # The four models. Dropout is off in all of them ([detail: dropout disabled], C.load_model), the reference and
+    # reward model are frozen in inference mode with no optimizer state; only the policy and value model are trained.
     policy = C.load_model(path, rt, args.trust_remote_code)
     ref = C.freeze(C.load_model(path, rt, args.trust_remote_code), rt)
     rm = rm_tok = None
@@ -247,7 +254,9 @@ def main():
         policy.gradient_checkpointing_enable()
         value.gradient_checkpointing_enable()
     model = PolicyAndValue(policy, value, rt, args.temperature)
-    opt, sched = C.optimizer_and_schedule(model, args)
+    value_lr = args.value_learning_rate or args.learning_rate
+    opt, sched = C.optimizer_and_schedule(model, args, [(policy.parameters(), args.learning_rate),
+                                                        (value.parameters(), value_lr)])
     kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
     step = 0
     if args.resume:
@@ -274,9 +283,9 @@ def main():
             if len(s) != len(texts):
                 raise UserError(f"--reward {args.reward} returned {len(s)} rewards for {len(texts)} responses")
             s = torch.tensor(s)
-        else:  # seed 002 EQ 5.7
+        else:  # the verifiable reward of grpo.py
             s = torch.tensor([float(c) + args.format_weight * float(b) for b, c in (T.grade(t, a) for t, a in zip(texts, answers))])
-        # [detail] A response that never emitted EOS (it hit --max_new_tokens) gets a penalty.
+        # [detail: EOS trick] A response that never emitted EOS (it hit --max_new_tokens) gets a penalty.
         eos = torch.tensor([tok.eos_token_id in r for r in ids])
         return s - args.missing_eos_penalty * (~eos).float(), s, eos
 
@@ -298,7 +307,7 @@ def main():
         texts = [tok.decode(r, skip_special_tokens=True) for r in ids]
         t_gen = time.perf_counter() - t0
 
-        # [detail] Prompts left-padded, responses right-padded: the layout of generation, position ids from the mask.
+        # [detail: left padding for generation] Prompts left-padded, responses right-padded, position ids from the mask.
         P, P_mask = (t.to(dev) for t in C.pad(prompt_ids, tok.pad_token_id, side="left"))
         Y, Y_mask = (t.to(dev) for t in C.pad(ids, tok.pad_token_id))
         mask = Y_mask.float()
@@ -308,12 +317,12 @@ def main():
             scores, raw_scores, eos = (t.to(dev) for t in scores_of(prompts, texts, answers, ids))
             old_logp, old_values = (torch.cat(x) for x in zip(*[model(P[mb], P_mask[mb], Y[mb], Y_mask[mb])[:2] for mb in micro]))
             ref_logp = torch.cat([C.completion_logprobs(ref, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt, args.temperature)[0]
-                                  for mb in micro])  # [detail] every log-prob with logits / temperature
+                                  for mb in micro])  # [detail: temperature in the log-probs]
             rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, kl_ctl.value)
             if args.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False)
             advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
-            # [detail] Advantages whitened over the batch, within the response mask. Under DDP over this rank's batch.
+            # [detail: advantage whitening] Over the batch, within the response mask; under DDP, over this rank's batch.
             advantages = masked_whiten(advantages, mask)
 
         # ---- PPO epochs over shuffled minibatches ------------------------------------------------------------
@@ -332,13 +341,14 @@ def main():
                         w = mask[j].sum() / n_tok * rt.world_size  # this micro-batch's share of the token mean
                         pg, pg_clip, approxkl = policy_loss(logp, old_logp[j], advantages[j], mask[j], args.cliprange)
                         vf, vf_clip = value_loss(values, old_values[j], returns[j], mask[j], args.cliprange_value)
-                        ((pg + args.vf_coef * vf) * w).backward()
+                        pg_weight = float(step >= args.value_warmup_steps)  # 0: the value model's warm-up
+                        ((pg_weight * pg + args.vf_coef * vf) * w).backward()
                     with torch.no_grad():
                         sums[:5] += torch.stack([pg, vf, pg_clip, vf_clip, approxkl]) * w / rt.world_size
                         if ent is not None:  # the first epoch sees every token once
                             sums[5] += (ent * mask[j]).sum()
                             sums[7] += mask[j].sum()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # [detail] gradient clipping
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # [detail: gradient clipping]
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sums[6] += 1

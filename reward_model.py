@@ -1,7 +1,8 @@
 """Bradley-Terry reward model: a scalar head on a language model, trained on preference pairs.
 
-The model of preferences (seed 003; seed 004 §4) is Pr(y_w ≻ y_l | x) = σ(r_φ(x, y_w) - r_φ(x, y_l)), and the
-reward model minimises its negative log-likelihood (seed 002 EQ 5.2):
+The model of preferences (Bradley and Terry 1952, as in Christiano et al. 2017, arXiv:1706.03741, Eq. 1) is
+Pr(y_w ≻ y_l | x) = σ(r_φ(x, y_w) - r_φ(x, y_l)), and the reward model minimises its negative log-likelihood
+(Ouyang et al. 2022, InstructGPT, arXiv:2203.02155, Eq. 1):
 
     L_RM = -E[ log σ( r_φ(x, y_w) - r_φ(x, y_l) - m ) ]  +  c · E[ (r_φ(x, y_w) + r_φ(x, y_l))² ]
 
@@ -69,7 +70,7 @@ class Args:
 
 # ----------------------------------------------------------------------------------------------------------------
 def bradley_terry_loss(r_chosen, r_rejected, margin=None, center_coef=0.0):
-    """EQ 5.2 with an optional margin and centering term. (B,) rewards -> (B,) per-pair losses."""
+    """Ouyang et al. 2022 Eq. 1 with an optional margin and centering term. (B,) rewards -> (B,) per-pair losses."""
     logits = r_chosen - r_rejected - (margin if margin is not None else 0.0)
     return -F.logsigmoid(logits) + center_coef * (r_chosen + r_rejected) ** 2
 

@@ -1,12 +1,12 @@
 """Supervised fine-tuning (SFT): next-token training on demonstrations, with the loss on assistant tokens only.
 
-The objective (seed 002 EQ 5.1, seed 003):
+The objective, the supervised stage of InstructGPT (Ouyang et al. 2022, arXiv:2203.02155, §3.5):
 
     L_SFT(θ) = -(1 / Σ_t m_t) Σ_t m_t log p_θ(x_{t+1} | x_{1:t}),    m_t = 1 iff x_{t+1} is an assistant token
 
 System, user and tool turns stay in the context but are never targets; the assistant's end-of-turn token is a
 target, so the model learns to stop. With several sources, example i comes from source s with probability w_s
-(seed 003's mixture risk Σ_s w_s E_{D_s}[L_SFT]).
+(the mixture risk Σ_s w_s E_{D_s}[L_SFT]).
 
 How this deviates from the equation as written: the normaliser Σ m_t is the number of assistant tokens in the whole
 optimizer batch (over gradient-accumulation micro-batches and DDP ranks), not per example or per micro-batch, so
@@ -111,7 +111,7 @@ def batches(examples, size, pad_id):
 
 
 def token_nll(model, x, mask, y, rt):
-    """Summed NLL of the trained tokens of one micro-batch (EQ 5.1's numerator) and the number of its tokens."""
+    """Summed NLL of the trained tokens of one micro-batch (the numerator of L_SFT) and the number of its tokens."""
     x, mask, y = x.to(rt.device), mask.to(rt.device), y.to(rt.device)
     logits, targets = C.label_logits(model, x, mask, y, rt)  # (B, K, V), (B, K): prompt positions skipped
     keep = targets != C.IGNORE_INDEX
@@ -193,7 +193,7 @@ def main():
         t0 = time.perf_counter()
         rows = order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]
         examples = [x for x in (sources[s][i] for s, i in rows) if x is not None]
-        # The normaliser of EQ 5.1: trained tokens of the whole optimizer batch, over micro-batches and ranks.
+        # The normaliser of L_SFT: trained tokens of the whole optimizer batch, over micro-batches and ranks.
         n_local = sum(sum(l != C.IGNORE_INDEX for l in labels[1:]) for _, labels in examples)
         n_target = C.all_reduce(float(n_local), rt).item()
         nll_sum, tokens = 0.0, sum(len(ids) for ids, _ in examples)

@@ -6,6 +6,8 @@ of all problems that training never sees:
     arithmetic              two-digit + and -, one-digit x two-digit, with worked answers (SFT demonstrations)
     arithmetic_hard         harder kinds the demonstrations never show: three-digit +, -, one-digit x three-digit,
                             and two-step problems (a + b - c, a x b + c), each with the same kind of worked answer
+    arithmetic_mixed        `arithmetic` with half the demonstrations answering without the working: a model
+                            SFT-trained on it answers both ways, and the short way is mostly wrong
     arithmetic_preferences  `arithmetic` as preference pairs: the worked answer against a plausible wrong one
 
 Splits: "train"; "test", the held-out problems; "reworded", the same held-out problems asked in wordings that
@@ -123,6 +125,19 @@ class ArithmeticHard(Arithmetic):
     hard = True
 
 
+class ArithmeticMixed(Arithmetic):
+    """The problems of `arithmetic`, but half the demonstrations give the answer without the working ("The answer
+    is \\boxed{56}."), as in SFT data of mixed quality. A model trained on them answers both ways; the worked way is
+    right far more often, which a verifier can teach and imitation cannot."""
+    column_names = ["prompt", "completion", "answer"]
+
+    def __getitem__(self, i):
+        row = super().__getitem__(i)
+        if random.Random(f"mixed/{self.split}/{self.seed}/{i}").random() < 0.5:
+            row["completion"] = [{"role": "assistant", "content": f"The answer is \\boxed{{{row['answer']}}}."}]
+        return row
+
+
 def wrong_completion(p, rng):
     """A plausible wrong answer: the same working with a slip in the last step, or the right number without a box."""
     n, text = p["answer"], p["completion"]
@@ -145,7 +160,7 @@ class ArithmeticPreferences(Arithmetic):
                 "rejected": [{"role": "assistant", "content": wrong_completion(p, rng)}], "answer": p["answer"]}
 
 
-BUILTIN_TASKS = {"arithmetic": Arithmetic, "arithmetic_hard": ArithmeticHard,
+BUILTIN_TASKS = {"arithmetic": Arithmetic, "arithmetic_hard": ArithmeticHard, "arithmetic_mixed": ArithmeticMixed,
                  "arithmetic_preferences": ArithmeticPreferences}
 
 

@@ -26,7 +26,7 @@ def wilson(k, n, z=1.96):
     """95% Wilson score interval of a share k / n."""
     p = k / n
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def paired_difference(a, b, z=1.96):

@@ -49,11 +49,12 @@ def main():
     runs = [read_metrics(r) for r in args.runs]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for label, series in zip(labels, runs):
+        for i, (label, series) in enumerate(zip(labels, runs)):
             points = series.get(metric)
-            if points:
+            if points:  # a run keeps its colour in every panel, also where another run has no such metric
                 xs = [s if args.x == "step" else t / 60 for s, t, _ in points]
-                ax.plot(xs, [v for _, _, v in points], marker="o" if len(points) < 30 else None, ms=3, label=label)
+                ax.plot(xs, [v for _, _, v in points], marker="o" if len(points) < 30 else None, ms=3, label=label,
+                        color=f"C{i}")
         ax.set_title(metric)
         ax.set_xlabel("step" if args.x == "step" else "minutes of training")
         ax.grid(alpha=0.3)

@@ -192,6 +192,21 @@ def test_hard_task_kinds_answers_and_disjoint_split():
     assert T.Arithmetic("train", seed=0)[0] != train[0]
 
 
+def test_mixed_task_answers_half_without_working():
+    mixed, plain = T.ArithmeticMixed("train", seed=0), T.Arithmetic("train", seed=0)
+    short = 0
+    for i in range(400):
+        row = mixed[i]
+        assert row["prompt"] == plain[i]["prompt"] and row["answer"] == plain[i]["answer"]
+        text = row["completion"][0]["content"]
+        assert T.grade(text, row["answer"]) == (True, True)
+        if text != plain[i]["completion"][0]["content"]:
+            assert text == f"The answer is \\boxed{{{row['answer']}}}."
+            short += 1
+    assert 160 < short < 240
+    assert T.ArithmeticMixed("test")[7]["prompt"] == T.Arithmetic("test")[7]["prompt"]  # the same held-out problems
+
+
 @pytest.mark.parametrize("cls", [T.Arithmetic, T.ArithmeticHard])
 def test_reworded_split_asks_the_test_problems_in_unseen_words(cls):
     test, reworded, train = cls("test", seed=0), cls("reworded", seed=0), cls("train", seed=0)

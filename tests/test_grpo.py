@@ -14,7 +14,7 @@ from conftest import PETS, RULES, ok, read_metrics, run_script, write_jsonl
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Advantages (EQ 5.6)
+# Advantages (Shao et al. 2024, §4.1.2)
 def test_group_advantages_by_hand():
     r = torch.tensor([1.0, 0.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0])  # two groups of G = 4
     # Seed 002's worked example: mean 0.5, population std 0.5 -> A = ±1 (up to ε = 1e-4); an all-equal group -> 0.

@@ -2,6 +2,7 @@
 the last real token, values at the right positions, a zero KL penalty at the reference, and tiny-model runs whose
 score rises under a rule reward, with a reward model, and under torchrun."""
 import math
+import os
 import sys
 
 import pytest
@@ -141,6 +142,18 @@ def test_score_rises_on_a_tiny_model(pets_model, tmp_path):
     assert rows[0]["objective/kl"] == 0  # the first batch is sampled by the reference itself
     first, last = (sum(r["objective/scores"] for r in rows[s]) / 5 for s in (slice(0, 5), slice(-5, None)))
     assert last > first + 0.2, [round(r["objective/scores"], 2) for r in rows]
+
+
+def test_value_warmup_leaves_the_policy_alone_and_the_value_model_its_own_rate(pets_model, tmp_path):
+    out = str(tmp_path / "out")
+    ok(ppo_run(pets_model, out, tmp_path, "--max_steps", "4", "--value_warmup_steps", "2",
+               "--value_learning_rate", "1e-2"))
+    rows = read_metrics(out)
+    # Steps 1 and 2 train only the value model, so steps 1-3 sample from the reference itself: zero KL.
+    assert [r["objective/kl"] for r in rows[:3]] == [0, 0, 0] and rows[3]["objective/kl"] > 0
+    assert rows[0]["loss/value"] != rows[1]["loss/value"]
+    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [2e-3, 1e-2]  # policy, value
 
 
 def test_reward_model_value_from_it_verifiable_eval_and_torchrun(pets_model, tmp_path):

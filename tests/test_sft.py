@@ -50,7 +50,7 @@ def test_builtin_task_logs_eval_and_answer_metrics(tiny_model_dir, tmp_path):
 
 
 def test_loss_does_not_depend_on_micro_batch_split(tiny_model_dir, tmp_path):
-    """EQ 5.1's normaliser is the trained-token count of the whole batch: micro-batches of 1 or 4 (examples of
+    """L_SFT's normaliser is the trained-token count of the whole batch: micro-batches of 1 or 4 (examples of
     different lengths) give the same loss and the same update; so does gradient checkpointing."""
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     runs = []

@@ -1,0 +1,44 @@
+"""The evaluation helpers the README's results are computed with: intervals by hand, the plot from metrics.jsonl."""
+import json
+import os
+
+import pytest
+
+from bench import heldout, plot
+
+
+def test_wilson_interval_by_hand():
+    # 47 of 64: p = 0.734375, centre (p + z²/2n) / (1 + z²/n) = 0.721103, half-width 0.105934
+    lo, hi = heldout.wilson(47, 64)
+    assert (lo, hi) == pytest.approx((0.615169, 0.827037), abs=1e-6)
+    lo, hi = heldout.wilson(0, 10)  # never below 0, and not a zero-width interval at 0
+    assert lo == 0 and hi == pytest.approx(0.277540, abs=1e-6)
+
+
+def test_paired_difference_by_hand():
+    # d = [0, -1, 1, 1]: mean 0.25, sample sd sqrt(2.75 / 3) = 0.957427, half-width 1.96 x 0.957427 / 2 = 0.938279
+    d, lo, hi = heldout.paired_difference([1, 1, 0, 0], [1, 0, 1, 1])
+    assert (d, lo, hi) == pytest.approx((0.25, -0.688279, 1.188279), abs=1e-6)
+    assert heldout.paired_difference([1, 0, 1], [1, 0, 1]) == (0, 0, 0)
+
+
+def test_plot_reads_resumed_runs_once_and_draws(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 0, "eval/accuracy": 0.5}, {"step": 1, "reward": 0.1, "seconds_per_step": 30},
+            {"step": 2, "reward": 0.2, "seconds_per_step": 30}, {"step": 2, "reward": 0.3, "seconds_per_step": 30},
+            {"step": 3, "reward": 0.4, "seconds_per_step": 60, "eval/accuracy": 0.7}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    series = plot.read_metrics(str(run))
+    assert series["reward"] == [(1, 30, 0.1), (2, 60, 0.3), (3, 120, 0.4)]  # step 2 drawn once: the last row
+    assert series["eval/accuracy"] == [(0, 0, 0.5), (3, 120, 0.7)]
+    pytest.importorskip("matplotlib")
+    out = str(tmp_path / "fig.png")
+    import sys
+    argv = sys.argv
+    sys.argv = ["plot.py", str(run), "--metrics", "eval/accuracy,reward", "--x", "time", "--out", out]
+    try:
+        plot.main()
+    finally:
+        sys.argv = argv
+    assert os.path.getsize(out) > 1000
