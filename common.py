@@ -935,13 +935,13 @@ def save_args(args, output_dir, rt):
 
 def optimizer_and_schedule(model, args, groups=None):
     """AdamW over the trainable parameters, linear warmup then cosine decay (--learning_rate, --warmup_steps,
-    --min_lr_ratio, --weight_decay, --max_steps). groups: [(parameters, peak learning rate)] to give parts of the
+    --min_lr_ratio, --weight_decay, --adam_beta1, --adam_beta2, --max_steps). groups: [(parameters, peak learning rate)] to give parts of the
     model their own rate (the schedule scales each)."""
     groups = [{"params": [p for p in ps if p.requires_grad], "lr": lr}
               for ps, lr in (groups or [(model.parameters(), args.learning_rate)])]
     # The fused kernel updates all parameters in one pass over memory (~2x faster than the default on a CPU).
     fused = groups[0]["params"][0].device.type in ("cpu", "cuda")
-    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=fused)
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
     return opt, sched
@@ -949,7 +949,7 @@ def optimizer_and_schedule(model, args, groups=None):
 
 # Arguments that fix the data stream and the schedule: a run can only resume with the same values.
 RESUME_ARGS = ("model", "dataset", "dataset_weights", "dataset_split", "dataset_config", "eval_size", "max_length",
-               "batch_size", "seed", "max_steps", "loss_type", "beta")
+               "batch_size", "seed", "max_steps")
 
 
 def save_state(path, model, opt, sched, step, args, rt, **extra):
@@ -966,12 +966,17 @@ def save_state(path, model, opt, sched, step, args, rt, **extra):
         os.replace(f"{path}.tmp", path)
 
 
-def restore_state(path, model, opt, sched, args, rt):
-    """Load a checkpoint written by save_state into model, opt and sched; returns it (for "step" and extras)."""
+def restore_state(path, model, opt, sched, args, rt, must_match=()):
+    """Load a checkpoint written by save_state into model, opt and sched; returns it (for "step" and extras).
+    RESUME_ARGS and the script's own must_match arguments must equal the checkpoint's."""
     if not os.path.isfile(path):
         raise UserError(f"--resume: no checkpoint at {path}; run without --resume to start afresh")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    for k in RESUME_ARGS:
+    try:  # weights_only: tensors and plain data only, so a crafted file cannot run code when it is loaded
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--resume: {path} is not a checkpoint these scripts wrote ({type(e).__name__}); not loading "
+                        "it") from None
+    for k in RESUME_ARGS + tuple(must_match):
         if state["args"].get(k) != getattr(args, k, None):
             raise UserError(f"--resume: the checkpoint was made with --{k} {state['args'].get(k)}, not {getattr(args, k)}")
     model.load_state_dict(state["model"])

@@ -83,6 +83,8 @@ class Args:
     warmup_steps: int = arg(0, "linear warmup steps, then cosine decay")
     min_lr_ratio: float = arg(1.0, "final learning rate as a fraction of the peak (1: constant)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
+    adam_beta1: float = arg(0.9, "AdamW β1")
+    adam_beta2: float = arg(0.95, "AdamW β2 (0.95 as nanoGPT; TRL's default is 0.999)")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     beta: float = arg(0.05, "weight of the k3 KL to the reference (β of DeepSeekMath Eq. 3); 0 loads no reference model")
     epsilon: float = arg(0.2, "clip range below: the ratio is clipped at 1 - epsilon")
@@ -276,7 +278,8 @@ def main():
     opt, sched = C.optimizer_and_schedule(model, args)
     step, cursor = 0, 0  # cursor: how far the prompt stream has been read (further than step x batch_size with
     if args.resume:      # --dynamic_sampling)
-        state = C.restore_state(ckpt_path, model, opt, sched, args, rt)
+        state = C.restore_state(ckpt_path, model, opt, sched, args, rt,  # these change the loss or the prompt stream
+                                must_match=("loss_type", "beta", "dynamic_sampling", "max_resample_rounds"))
         step, cursor = state["step"], state.get("cursor", state["step"] * args.batch_size)
     ddp = DDP(model) if rt.world_size > 1 else model
     log = C.MetricsLog(args.output_dir, rt, resume_step=step)
@@ -378,7 +381,10 @@ def main():
             ref_logp = torch.cat([logps(ref, mb)[0] for mb in micro]) if ref is not None else None
 
         # ---- μ optimizer updates on the batch ---------------------------------------------------------------
-        sums = torch.zeros(7, device=dev)  # loss, kl, entropy, clipped low, clipped high, tokens, |Δ sampler| (first pass)
+        # Sums for the metrics: loss and clip counts over every update (averaged over the μ updates, as TRL logs
+        # them), the rest on the first pass, where the policy is still the one that sampled.
+        sums = {k: torch.zeros((), device=dev) for k in ("loss", "clip_low", "clip_high", "kl", "entropy", "tokens",
+                                                          "sampler_gap")}
         gap_max = torch.zeros((), device=dev)
         grad_norms = []
         for it in range(args.num_iterations):
@@ -392,13 +398,18 @@ def main():
                     m = Y_mask[mb].float()
                     part = aggregate(loss, m, args.loss_type, num_completions, num_tokens, args.max_new_tokens)
                     (part * rt.world_size).backward()  # DDP averages over ranks; the normalisers are global already
+                sums["loss"] += part.detach() / args.num_iterations
+                sums["clip_low"] += (low * m).sum() / args.num_iterations
+                sums["clip_high"] += (high * m).sum() / args.num_iterations
                 if it == 0:
                     # The sampler and this forward compute the same distribution (same weights, same autocast), but
                     # incrementally with the KV cache: the gap is rounding, logged to show it stays negligible.
                     gap = (logp.detach() - S[mb]).abs() * m
                     gap_max = torch.maximum(gap_max, gap.max())
-                    sums += torch.stack([part.detach(), (kl * m).sum().detach(), (ent * m).sum(), (low * m).sum(),
-                                         (high * m).sum(), m.sum(), gap.sum()])
+                    sums["kl"] += (kl * m).sum().detach()
+                    sums["entropy"] += (ent * m).sum()
+                    sums["tokens"] += m.sum()
+                    sums["sampler_gap"] += gap.sum()
             grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -408,31 +419,31 @@ def main():
         t_train = time.perf_counter() - t1
 
         # ---- Metrics, reduced over ranks ----------------------------------------------------------------------
-        sums = C.all_reduce(sums, rt)
+        sums = dict(zip(sums, C.all_reduce(torch.stack(list(sums.values())), rt).tolist()))
         # The reward metrics are over every group sampled this step (with --dynamic_sampling, the dropped too).
         all_rewards = torch.stack([g["rewards"] for g in sampled])  # (groups, G)
-        stats = C.all_reduce(torch.cat([
-            torch.tensor([all_rewards.sum().item(), all_rewards.std(1, unbiased=False).sum().item(),
-                          (all_rewards.std(1, unbiased=False) < 1e-6).sum().item(), lengths.sum().item(),
-                          truncated.sum().item(), failed, float(len(sampled)), sum(flat(g) for g in groups)]),
-            torch.cat([g["per_func"] for g in sampled]).sum(0)]).to(dev), rt)
-        n_sampled = stats[6].item()
-        tokens = max(sums[5].item(), 1.0)
-        row = {"step": step, "loss": sums[0].item(), "reward": stats[0].item() / (n_sampled * G),
-               "reward_std": stats[1].item() / n_sampled, "frac_reward_zero_std": stats[2].item() / n_sampled,
-               **{f"rewards/{name}/mean": stats[8 + j].item() / (n_sampled * G) for j, name in enumerate(reward_names)},
-               "reward_errors": int(stats[5].item()), "kl": sums[1].item() / tokens,
-               "entropy": sums[2].item() / tokens, "clip_ratio/low_mean": sums[3].item() / tokens,
-               "clip_ratio/high_mean": sums[4].item() / tokens, "sampling/logp_diff_mean": sums[6].item() / tokens,
+        group_std = all_rewards.std(1, unbiased=False)
+        counts = {"reward": all_rewards.sum(), "reward_std": group_std.sum(), "zero_std": (group_std < 1e-6).sum(),
+                  "length": lengths.sum(), "truncated": truncated.sum(), "failed": failed, "groups": len(sampled),
+                  "trained_zero_std": sum(flat(g) for g in groups),
+                  **{f"rewards/{n}": v for n, v in zip(reward_names, torch.cat([g["per_func"] for g in sampled]).sum(0))}}
+        counts = dict(zip(counts, C.all_reduce(torch.tensor([float(v) for v in counts.values()], device=dev), rt).tolist()))
+        n_groups, tokens = counts["groups"], max(sums["tokens"], 1.0)
+        row = {"step": step, "loss": sums["loss"], "reward": counts["reward"] / (n_groups * G),
+               "reward_std": counts["reward_std"] / n_groups, "frac_reward_zero_std": counts["zero_std"] / n_groups,
+               **{f"rewards/{name}/mean": counts[f"rewards/{name}"] / (n_groups * G) for name in reward_names},
+               "reward_errors": int(counts["failed"]), "kl": sums["kl"] / tokens, "entropy": sums["entropy"] / tokens,
+               "clip_ratio/low_mean": sums["clip_low"] / tokens, "clip_ratio/high_mean": sums["clip_high"] / tokens,
+               "sampling/logp_diff_mean": sums["sampler_gap"] / tokens,
                "sampling/logp_diff_max": C.all_reduce(gap_max, rt, op="max").item(),
-               "completions/mean_length": stats[3].item() / num_completions,
-               "completions/clipped_ratio": stats[4].item() / num_completions,
+               "completions/mean_length": counts["length"] / num_completions,
+               "completions/clipped_ratio": counts["truncated"] / num_completions,
                "grad_norm": sum(grad_norms) / len(grad_norms), "learning_rate": lr,
                "time/generate_s": t_gen, "time/score_s": t_score, "time/train_s": t_train,
                "seconds_per_step": time.perf_counter() - t0}
         if args.dynamic_sampling:
             row.update({"dynamic_sampling/rounds": rounds,
-                        "dynamic_sampling/frac_trained_zero_std": stats[7].item() / (num_completions / G)})
+                        "dynamic_sampling/frac_trained_zero_std": counts["trained_zero_std"] / (num_completions / G)})
         if not all(torch.isfinite(torch.tensor(v)) for v in (row["loss"], row["grad_norm"])):
             raise UserError(f"the loss became {row['loss']} at step {step}; the last good checkpoint is in {ckpt_path} "
                             "(if one was saved); lower --learning_rate")

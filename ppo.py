@@ -89,6 +89,8 @@ class Args:
     warmup_steps: int = arg(0, "linear warmup steps, then cosine decay")
     min_lr_ratio: float = arg(1.0, "final learning rate as a fraction of the peak (1: constant)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
+    adam_beta1: float = arg(0.9, "AdamW β1")
+    adam_beta2: float = arg(0.95, "AdamW β2 (0.95 as nanoGPT; TRL's default is 0.999)")
     max_grad_norm: float = arg(1.0, "gradient clipping norm (policy and value together)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(50, "write checkpoint.pt every this many steps (0: only at the end)")

@@ -405,3 +405,37 @@ def test_mask_without_any_prompt(tok):
     ids, labels = C.tokenize_conversation(tok, [{"role": "assistant", "content": "Hello"}], 1024)
     from test_common import trained_runs
     assert "SmolLM" in tok.decode(ids) and trained_runs(tok, ids, labels) == ["Hello<|im_end|>"]
+
+
+def test_optimizer_groups_betas_and_resume_checks(tmp_path):
+    from dataclasses import make_dataclass
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    values = dict(learning_rate=1e-3, weight_decay=0.0, adam_beta1=0.8, adam_beta2=0.9, warmup_steps=0, max_steps=10,
+                  min_lr_ratio=1.0, model="m", dataset="d", dataset_weights="", seed=0, dataset_split="train",
+                  dataset_config=None, eval_size=4, max_length=8, batch_size=2, loss_type="sigmoid", beta=0.1)
+    args = make_dataclass("Args", list(values))(**values)
+    opt, sched = C.optimizer_and_schedule(model, args, [(model[0].parameters(), 1e-3), (model[1].parameters(), 1e-2)])
+    assert [(g["lr"], g["betas"]) for g in opt.param_groups] == [(1e-3, (0.8, 0.9)), (1e-2, (0.8, 0.9))]
+    rt = C.setup(0, "cpu", "fp32")
+    path = str(tmp_path / "checkpoint.pt")
+    C.save_state(path, model, opt, sched, 3, args, rt)
+    args.beta = 0.2  # not a common resume argument: only a script that names it refuses the change
+    assert C.restore_state(path, model, opt, sched, args, rt)["step"] == 3
+    with pytest.raises(C.UserError, match="--resume: the checkpoint was made with --beta 0.1, not 0.2"):
+        C.restore_state(path, model, opt, sched, args, rt, must_match=("loss_type", "beta"))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling this would create a file
+
+
+def test_a_crafted_checkpoint_runs_no_code(tmp_path):
+    evil = _RunsCode()
+    evil.marker = str(tmp_path / "ran")
+    path = str(tmp_path / "checkpoint.pt")
+    torch.save({"step": 1, "payload": evil}, path)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(C.UserError, match="is not a checkpoint these scripts wrote"):
+        C.restore_state(path, model, None, None, None, C.setup(0, "cpu", "fp32"))
+    assert not os.path.exists(evil.marker)

@@ -214,6 +214,17 @@ def test_reward_rises_on_a_tiny_model(pets_model, tmp_path):
     assert all(r["kl"] == 0 for r in rows)
 
 
+def test_clip_ratio_and_loss_are_logged_over_every_iteration(pets_model, tmp_path):
+    """With μ > 1 the first update's ratio is exactly 1, so only later updates can clip: the clip counts must come
+    from every update (before this was fixed they were taken on the first and always read 0)."""
+    out = str(tmp_path / "out")
+    ok(grpo_run(pets_model, out, tmp_path, "--max_steps", "3", "--num_iterations", "3", "--epsilon", "0.01",
+                "--epsilon_high", "0.01", "--beta", "0"))
+    rows = read_metrics(out)
+    assert any(r["clip_ratio/low_mean"] + r["clip_ratio/high_mean"] > 0 for r in rows)
+    assert any(abs(r["loss"]) > 1e-6 for r in rows)  # the first update's loss is 0 (ratio 1, zero-mean advantages)
+
+
 def test_reward_errors_are_counted_and_the_run_goes_on(pets_model, tmp_path):
     out = str(tmp_path / "out")
     ok(grpo_run(pets_model, out, tmp_path, "--max_steps", "2", "--reward_funcs",

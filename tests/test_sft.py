@@ -181,5 +181,5 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_model_dir, tm
     assert re.search(r"^error: the (loss|weights) became (nan|inf)", proc.stderr, re.M), proc.stderr[-500:]
     assert not os.path.exists(os.path.join(out, "config.json"))  # no final model
     import torch
-    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ckpt["step"] >= 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
