@@ -37,14 +37,15 @@ def paired_difference(a, b, z=1.96):
     return mean, mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)
 
 
-def answers(model_dir, task, split, n, samples, max_new_tokens, rt):
+def answers(model_dir, task, split, n, samples, max_new_tokens, rt, offset=0):
     """Per held-out problem: greedy correct (0/1) and the share of `samples` sampled answers that are correct."""
-    cache = os.path.join(model_dir, "heldout", f"{task}-{split}-{n}-{samples}-{max_new_tokens}.jsonl")
+    name = f"{task}-{split}-{n}-{samples}-{max_new_tokens}" + (f"-from{offset}" if offset else "")
+    cache = os.path.join(model_dir, "heldout", f"{name}.jsonl")
     if os.path.exists(cache):
         with open(cache) as f:
             return [json.loads(line) for line in f]
     data = T.BUILTIN_TASKS[task](split)
-    rows = [data[i] for i in range(n)]
+    rows = [data[i] for i in range(offset, offset + n)]
     path = C.resolve_model(model_dir, rt)
     tok, model = C.load_tokenizer(path), C.load_model(path, rt)
     prompts = [r["prompt"] for r in rows]
@@ -71,13 +72,16 @@ def main():
     p.add_argument("--split", default="test", help="comma-separated: test (held-out problems), reworded (the same "
                    "problems asked in wordings training never uses)")
     p.add_argument("--n", type=int, default=512, help="held-out problems per split")
+    p.add_argument("--offset", type=int, default=0, help="skip this many held-out problems first (the scripts' "
+                   "own --eval_size evaluations use the first ones: an offset keeps a test set apart from them)")
     p.add_argument("--samples", type=int, default=0, help="also sample this many answers per problem at T=1")
     p.add_argument("--max_new_tokens", type=int, default=128)
     args = p.parse_args()
     rt = C.setup(0)
     for split in args.split.split(","):
-        results = [answers(m, args.task, split, args.n, args.samples, args.max_new_tokens, rt) for m in args.models]
-        print(f"\n{args.task} / {split}: {args.n} held-out problems, greedy (pass@1)"
+        results = [answers(m, args.task, split, args.n, args.samples, args.max_new_tokens, rt, args.offset)
+                   for m in args.models]
+        print(f"\n{args.task} / {split}: {args.n} held-out problems from #{args.offset}, greedy (pass@1)"
               + (f"; sampled: mean over {args.samples} answers at T=1" if args.samples else ""))
         for m, r in zip(args.models, results):
             k = sum(o["correct"] for o in r)
