@@ -38,6 +38,10 @@ REWORDED = {  # one list per kind, as long as TEMPLATES, so a reworded problem i
 }
 
 
+def eval_op(op, a, b):
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
 def worked(op, a, b):
     """The steps of a op b that the demonstrations teach: split off the units, then recombine."""
     if op == "+":
@@ -84,10 +88,6 @@ def arithmetic_problem(rng, hard=False, reworded=False):
             "answer": str(n), "key": q}
 
 
-def eval_op(op, a, b):
-    return a + b if op == "+" else a - b if op == "-" else a * b
-
-
 def is_heldout(key):
     return zlib.crc32(key.encode()) % 10 == 0  # a fixed 10% of all problems never appear in training
 
@@ -129,7 +129,6 @@ class ArithmeticMixed(Arithmetic):
     """The problems of `arithmetic`, but half the demonstrations give the answer without the working ("The answer
     is \\boxed{56}."), as in SFT data of mixed quality. A model trained on them answers both ways; the worked way is
     right far more often, which a verifier can teach and imitation cannot."""
-    column_names = ["prompt", "completion", "answer"]
 
     def __getitem__(self, i):
         row = super().__getitem__(i)

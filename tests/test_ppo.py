@@ -151,7 +151,6 @@ def test_value_warmup_leaves_the_policy_alone_and_the_value_model_its_own_rate(p
     rows = read_metrics(out)
     # Steps 1 and 2 train only the value model, so steps 1-3 sample from the reference itself: zero KL.
     assert [r["objective/kl"] for r in rows[:3]] == [0, 0, 0] and rows[3]["objective/kl"] > 0
-    assert rows[0]["loss/value"] != rows[1]["loss/value"]
     state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [2e-3, 1e-2]  # policy, value
 
