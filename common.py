@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import sys
 from contextlib import nullcontext
@@ -43,26 +44,74 @@ def arg(default, help):
     return field(default=default, metadata={"help": help})
 
 
-def parse_args(cls):
-    """Parse sys.argv into the script's argument dataclass (every field gets --name and its help)."""
+def parse_args(cls, argv=None):
+    """Parse the command line into the script's argument dataclass (every field gets --name and its help); the
+    dataclass's __post_init__ checks the values (check_args)."""
     from transformers import HfArgumentParser
-    args, rest = HfArgumentParser(cls).parse_args_into_dataclasses(return_remaining_strings=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i in range(len(argv) - 1):  # argparse takes "--learning_rate -1e-3" for two flags: join them
+        if argv[i].startswith("--") and "=" not in argv[i] and re.fullmatch(r"-[\d.]+(e[-+]?\d+)?", argv[i + 1]):
+            argv[i], argv[i + 1] = f"{argv[i]}={argv[i + 1]}", None
+    args, rest = HfArgumentParser(cls).parse_args_into_dataclasses([a for a in argv if a is not None],
+                                                                   return_remaining_strings=True)
     if rest:  # argparse itself exits with 2 and a usage line for malformed values
         raise UserError(f"unknown arguments: {' '.join(rest)}; see --help")
     return args
 
 
+def at_least(lo):
+    return lambda v: v >= lo, f"at least {lo}"
+
+
+def between(lo, hi, open_lo=False, open_hi=False):
+    return (lambda v: (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi),
+            f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}")
+
+
+POSITIVE = (lambda v: v > 0, "above 0")
+# The range of each numeric argument the scripts share (a script's own come on top, in its Args.__post_init__).
+RANGES = {**dict.fromkeys(("max_steps", "batch_size", "max_new_tokens", "max_prompt_length", "generation_batch_size",
+                           "num_iterations", "num_ppo_epochs", "num_mini_batches"), at_least(1)),
+          **dict.fromkeys(("micro_batch_size", "eval_size", "eval_every", "eval_generations", "warmup_steps",
+                           "weight_decay", "save_every", "stop_after_steps"), at_least(0)),
+          **dict.fromkeys(("learning_rate", "max_grad_norm", "temperature"), POSITIVE),
+          "max_length": at_least(2), "top_p": between(0, 1, open_lo=True), "min_lr_ratio": between(0, 1),
+          "adam_beta1": between(0, 1, open_hi=True), "adam_beta2": between(0, 1, open_hi=True)}
+
+
+def check_args(args, **ranges):
+    """Refuse an out-of-range argument before any work, with one line naming it: RANGES for the shared arguments,
+    ranges (name=(test, "what it must be")) for the script's own. None stands for "not set" and passes."""
+    for name, (ok, what) in {**RANGES, **ranges}.items():
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"--{name} {value}: must be {what}")
+
+
 def run(main):
-    """Call main(); a UserError becomes one line on stderr and exit code 2 instead of a traceback."""
+    """Call main(). A UserError becomes one line on stderr and exit code 2 instead of a traceback; Ctrl-C says where
+    the last checkpoint is and exits with 130. Either way the output folder's lock and half-written files go."""
     try:
         main()
     except UserError as e:
-        from tqdm import tqdm
-        for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line before the message
-            bar.close()
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        os._exit(2)  # skip interpreter teardown: under torchrun it can abort after the work is done
+        _leave(2, f"error: {e}")
+    except KeyboardInterrupt:
+        ckpt = _run.get("checkpoint")
+        _leave(130, f"interrupted; the last checkpoint (step {ckpt[1]}) is {ckpt[0]}: continue with --resume" if ckpt
+               else "interrupted before the first checkpoint was written: nothing to resume")
+    except BaseException:
+        release_output_dir()
+        raise
+
+
+def _leave(code, message):
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line before the message
+        bar.close()
+    release_output_dir()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message, file=sys.stderr, flush=True)
+    os._exit(code)  # skip interpreter teardown: under torchrun it can abort after the work is done
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,6 +172,19 @@ def setup(seed, device="auto", precision="auto"):
     return Runtime(dev, torch.bfloat16 if precision == "bf16" else torch.float32, rank, world_size)
 
 
+def split_batch(args, rt, cap):
+    """Check that --batch_size splits over the ranks into micro-batches; --micro_batch_size 0 (the default) becomes
+    the largest micro-batch up to cap that divides a rank's share of the batch."""
+    if args.batch_size % rt.world_size:
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of the {rt.world_size} ranks")
+    share = args.batch_size // rt.world_size
+    if not args.micro_batch_size:
+        args.micro_batch_size = max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
+    elif share % args.micro_batch_size:
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size x ranks "
+                        f"({args.micro_batch_size} x {rt.world_size})")
+
+
 def set_seed(seed):
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA
@@ -157,6 +219,7 @@ def finish(rt):
     if rt.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
+    release_output_dir()
     os._exit(0)
 
 
@@ -298,9 +361,24 @@ def load_model(path, rt, trust_remote_code=False, cls=None, **kwargs):
     except Exception as e:
         raise UserError(f"cannot load a model from {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info=True
+    saved_as = model.config.architectures or []
+    if cls is AutoModelForCausalLM and saved_as and all(a.endswith("Classification") for a in saved_as):
+        raise UserError(f"{path} is a {saved_as[0]} (a reward model?), not a language model; give a causal LM")
     disable_dropout(model)
     model.to(rt.device)
     return loaded
+
+
+def load_reward_model(path, rt, trust_remote_code=False):
+    """A reward_model.py output (a sequence classifier with one label), frozen. Anything else is refused: a causal LM
+    would get a new, random score head and reward noise."""
+    from transformers import AutoModelForSequenceClassification
+    model, info = load_model(path, rt, trust_remote_code, cls=AutoModelForSequenceClassification,
+                             output_loading_info=True)
+    if info["missing_keys"] or model.config.num_labels != 1:
+        what = "no trained score head" if info["missing_keys"] else f"{model.config.num_labels} labels"
+        raise UserError(f"--reward_model {path} has {what}: it is not a reward model; train one with reward_model.py")
+    return freeze(model, rt)
 
 
 def freeze(model, rt):
@@ -366,6 +444,7 @@ def load_data(spec, split="train", config=None, seed=0):
         return BUILTIN_TASKS[spec](split, seed)
     import datasets
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read becomes our one-line error
     path = os.path.expanduser(spec)
     ext = os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower()  # datasets reads .jsonl.gz too
     try:
@@ -374,6 +453,8 @@ def load_data(spec, split="train", config=None, seed=0):
                 raise UserError(f"--dataset {spec} is empty")
             if ext not in LOCAL_FORMATS:
                 raise UserError(f"--dataset {spec}: unknown file type {ext!r}; use .jsonl, .json, .parquet or .csv")
+            if LOCAL_FORMATS[ext] in ("json", "csv"):
+                _check_json(spec, path, lines=False)  # text that is not UTF-8 would fail row by row, later
             ds = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train")
         elif os.path.isdir(path):
             ds = datasets.load_from_disk(path) if os.path.exists(os.path.join(path, "dataset_info.json")) \
@@ -385,11 +466,28 @@ def load_data(spec, split="train", config=None, seed=0):
     except UserError:
         raise
     except Exception as e:
+        if os.path.isfile(path) and LOCAL_FORMATS.get(ext) == "json":
+            _check_json(spec, path, lines=True)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"--dataset {spec}: cannot load it ({msg}); built-in tasks: {', '.join(BUILTIN_TASKS)}") from None
     if len(ds) == 0:
         raise UserError(f"--dataset {spec} is empty")
     return ds
+
+
+def _check_json(spec, path, lines):
+    """Refuse a text file that is not UTF-8 (the datasets library reads it, then fails on every row); with lines,
+    say which line of a .jsonl file is not JSON."""
+    import gzip
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if lines and line.strip() and not path.endswith((".json", ".json.gz")):
+                    json.loads(line)
+    except UnicodeDecodeError as e:
+        raise UserError(f"--dataset {spec} is not UTF-8 text ({e.reason}); convert it to UTF-8") from None
+    except ValueError as e:
+        raise UserError(f"--dataset {spec}: line {n} is not valid JSON ({e})") from None
 
 
 def load_splits(args, n_heldout):
@@ -404,14 +502,15 @@ def load_splits(args, n_heldout):
         if os.path.isfile(os.path.expanduser(mixture[0][0])):
             raise UserError("--eval_split names a split of a Hub dataset; a local file has one split: use --eval_size")
         heldout = load_data(mixture[0][0], args.eval_split, args.dataset_config)
-    elif args.eval_size == 0:
-        heldout = []
     else:
-        if len(raw[0]) < 2 * args.eval_size:
-            raise UserError(f"{mixture[0][0]} has {len(raw[0])} rows, too few to hold out --eval_size "
-                            f"{args.eval_size}; lower it or give --eval_split")
+        n = args.eval_size
+        if len(raw[0]) < 2 * n:  # a small file: hold out a tenth of it rather than most of it
+            n = len(raw[0]) // 10
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"notice: {mixture[0][0]} has {len(raw[0])} rows: holding out {n} (a tenth), not --eval_size "
+                      f"{args.eval_size}", flush=True)
         perm = torch.randperm(len(raw[0]), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        raw[0], heldout = raw[0].select(perm[args.eval_size :]), raw[0].select(perm[: args.eval_size])
+        raw[0], heldout = raw[0].select(perm[n:]), raw[0].select(perm[:n])
     return mixture, raw, heldout
 
 
@@ -421,12 +520,12 @@ def load_prompts(args, tok, rt, need_answers=None, reads_per_step=1):
     need_answers names what needs a ground truth in every training row, if anything does; reads_per_step: how many
     batches of prompts a step may read at most."""
     mixture, raw, heldout = load_splits(args, args.eval_size)
-    sources = [Prompts(s, ds, tok, args.max_prompt_length) for (s, _), ds in zip(mixture, raw)]
+    sources = [Prompts(s, ds, tok, args.max_prompt_length, need_answers) for (s, _), ds in zip(mixture, raw)]
     for (s, _), src in zip(mixture, sources):
         if src.dropped:
             rt.print(f"data: {s}: {src.dropped} prompts dropped, longer than --max_prompt_length {args.max_prompt_length}")
-        if need_answers and src[0][2] is None:
-            raise UserError(f"{s} has no `answer` (or `solution`) column for {need_answers}")
+        if src.unanswered:
+            rt.print(f"data: {s}: {src.unanswered} prompts dropped, without the ground truth {need_answers} needs")
     graded = [(rl_prompt(r), reference_answer(r)) for r in (heldout[i] for i in range(min(args.eval_size, len(heldout))))]
     order = mixture_order([len(s) for s in sources], [w for _, w in mixture],
                           args.max_steps * args.batch_size * reads_per_step, args.seed,
@@ -471,17 +570,22 @@ def mixture_order(sizes, weights, n, seed, unlimited=()):
 
 
 class Prompts:
-    """(prompt messages, prompt token ids, ground truth) of a dataset. Finite datasets are read up front and prompts
-    over max_prompt_length tokens dropped and counted; generated tasks are read when needed."""
+    """(prompt messages, prompt token ids, ground truth) of a dataset. Finite datasets are read up front; prompts over
+    max_prompt_length tokens, and those without a ground truth when need_answers says a reward needs one, are
+    dropped and counted. Generated tasks are read when needed."""
 
-    def __init__(self, name, ds, tok, max_prompt_length):
+    def __init__(self, name, ds, tok, max_prompt_length, need_answers=None):
         self.ds, self.tok, self.max_len = ds, tok, max_prompt_length
         self.unlimited = getattr(ds, "unlimited", False)
         rl_prompt(ds[0])  # checks the columns: a clear error before any work
         read = [] if self.unlimited else [(i, self._read(i)) for i in range(len(ds))]
-        self.rows = [i for i, x in read if x is not None]  # the dataset row of each kept prompt
-        self.items = None if self.unlimited else [x for _, x in read if x is not None]
-        self.dropped = 0 if self.unlimited else len(ds) - len(self.items)
+        self.unanswered = sum(x is not None and x[2] is None for _, x in read) if need_answers else 0
+        if self.unanswered == len(read) > 0 or (self.unlimited and need_answers and self[0][2] is None):
+            raise UserError(f"{name} has no `answer` (or `solution`) column for {need_answers}")
+        read = [(i, x) for i, x in read if x is not None and (x[2] is not None or not need_answers)]
+        self.rows = [i for i, _ in read]  # the dataset row of each kept prompt
+        self.items = None if self.unlimited else [x for _, x in read]
+        self.dropped = 0 if self.unlimited else len(ds) - len(self.items) - self.unanswered
         if self.items == []:
             raise UserError(f"every prompt of {name} is longer than --max_prompt_length {max_prompt_length}")
 
@@ -504,17 +608,40 @@ class Prompts:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Chat formatting and assistant-only masking
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 def as_messages(x, role):
-    """A TRL field that is either a plain string or a list of {role, content} messages -> a list of messages."""
+    """A TRL field that is either a plain string or a list of messages -> a list of {role, content} messages.
+    Content may be a string or OpenAI-style text parts ([{"type": "text", "text": ...}]); tool_calls and the
+    other keys of a message are kept for templates that render them."""
     if isinstance(x, (str, int, float)):  # a CSV reader turns "42" into a number
         return [{"role": role, "content": str(x)}]
-    if isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x):
-        return [{"role": m["role"], "content": m["content"]} for m in x]
-    raise UserError(f"expected a string or a list of {{role, content}} messages, got {str(x)[:80]!r}")
+    if not (isinstance(x, list) and x and all(isinstance(m, dict) and "role" in m for m in x)):
+        raise UserError(f"expected a string or a list of {{role, content}} messages, got {str(x)[:80]!r}")
+    return [message(m) for m in x]
+
+
+def message(m):
+    if m["role"] not in ROLES:
+        raise UserError(f"a message has the role {m['role']!r}; the roles are {', '.join(ROLES)}")
+    content = m.get("content")
+    if isinstance(content, list):  # OpenAI-style content parts
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise UserError(f"a message of role {m['role']} has content parts that are not text; only "
+                            '{"type": "text"} parts are supported')
+        content = "".join(p.get("text") or "" for p in content)
+    if content is None and not m.get("tool_calls"):
+        raise UserError(f"a message of role {m['role']} has no content (null or missing)")
+    return {**{k: v for k, v in m.items() if v is not None}, "content": content or ""}
 
 
 def conversation(row):
     """A row in TRL's conversational (`messages`) or prompt-completion format -> one list of messages."""
+    if "label" in row and "completion" in row:
+        raise UserError("the rows have a `label` column: unpaired preference data (KTO), not demonstrations; sft.py "
+                        "would train on every completion, label false included. Keep the desirable rows and drop "
+                        "the column")
     if "messages" in row:
         return as_messages(row["messages"], "user")
     if "prompt" in row and "completion" in row:
@@ -601,13 +728,16 @@ def tokenize_conversation(tok, messages, max_length, train_from=0):
     >= train_from are trained (preference pairs score their last response, not the assistant turns of the
     prompt). Returns (input_ids, labels) cut to max_length, or None when no trained token is left."""
     text = tok.apply_chat_template(messages, tokenize=False)
+    marker = MARKER
+    while marker in text:  # a marker that the conversation itself never contains
+        marker += "\x00"
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < train_from:
             continue
         # Where the content starts: render the conversation up to this turn with a marker as its content.
-        marked = tok.apply_chat_template(messages[:i] + [{"role": "assistant", "content": MARKER}], tokenize=False)
-        start = marked.find(MARKER)
+        marked = tok.apply_chat_template(messages[:i] + [{"role": "assistant", "content": marker}], tokenize=False)
+        start = marked.find(marker)
         turn = tok.apply_chat_template(messages[: i + 1], tokenize=False)
         if start < 0 or not text.startswith(turn) or turn[:start] != marked[:start]:
             raise UserError("the chat template renders earlier turns differently once later turns are added; "
@@ -836,6 +966,8 @@ def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, 
             logits = model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                            use_cache=True, logits_to_keep=1, **kv).logits[:, -1]
             cache.batch_select_indices(copies)  # one cache row per completion
+            if not torch.isfinite(logits).all():
+                raise UserError(f"the model's logits became inf or nan; {_last_good()}lower --learning_rate")
             logits, mask = logits[copies], mask[copies]
             rows = torch.arange(len(chunk), device=dev)  # the rows still generating
             for t in range(T):
@@ -925,12 +1057,108 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
 
 
-def save_args(args, output_dir, rt):
+# The output folder. _run holds this process's lock on it, whether this process created it, and the last checkpoint
+# written or read (for the message on Ctrl-C).
+_run = {}
+# What a run writes into its --output_dir (and bench/heldout.py its answer cache): --overwrite_output_dir removes
+# these, config.json first so that the folder never looks finished on the way.
+RUN_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json", "tokenizer.json",
+             "tokenizer_config.json", "tokenizer.model",
+             "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+             "args.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.tmp", "heldout", ".saving")
+
+
+def claim_output_dir(args, rt):
+    """Check --output_dir before any work and lock it for this run; returns the checkpoint path. Refused: a file,
+    one of the run's input models, a folder holding another run (unless --resume or --overwrite_output_dir), a
+    folder another live run has locked, a folder that cannot be written. Nothing in it is changed here."""
+    out = args.output_dir
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir {out} is a file; give a folder")
+    for name in ("model", "ref_model", "reward_model", "teacher"):
+        src = os.path.expanduser(getattr(args, name, None) or "")
+        if src and os.path.exists(src) and os.path.realpath(src) == os.path.realpath(out):
+            raise UserError(f"--output_dir {out} is the --{name}: the run would overwrite its own input; choose "
+                            "another --output_dir")
+    if args.resume:
+        if not os.path.isfile(ckpt):
+            raise UserError(f"--resume: no checkpoint at {ckpt}; run without --resume to start afresh")
+    elif not args.overwrite_output_dir:
+        found = [n for n in ("config.json", "args.json", "metrics.jsonl", "checkpoint.pt")
+                 if os.path.exists(os.path.join(out, n))]
+        if found:
+            raise UserError(f"--output_dir {out} holds another run ({', '.join(found)}): pass --resume to continue "
+                            "it or --overwrite_output_dir to replace it, or choose another folder")
+    if rt.is_main:
+        _lock(out)
+    return ckpt
+
+
+def _lock(folder):
+    path = os.path.join(folder, ".lock")
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        _run["created"] = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                host, _, pid = open(path).read().partition(":")
+                if host == socket.gethostname() and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                    os.remove(path)  # left behind by a run that was killed (or by this process, called twice)
+                    continue
+                raise UserError(f"another run (process {pid or '?'} on {host or '?'}) is writing to {folder}; wait "
+                                f"for it or choose another --output_dir (delete {path} if no run is)") from None
+        os.write(fd, me.encode())
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"cannot write to --output_dir {folder} ({e.strerror})") from None
+    _run["lock"] = path
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def release_output_dir():
+    """Drop this process's lock and half-written files; the folder too if this run created it and left it empty."""
+    lock = _run.pop("lock", None)
+    if lock is None:
+        return
+    folder = os.path.dirname(lock)
+    for tmp in (os.path.join(folder, "checkpoint.pt.tmp"), os.path.join(folder, ".saving")):
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+    if os.path.exists(lock):
+        os.remove(lock)
+    if _run.get("created") and not os.listdir(folder):
+        os.rmdir(folder)
+
+
+def begin_log(args, rt, step):
+    """Once every check has passed (data, models, a resumed checkpoint): a fresh run clears what an earlier run left
+    in --output_dir, args.json records this run's arguments, and the metrics log opens (a resumed run keeps the
+    lines up to its checkpoint)."""
     rt.print("arguments: " + json.dumps(asdict(args)))
     if rt.is_main:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "args.json"), "w") as f:
+        if not args.resume:
+            for pattern in RUN_FILES:
+                for p in glob.glob(os.path.join(glob.escape(args.output_dir), pattern)):
+                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
+    return MetricsLog(args.output_dir, rt, resume_step=step)
 
 
 def optimizer_and_schedule(model, args, groups=None):
@@ -957,31 +1185,64 @@ def save_state(path, model, opt, sched, step, args, rt, **extra):
     the step) to a temporary file and rename it, so a crash mid-write never leaves a torn checkpoint. Weights that
     are no longer finite never replace the last good checkpoint."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise UserError(f"the weights became inf or nan by step {step}; the last good checkpoint is in {path} "
-                        "(if one was saved); lower --learning_rate")
+        raise UserError(f"the weights became inf or nan by step {step}; {_last_good()}lower --learning_rate")
     if rt.is_main:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "step": step, "rng": rng_state(), "args": asdict(args), **extra}
-        torch.save(state, f"{path}.tmp")
+        try:
+            torch.save(state, f"{path}.tmp")
+        except (OSError, RuntimeError) as e:  # a full disk comes as either
+            if os.path.exists(f"{path}.tmp"):
+                os.remove(f"{path}.tmp")
+            full = "No space left" in str(e) or getattr(e, "errno", None) == 28
+            raise UserError(f"cannot write the checkpoint {path}: " + ("the disk is full; free some space and "
+                            "continue with --resume" if full else str(e).splitlines()[0])) from None
         os.replace(f"{path}.tmp", path)
+    _run["checkpoint"] = (path, step)
+
+
+def _last_good():
+    ckpt = _run.get("checkpoint")
+    return f"the last good checkpoint (step {ckpt[1]}) is {ckpt[0]}; " if ckpt else ""
+
+
+def stop_nonfinite(what, value, step):
+    """The documented stop when training diverges, the same in every script."""
+    raise UserError(f"{what} became {value} at step {step}; {_last_good()}lower --learning_rate or check the data")
+
+
+def _same_setting(a, b):
+    """Two values of an argument are the same, comparing paths (and comma-separated lists of them) as paths."""
+    if a == b or not (isinstance(a, str) and isinstance(b, str)):
+        return a == b
+    norm = lambda x: [os.path.realpath(os.path.expanduser(p)) if os.path.exists(os.path.expanduser(p)) else p
+                      for p in x.split(",")]
+    return norm(a) == norm(b)
 
 
 def restore_state(path, model, opt, sched, args, rt, must_match=()):
     """Load a checkpoint written by save_state into model, opt and sched; returns it (for "step" and extras).
-    RESUME_ARGS and the script's own must_match arguments must equal the checkpoint's."""
-    if not os.path.isfile(path):
-        raise UserError(f"--resume: no checkpoint at {path}; run without --resume to start afresh")
+    RESUME_ARGS and the script's own must_match arguments must equal the checkpoint's; any other argument that
+    changed applies from here on (the optimizer's learning rates, betas and weight decay included) and is listed."""
     try:  # weights_only: tensors and plain data only, so a crafted file cannot run code when it is loaded
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"--resume: {path} is not a checkpoint these scripts wrote ({type(e).__name__}); not loading "
                         "it") from None
     for k in RESUME_ARGS + tuple(must_match):
-        if state["args"].get(k) != getattr(args, k, None):
+        if not _same_setting(state["args"].get(k), getattr(args, k, None)):
             raise UserError(f"--resume: the checkpoint was made with --{k} {state['args'].get(k)}, not {getattr(args, k)}")
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]  # from this run's arguments
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    for g, h, f in zip(opt.param_groups, hyper, sched.lr_lambdas):
+        g.update(h, lr=h["initial_lr"] * f(sched.last_epoch))
+    sched.base_lrs = [h["initial_lr"] for h in hyper]
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
     set_rng_state(state["rng"])
-    rt.print(f"resumed from {path} at step {state['step']}")
+    changed = [f"--{k} {v} (was {state['args'][k]})" for k, v in asdict(args).items()
+               if k not in ("resume", "stop_after_steps") and k in state["args"] and not _same_setting(v, state["args"][k])]
+    rt.print(f"resumed from {path} at step {state['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+    _run["checkpoint"] = (path, state["step"])
     return state

@@ -26,7 +26,7 @@ rejected go through the model in one concatenated forward pass.
     torchrun --nproc_per_node=2 dpo.py ...           # DDP, same code path
 """
 import copy
-import os
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -57,6 +57,7 @@ class Args:
                                 "`answer` column (share boxed, share correct; 0: off)")
     max_new_tokens: int = arg(96, "length limit of those answers")
     output_dir: str = arg("out/dpo", "where the final model, args.json, metrics.jsonl and checkpoint.pt go")
+    overwrite_output_dir: bool = arg(False, "replace the run an --output_dir already holds (without it: refused)")
     loss_type: str = arg("sigmoid", "sigmoid (DPO), robust, ipo or simpo; see the module docstring")
     beta: Optional[float] = arg(None, "β: 0.1 by default, 2.0 for simpo (IPO's τ is this β)")
     label_smoothing: float = arg(0.0, "ε: assumed label-flip rate for sigmoid (cDPO) and robust, in [0, 0.5)")
@@ -65,7 +66,8 @@ class Args:
                                          "policy is held; --precompute_ref_log_probs false keeps the reference loaded")
     max_steps: int = arg(40, "optimizer steps")
     batch_size: int = arg(16, "preference pairs per optimizer step, over all micro-batches and ranks")
-    micro_batch_size: int = arg(8, "pairs per forward/backward pass on each rank (2x that many sequences)")
+    micro_batch_size: int = arg(0, "pairs per forward/backward pass on each rank, 2x that many sequences (0: a "
+                                "rank's share of the batch, at most 8)")
     learning_rate: float = arg(5e-6, "peak learning rate (AdamW)")
     warmup_steps: int = arg(4, "linear warmup steps, then cosine decay")
     min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of the peak")
@@ -83,6 +85,16 @@ class Args:
     precision: str = arg("auto", "auto (bf16 where the hardware is fast at it), bf16 or fp32; weights stay fp32")
     trust_remote_code: bool = arg(False, "allow models and tokenizers that run code from their repository")
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
+
+    def __post_init__(self):
+        if self.loss_type not in ("sigmoid", "robust", "ipo", "simpo"):
+            raise UserError(f"--loss_type {self.loss_type}: use sigmoid, robust, ipo or simpo")
+        self.beta = self.beta if self.beta is not None else 2.0 if self.loss_type == "simpo" else 0.1
+        if not 0 <= self.label_smoothing < 0.5 or (self.loss_type == "robust" and self.label_smoothing == 0):
+            raise UserError("--label_smoothing must be in [0, 0.5), and above 0 for --loss_type robust")
+        if self.label_smoothing and self.loss_type in ("ipo", "simpo"):
+            raise UserError(f"--label_smoothing applies to sigmoid and robust, not to --loss_type {self.loss_type}")
+        C.check_args(self, beta=C.POSITIVE, simpo_gamma=C.at_least(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,23 +206,9 @@ def batch_metrics(model, pairs, ref, args, rt, pad_id):
 
 def main():
     args = C.parse_args(Args)
-    if args.loss_type not in ("sigmoid", "robust", "ipo", "simpo"):
-        raise UserError(f"--loss_type {args.loss_type}: use sigmoid, robust, ipo or simpo")
-    args.beta = args.beta if args.beta is not None else 2.0 if args.loss_type == "simpo" else 0.1
-    if not 0 <= args.label_smoothing < 0.5 or (args.loss_type == "robust" and args.label_smoothing == 0):
-        raise UserError("--label_smoothing must be in [0, 0.5), and above 0 for --loss_type robust")
-    if args.label_smoothing and args.loss_type in ("ipo", "simpo"):
-        raise UserError(f"--label_smoothing applies to sigmoid and robust, not to --loss_type {args.loss_type}")
-    if args.batch_size % args.micro_batch_size:
-        raise UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size {args.micro_batch_size}")
     rt = C.setup(args.seed, args.device, args.precision)
-    if args.batch_size % (args.micro_batch_size * rt.world_size):
-        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size x ranks "
-                        f"({args.micro_batch_size} x {rt.world_size})")
-    C.save_args(args, args.output_dir, rt)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    if args.resume and not os.path.isfile(ckpt_path):
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+    C.split_batch(args, rt, cap=8)
+    ckpt_path = C.claim_output_dir(args, rt)
 
     # Data: the pairs this rank will see, in stream order, tokenized; the held-out pairs and prompts.
     mixture, raw, heldout = C.load_splits(args, max(args.eval_size, args.eval_generations))
@@ -279,7 +277,7 @@ def main():
     if args.resume:
         step = C.restore_state(ckpt_path, model, opt, sched, args, rt, must_match=("loss_type", "beta"))["step"]
     ddp = DDP(model) if rt.world_size > 1 else model
-    log = C.MetricsLog(args.output_dir, rt, resume_step=step)
+    log = C.begin_log(args, rt, step)
 
     @torch.no_grad()
     def evaluate(generate):
@@ -323,9 +321,8 @@ def main():
                 (loss_sum * rt.world_size / args.batch_size).backward()
             totals = {n: totals.get(n, 0) + v for n, v in sums.items()}
         row = {n: (C.all_reduce(v, rt) / args.batch_size).item() for n, v in totals.items()}
-        if not torch.isfinite(torch.tensor(row["loss"])):
-            raise UserError(f"the loss became {row['loss']} at step {step + 1}; the last good checkpoint is in "
-                            f"{ckpt_path} (if one was saved); lower --learning_rate")
+        if not math.isfinite(row["loss"]):
+            C.stop_nonfinite("the loss", row["loss"], step + 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
         lr = sched.get_last_lr()[0]
         opt.step()

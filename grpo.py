@@ -39,7 +39,7 @@ How this deviates from the equation as written, and from TRL:
         --eval_split test --max_new_tokens 512
     torchrun --nproc_per_node=2 grpo.py ...          # DDP, same code path
 """
-import os
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -68,6 +68,7 @@ class Args:
     eval_size: int = arg(64, "held-out prompts answered greedily to measure accuracy (pass@1); 0: off")
     eval_every: int = arg(5, "measure held-out accuracy every this many steps (and at start and end; 0: only those)")
     output_dir: str = arg("out/grpo", "where the final model, args.json, metrics.jsonl and checkpoint.pt go")
+    overwrite_output_dir: bool = arg(False, "replace the run an --output_dir already holds (without it: refused)")
     max_steps: int = arg(20, "steps; each samples one batch and makes --num_iterations optimizer updates on it")
     batch_size: int = arg(8, "PROMPTS per step over all ranks; each gets --num_generations completions, so a step "
                           "trains on batch_size x num_generations completions")
@@ -118,6 +119,14 @@ class Args:
     precision: str = arg("auto", "auto (bf16 where the hardware is fast at it), bf16 or fp32; weights stay fp32")
     trust_remote_code: bool = arg(False, "allow models and tokenizers that run code from their repository")
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
+
+    def __post_init__(self):
+        if self.loss_type not in ("grpo", "dapo", "dr_grpo"):
+            raise UserError(f"--loss_type {self.loss_type}: choose grpo, dapo or dr_grpo")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise UserError(f"--scale_rewards {self.scale_rewards}: choose group, batch or none")
+        C.check_args(self, micro_batch_size=C.at_least(1), num_generations=C.at_least(2), beta=C.at_least(0),
+                     epsilon=C.at_least(0), epsilon_high=C.at_least(0), max_resample_rounds=C.at_least(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,55 +214,50 @@ def load_reward_funcs(spec, weights_spec):
     return [(n.rpartition(":")[2], f, w) for n, f, w in zip(names, funcs, weights)]
 
 
-def call_reward(fn, n, **kw):
-    """Rewards of n completions from one function, and how many of them it failed on. If the batch call raises or
-    returns something else than n numbers, each completion is scored alone; one that still fails scores 0."""
-    def ok(v):
-        return isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
+def call_reward(fn, name, n, **kw):
+    """Rewards of n completions from one function, and how many of them it failed on. Any real number is a reward
+    (int, float, bool, numpy or one-element torch values). If the batch call raises, each completion is scored
+    alone, and one that still fails (or scores nan or inf) scores 0 and is counted. A function that returns another
+    count than n, or fails on every completion, stops the run with its first error."""
+    def number(v):
+        v = float(v)  # a TypeError or ValueError for anything that is not a real number
+        if not math.isfinite(v):
+            raise ValueError(f"returned {v}")
+        return v
     try:
-        out = fn(**kw)
-        if len(out) == n and all(ok(v) for v in out):
-            return [float(v) for v in out], 0
+        out = list(fn(**kw))
     except Exception:
-        pass
-    out, failed = [], 0
+        out = None
+    if out is not None and len(out) != n:
+        raise UserError(f"reward function {name} returned {len(out)} values for {n} completions")
+    if out is not None:
+        try:
+            return [number(v) for v in out], 0
+        except (TypeError, ValueError):
+            pass
+    values, errors = [], []
     for i in range(n):
         try:
-            v = fn(**{k: v[i : i + 1] for k, v in kw.items()})[0]
-            if not ok(v):
-                raise ValueError(v)
-            out.append(float(v))
-        except Exception:
-            out.append(0.0)
-            failed += 1
-    return out, failed
+            values.append(number(fn(**{k: v[i : i + 1] for k, v in kw.items()})[0]))
+        except Exception as e:
+            values.append(0.0)
+            errors.append(e)
+    if len(errors) == n:
+        raise UserError(f"reward function {name} failed on every completion of a step, the first with "
+                        f"{type(errors[0]).__name__}: {errors[0]}")
+    return values, len(errors)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 def main():
     args = C.parse_args(Args)
-    if args.loss_type not in ("grpo", "dapo", "dr_grpo"):
-        raise UserError(f"--loss_type {args.loss_type}: choose grpo, dapo or dr_grpo")
-    if args.scale_rewards not in ("group", "batch", "none"):
-        raise UserError(f"--scale_rewards {args.scale_rewards}: choose group, batch or none")
-    if args.num_generations < 2:
-        raise UserError("--num_generations must be at least 2: advantages compare completions of the same prompt")
-    if min(args.max_steps, args.batch_size, args.num_iterations, args.max_new_tokens, args.micro_batch_size,
-           args.generation_batch_size) < 1 or args.temperature <= 0 or args.beta < 0 or args.epsilon < 0 \
-            or args.epsilon_high < 0 or args.max_resample_rounds < 0:
-        raise UserError("--max_steps, --batch_size, --num_iterations, --max_new_tokens and the batch sizes must be "
-                        "at least 1; --temperature above 0; --beta, --epsilon, --epsilon_high and "
-                        "--max_resample_rounds not negative")
     rt = C.setup(args.seed, args.device, args.precision)
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch_size {args.batch_size} (prompts) must be a multiple of the {rt.world_size} ranks")
     reward_funcs = load_reward_funcs(args.reward_funcs, args.reward_weights)
     if not reward_funcs and not args.reward_model:
         raise UserError("no reward: give --reward_funcs, --reward_model or both")
-    C.save_args(args, args.output_dir, rt)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    if args.resume and not os.path.isfile(ckpt_path):
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+    ckpt_path = C.claim_output_dir(args, rt)
 
     # Data: prompts and answers; the held-out prompts with an answer are graded greedily (pass@1).
     path = C.resolve_model(args.model, rt)
@@ -271,9 +275,8 @@ def main():
         ref = C.freeze(C.load_model(path, rt, args.trust_remote_code), rt)
     rm = None
     if args.reward_model:
-        from transformers import AutoModelForSequenceClassification
         rm_path = C.resolve_model(args.reward_model, rt)
-        rm = C.freeze(C.load_model(rm_path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification), rt)
+        rm = C.load_reward_model(rm_path, rt, args.trust_remote_code)
         rm_tok = C.load_tokenizer(rm_path, args.trust_remote_code)
     opt, sched = C.optimizer_and_schedule(model, args)
     step, cursor = 0, 0  # cursor: how far the prompt stream has been read (further than step x batch_size with
@@ -282,7 +285,7 @@ def main():
                                 must_match=("loss_type", "beta", "dynamic_sampling", "max_resample_rounds"))
         step, cursor = state["step"], state.get("cursor", state["step"] * args.batch_size)
     ddp = DDP(model) if rt.world_size > 1 else model
-    log = C.MetricsLog(args.output_dir, rt, resume_step=step)
+    log = C.begin_log(args, rt, step)
 
     def evaluate():
         return C.evaluate_answers(model, tok, [p for p, _ in graded], [a for _, a in graded], rt,
@@ -313,12 +316,14 @@ def main():
         t = time.perf_counter()
         columns, failed = [], 0
         for name, fn, _ in reward_funcs:
-            r, f = call_reward(fn, len(completions), prompts=prompts, completions=completions,
+            r, f = call_reward(fn, name, len(completions), prompts=prompts, completions=completions,
                                completion_ids=completion_ids, answer=answers)
             columns.append(r)
             failed += f
         if rm is not None:
             columns.append(C.score_responses(rm, rm_tok, prompts, completions, rt).tolist())
+            if not all(math.isfinite(v) for v in columns[-1]):
+                raise UserError(f"--reward_model {args.reward_model} scored a completion nan or inf; check that model")
         per_func = torch.tensor(columns).T  # (N, K)
         groups = [{"prompt_ids": prompt_ids[g : g + G], "completion_ids": completion_ids[g : g + G],
                    "sampled_logp": sampled_logp[g : g + G], "per_func": per_func[g : g + G],
@@ -444,9 +449,8 @@ def main():
         if args.dynamic_sampling:
             row.update({"dynamic_sampling/rounds": rounds,
                         "dynamic_sampling/frac_trained_zero_std": counts["trained_zero_std"] / (num_completions / G)})
-        if not all(torch.isfinite(torch.tensor(v)) for v in (row["loss"], row["grad_norm"])):
-            raise UserError(f"the loss became {row['loss']} at step {step}; the last good checkpoint is in {ckpt_path} "
-                            "(if one was saved); lower --learning_rate")
+        if not all(math.isfinite(row[k]) for k in ("loss", "grad_norm")):
+            C.stop_nonfinite("the loss or its gradient", f"{row['loss']} / {row['grad_norm']}", step)
         if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row.update(evaluate())
         log.log(row)

@@ -28,7 +28,6 @@ The teacher must share the student's tokenizer; one that does not is refused (TR
     torchrun --nproc_per_node=2 opd.py ...    # DDP, same code path
 """
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -60,6 +59,7 @@ class Args:
     eval_size: int = arg(64, "held-out prompts answered greedily and graded (needs an `answer`); 0: off")
     eval_every: int = arg(5, "measure held-out accuracy every this many steps (and at start and end; 0: only those)")
     output_dir: str = arg("out/opd", "where the final student, args.json, metrics.jsonl and checkpoint.pt go")
+    overwrite_output_dir: bool = arg(False, "replace the run an --output_dir already holds (without it: refused)")
     max_steps: int = arg(20, "optimizer steps, one batch each")
     batch_size: int = arg(32, "prompts per step over all ranks, one completion each")
     micro_batch_size: int = arg(16, "completions per forward/backward pass")
@@ -83,6 +83,11 @@ class Args:
     precision: str = arg("auto", "auto (bf16 where the hardware is fast at it), bf16 or fp32; weights stay fp32")
     trust_remote_code: bool = arg(False, "allow models and tokenizers that run code from their repository")
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
+
+    def __post_init__(self):
+        if self.loss not in ("reverse_kl", "jsd"):
+            raise UserError(f"--loss {self.loss}: choose reverse_kl or jsd")
+        C.check_args(self, micro_batch_size=C.at_least(1), beta=C.between(0, 1), lmbda=C.between(0, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,21 +135,10 @@ def main():
     args = C.parse_args(Args)
     if not args.teacher:
         raise UserError("--teacher is required: a causal LM with the student's tokenizer (e.g. out/grpo)")
-    if args.loss not in ("reverse_kl", "jsd"):
-        raise UserError(f"--loss {args.loss}: choose reverse_kl or jsd")
-    if not 0 <= args.beta <= 1 or not 0 <= args.lmbda <= 1:
-        raise UserError("--beta and --lmbda must be in [0, 1]")
-    if min(args.max_steps, args.batch_size, args.micro_batch_size, args.max_new_tokens,
-           args.generation_batch_size) < 1 or args.temperature <= 0:
-        raise UserError("--max_steps, --batch_size, --max_new_tokens and the batch sizes must be at least 1; "
-                        "--temperature above 0")
     rt = C.setup(args.seed, args.device, args.precision)
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of the {rt.world_size} ranks")
-    C.save_args(args, args.output_dir, rt)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    if args.resume and not os.path.isfile(ckpt_path):
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+    ckpt_path = C.claim_output_dir(args, rt)
 
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
@@ -166,7 +160,7 @@ def main():
     if args.resume:
         step = C.restore_state(ckpt_path, student, opt, sched, args, rt)["step"]
     ddp = DDP(student) if rt.world_size > 1 else student
-    log = C.MetricsLog(args.output_dir, rt, resume_step=step)
+    log = C.begin_log(args, rt, step)
 
     def evaluate():
         return C.evaluate_answers(student, tok, [p for p, _ in graded], [a for _, a in graded], rt,
@@ -228,7 +222,7 @@ def main():
                "grad_norm": grad_norm, "learning_rate": lr, "time/generate_s": t_gen, "time/train_s": t_train,
                "seconds_per_step": time.perf_counter() - t0}
         if not math.isfinite(row["loss"]):
-            raise UserError(f"the loss became {row['loss']} at step {step}; lower --learning_rate")
+            C.stop_nonfinite("the loss", row["loss"], step)
         if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row.update(evaluate())
         log.log(row)

@@ -25,7 +25,6 @@ entropy of the policy's distribution (TRL logs the NLL of the sampled tokens und
     torchrun --nproc_per_node=2 ppo.py ...                           # DDP, same code path
 """
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ class Args:
     eval_size: int = arg(64, "held-out prompts answered greedily to measure accuracy with the verifiable grader; 0: off")
     eval_every: int = arg(5, "measure held-out accuracy every this many steps (and at start and end; 0: only those)")
     output_dir: str = arg("out/ppo", "where the final policy, args.json, metrics.jsonl and checkpoint.pt go")
+    overwrite_output_dir: bool = arg(False, "replace the run an --output_dir already holds (without it: refused)")
     max_steps: int = arg(20, "steps; each samples one batch and runs --num_ppo_epochs epochs on it")
     batch_size: int = arg(16, "prompts per step over all ranks, one response each")
     num_mini_batches: int = arg(1, "optimizer updates per PPO epoch: the batch is shuffled and split into this many")
@@ -101,6 +101,12 @@ class Args:
     precision: str = arg("auto", "auto (bf16 where the hardware is fast at it), bf16 or fp32; weights stay fp32")
     trust_remote_code: bool = arg(False, "allow models and tokenizers that run code from their repository")
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
+
+    def __post_init__(self):
+        C.check_args(self, micro_batch_size=C.at_least(1), kl_coef=C.at_least(0), value_warmup_steps=C.at_least(0),
+                     value_learning_rate=C.POSITIVE, gamma=C.between(0, 1), lam=C.between(0, 1),
+                     cliprange=C.POSITIVE, cliprange_value=C.POSITIVE, vf_coef=C.at_least(0),
+                     target_kl=C.POSITIVE, kl_horizon=C.at_least(1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,20 +226,11 @@ def main():
         rule = C.load_function(args.reward, f"--reward {args.reward}: choose model (with --reward_model), verifiable or")
     if args.reward == "model" and not args.reward_model:
         raise UserError("--reward model needs --reward_model PATH (a reward_model.py output), or use --reward verifiable")
-    if min(args.max_steps, args.batch_size, args.num_ppo_epochs, args.num_mini_batches, args.micro_batch_size,
-           args.max_new_tokens, args.generation_batch_size) < 1 or args.temperature <= 0 or args.kl_coef < 0 \
-            or args.value_warmup_steps < 0 or (args.value_learning_rate is not None and args.value_learning_rate <= 0):
-        raise UserError("--max_steps, --batch_size, --num_ppo_epochs, --num_mini_batches, --max_new_tokens and the "
-                        "batch sizes must be at least 1; --temperature and --value_learning_rate above 0; --kl_coef "
-                        "and --value_warmup_steps not negative")
     rt = C.setup(args.seed, args.device, args.precision)
     if args.batch_size % (rt.world_size * args.num_mini_batches):
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of ranks x --num_mini_batches "
                         f"({rt.world_size} x {args.num_mini_batches})")
-    C.save_args(args, args.output_dir, rt)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    if args.resume and not os.path.isfile(ckpt_path):
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+    ckpt_path = C.claim_output_dir(args, rt)
 
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
@@ -248,7 +245,7 @@ def main():
     if args.reward == "model":
         rm_path = C.resolve_model(args.reward_model, rt)
         C.check_same_vocab(tok, rm_path, "--reward_model", args.trust_remote_code)
-        rm = C.freeze(C.load_model(rm_path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification), rt)
+        rm = C.load_reward_model(rm_path, rt, args.trust_remote_code)
         rm_tok = C.load_tokenizer(rm_path, args.trust_remote_code)
     value_path = C.resolve_model(args.value_model, rt) if args.value_model else rm_path if rm is not None else path
     value = load_value_model(value_path, args, rt)
@@ -265,7 +262,7 @@ def main():
         state = C.restore_state(ckpt_path, model, opt, sched, args, rt)
         step, kl_ctl.value = state["step"], state["kl_coef"]
     ddp = DDP(model) if rt.world_size > 1 else model
-    log = C.MetricsLog(args.output_dir, rt, resume_step=step)
+    log = C.begin_log(args, rt, step)
 
     def evaluate():
         if not graded:
@@ -280,8 +277,13 @@ def main():
     def scores_of(prompts, texts, answers, ids):
         if rm is not None:  # the reward model reads prompt + response in its own chat format, at the last real token
             s = C.score_responses(rm, rm_tok, prompts, texts, rt)
+            if not torch.isfinite(s).all():
+                raise UserError(f"--reward_model {args.reward_model} scored a response nan or inf; check that model")
         elif rule is not None:  # a user's rule: f(prompts=, completions=, completion_ids=, answer=) -> N numbers
-            s = [float(v) for v in rule(prompts=prompts, completions=texts, completion_ids=ids, answer=answers)]
+            try:
+                s = [float(v) for v in rule(prompts=prompts, completions=texts, completion_ids=ids, answer=answers)]
+            except Exception as e:
+                raise UserError(f"--reward {args.reward} failed: {type(e).__name__}: {e}") from None
             if len(s) != len(texts):
                 raise UserError(f"--reward {args.reward} returned {len(s)} rewards for {len(texts)} responses")
             s = torch.tensor(s)
@@ -387,8 +389,7 @@ def main():
                "seconds_per_step": time.perf_counter() - t0}
         kl_ctl.update(row["objective/kl"], n)
         if not math.isfinite(row["loss/policy"]) or not math.isfinite(row["loss/value"]):
-            raise UserError(f"the loss became non-finite at step {step}; the last good checkpoint is in {ckpt_path} "
-                            "(if one was saved); lower --learning_rate")
+            C.stop_nonfinite("the loss", f"{row['loss/policy']} (policy) / {row['loss/value']} (value)", step)
         if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row.update(evaluate())
         log.log(row)

@@ -19,7 +19,6 @@ with from_pretrained; common.score_responses is the batched scorer that ppo.py a
     torchrun --nproc_per_node=2 reward_model.py ...  # DDP, same code path
 """
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,10 +46,12 @@ class Args:
     eval_size: int = arg(64, "held-out pairs for the eval_ metrics")
     eval_every: int = arg(10, "evaluate every this many steps (and at start and end)")
     output_dir: str = arg("out/reward_model", "where the final model, args.json, metrics.jsonl and checkpoint.pt go")
+    overwrite_output_dir: bool = arg(False, "replace the run an --output_dir already holds (without it: refused)")
     center_rewards_coefficient: float = arg(0.0, "c: weight of the mean squared summed reward (e.g. 0.01)")
     max_steps: int = arg(40, "optimizer steps")
     batch_size: int = arg(16, "preference pairs per optimizer step, over all micro-batches and ranks")
-    micro_batch_size: int = arg(8, "pairs per forward/backward pass on each rank (2x that many sequences)")
+    micro_batch_size: int = arg(0, "pairs per forward/backward pass on each rank, 2x that many sequences (0: a "
+                                "rank's share of the batch, at most 8)")
     learning_rate: float = arg(3e-5, "peak learning rate (AdamW)")
     warmup_steps: int = arg(5, "linear warmup steps, then cosine decay")
     min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of the peak")
@@ -68,6 +69,9 @@ class Args:
     precision: str = arg("auto", "auto (bf16 where the hardware is fast at it), bf16 or fp32; weights stay fp32")
     trust_remote_code: bool = arg(False, "allow models and tokenizers that run code from their repository")
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
+
+    def __post_init__(self):
+        C.check_args(self, center_rewards_coefficient=C.at_least(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,9 +125,19 @@ def batch_metrics(scorer, batch, args, rt, pad_id):
     return losses.sum(), {k: v.detach().float() for k, v in sums.items()}
 
 
+def margin_of(row, i):
+    try:
+        m = float(row.get("margin") or 0.0)
+    except (TypeError, ValueError):
+        m = float("nan")
+    if not math.isfinite(m):
+        raise UserError(f"row {i}: `margin` {row['margin']!r} is not a number")
+    return m
+
+
 def tokenized_with_margin(rows, tok, args, name, rt):
     """(pair, margin) items of a finite set of rows; pairs are filtered and counted by common.tokenize_preferences."""
-    margins = [float(rows[i].get("margin", 0.0) or 0.0) for i in range(len(rows))]
+    margins = [margin_of(rows[i], i) for i in range(len(rows))]
     kept = C.tokenize_preferences(rows, tok, args.max_length, name, rt, keep_index=True)
     return [(pair, margins[i]) for i, pair in kept]
 
@@ -131,16 +145,9 @@ def tokenized_with_margin(rows, tok, args, name, rt):
 def main():
     from transformers import AutoModelForSequenceClassification
     args = C.parse_args(Args)
-    if args.batch_size % args.micro_batch_size:
-        raise UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size {args.micro_batch_size}")
     rt = C.setup(args.seed, args.device, args.precision)
-    if args.batch_size % (args.micro_batch_size * rt.world_size):
-        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size x ranks "
-                        f"({args.micro_batch_size} x {rt.world_size})")
-    C.save_args(args, args.output_dir, rt)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    if args.resume and not os.path.isfile(ckpt_path):
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+    C.split_batch(args, rt, cap=8)
+    ckpt_path = C.claim_output_dir(args, rt)
 
     # Data
     mixture, raw, heldout = C.load_splits(args, args.eval_size)
@@ -163,7 +170,7 @@ def main():
         x = C.tokenize_pair(tok, *C.preference_pair(row), args.max_length)
         if x is None:
             raise UserError(f"a generated pair of {mixture[s][0]} exceeds --max_length {args.max_length}; raise it")
-        return x, float(row.get("margin", 0.0))
+        return x, margin_of(row, i)
 
     # Model: one scalar head on the language model. A new head starts with std 1/sqrt(d_model + 1)
     # ("N implementation details of RLHF with PPO"), so initial rewards are O(1) whatever the width.
@@ -184,7 +191,7 @@ def main():
         step = C.restore_state(ckpt_path, model, opt, sched, args, rt)["step"]
     scorer = Scorer(model)
     ddp = DDP(scorer) if rt.world_size > 1 else scorer
-    log = C.MetricsLog(args.output_dir, rt, resume_step=step)
+    log = C.begin_log(args, rt, step)
 
     @torch.no_grad()
     def evaluate():
@@ -221,9 +228,8 @@ def main():
                 (loss_sum * rt.world_size / args.batch_size).backward()
             totals = {n: totals.get(n, 0) + v for n, v in sums.items()}
         row = {n: (C.all_reduce(v, rt) / args.batch_size).item() for n, v in totals.items()}
-        if not torch.isfinite(torch.tensor(row["loss"])):
-            raise UserError(f"the loss became {row['loss']} at step {step + 1}; the last good checkpoint is in "
-                            f"{ckpt_path} (if one was saved); lower --learning_rate")
+        if not math.isfinite(row["loss"]):
+            C.stop_nonfinite("the loss", row["loss"], step + 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
         lr = sched.get_last_lr()[0]
         opt.step()

@@ -17,7 +17,7 @@ long answers weigh in proportion to their tokens and the loss does not depend on
         --dataset_split train_sft --max_length 1024
     torchrun --nproc_per_node=2 sft.py ...          # DDP, same code path
 """
-import os
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,9 +48,11 @@ class Args:
                                 "with a \\boxed{} answer and the share correct (needs an `answer` column; 0: off)")
     max_new_tokens: int = arg(96, "length limit of those answers")
     output_dir: str = arg("out/sft", "where the final model, args.json, metrics.jsonl and checkpoint.pt go")
+    overwrite_output_dir: bool = arg(False, "replace the run an --output_dir already holds (without it: refused)")
     max_steps: int = arg(80, "optimizer steps")
     batch_size: int = arg(16, "examples per optimizer step, over all micro-batches and ranks")
-    micro_batch_size: int = arg(16, "examples per forward/backward pass on each rank")
+    micro_batch_size: int = arg(0, "examples per forward/backward pass on each rank (0: a rank's share of the batch, "
+                                "at most 16)")
     learning_rate: float = arg(1e-4, "peak learning rate (AdamW)")
     warmup_steps: int = arg(5, "linear warmup steps, then cosine decay")
     min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of the peak")
@@ -70,6 +72,9 @@ class Args:
     trust_remote_code: bool = arg(False, "allow models and tokenizers that run code from their repository")
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
 
+    def __post_init__(self):
+        C.check_args(self)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: tokenized sources and the mixture stream
@@ -85,6 +90,8 @@ class Tokenized:
         self.items = [self._tokenize(i) for i in rows]
         self.dropped = sum(x is None for x in self.items)
         if self.dropped == len(self.items):
+            if not any(m["role"] == "assistant" for i in rows for m in C.conversation(ds[i])):
+                raise UserError(f"no example of {name} has an assistant turn: there is nothing to train on")
             raise UserError(f"--max_length {max_length} leaves no assistant token in any example of {name}; raise it")
         if not self.unlimited:
             self.items = [x for x in self.items if x is not None]
@@ -136,18 +143,9 @@ def eval_loss(model, examples, args, tok, rt):
 # ----------------------------------------------------------------------------------------------------------------
 def main():
     args = C.parse_args(Args)
-    if args.batch_size % args.micro_batch_size:
-        raise UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size {args.micro_batch_size}")
     rt = C.setup(args.seed, args.device, args.precision)
-    if args.batch_size % (args.micro_batch_size * rt.world_size):
-        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size x ranks "
-                        f"({args.micro_batch_size} x {rt.world_size})")
-    if args.max_steps < 1 or args.max_length < 2:
-        raise UserError("--max_steps must be at least 1 and --max_length at least 2")
-    C.save_args(args, args.output_dir, rt)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    if args.resume and not os.path.isfile(ckpt_path):
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+    C.split_batch(args, rt, cap=16)
+    ckpt_path = C.claim_output_dir(args, rt)
 
     # Data. Examples of the built-in task are generated; others are read, held-out rows split off, tokenized.
     mixture, raw, heldout = C.load_splits(args, max(args.eval_size, args.eval_generations))
@@ -160,8 +158,8 @@ def main():
     prompts, answers = [C.conversation(r)[:-1] for r in answerable], [r["answer"] for r in answerable]
     for (s, _), src in zip(mixture, sources):
         if not src.unlimited:
-            rt.print(f"data: {s}: {len(src)} examples" + (f", {src.dropped} dropped (no assistant token within "
-                                                           f"--max_length {args.max_length})" if src.dropped else ""))
+            rt.print(f"data: {s}: {len(src)} examples" + (f", {src.dropped} dropped (no assistant token, or none "
+                                                           f"within --max_length {args.max_length})" if src.dropped else ""))
     order = C.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
                             args.seed, unlimited={i for i, s in enumerate(sources) if s.unlimited})
 
@@ -176,7 +174,7 @@ def main():
         state = C.restore_state(ckpt_path, model, opt, sched, args, rt)
         step, num_tokens = state["step"], state["num_tokens"]
     ddp = DDP(model) if rt.world_size > 1 else model
-    log = C.MetricsLog(args.output_dir, rt, resume_step=step)
+    log = C.begin_log(args, rt, step)
 
     row = {"step": step}
     if step == 0:
@@ -208,9 +206,8 @@ def main():
                 (nll * rt.world_size / n_target).backward()
             nll_sum += nll.item()
         loss = C.all_reduce(nll_sum, rt).item() / n_target
-        if not torch.isfinite(torch.tensor(loss)):
-            raise UserError(f"the loss became {loss} at step {step + 1}; the last good checkpoint is in "
-                            f"{ckpt_path} (if one was saved); lower --learning_rate or check the data")
+        if not math.isfinite(loss):
+            C.stop_nonfinite("the loss", loss, step + 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
         lr = sched.get_last_lr()[0]
         opt.step()

@@ -44,8 +44,8 @@ RULES = '''
 def cats(completions, **kw):  # the share of the words that are "cat"
     return [sum(w == "cat" for w in c.split()) / max(1, len(c.split())) for c in completions]
 
-def picky(completions, completion_ids, **kw):  # fails on every batch, and on completions whose first token is even
-    if len(completions) > 1 or completion_ids[0][0] % 2 == 0:
+def picky(completions, **kw):  # fails on every batch, and on completions that start with "dog"
+    if len(completions) > 1 or completions[0].split()[:1] == ["dog"]:
         raise ValueError("picky")
     return [1.0]
 '''

@@ -156,10 +156,24 @@ def test_a_reward_function_that_raises_scores_zero_and_is_counted():
         if "x" in completions[0]:
             raise ValueError("no x")
         return [2.0]
-    out, failed = grpo.call_reward(picky, 3, completions=["a", "x", "b"], answer=[None] * 3)
+    out, failed = grpo.call_reward(picky, "picky", 3, completions=["a", "x", "b"], answer=[None] * 3)
     assert (out, failed) == ([2.0, 0.0, 2.0], 1)
     nan_for_b = lambda completions, **kw: [1.0 if c == "a" else float("nan") for c in completions]  # noqa: E731
-    assert grpo.call_reward(nan_for_b, 2, completions=["a", "b"]) == ([1.0, 0.0], 1)
+    assert grpo.call_reward(nan_for_b, "f", 2, completions=["a", "b"]) == ([1.0, 0.0], 1)
+
+
+def test_any_real_number_is_a_reward_and_a_broken_function_stops_the_run():
+    import numpy as np
+    kinds = lambda completions, **kw: [np.float32(0.5), True, torch.tensor(2.0), 3][: len(completions)]  # noqa: E731
+    assert grpo.call_reward(kinds, "kinds", 4, completions=list("abcd")) == ([0.5, 1.0, 2.0, 3.0], 0)
+    with pytest.raises(C.UserError, match="reward function short returned 1 values for 2 completions"):
+        grpo.call_reward(lambda completions, **kw: [1.0], "short", 2, completions=["a", "b"])
+
+    def broken(completions, solution, **kw):  # a signature that does not fit: fails on everything
+        return [1.0] * len(completions)
+    with pytest.raises(C.UserError, match="reward function broken failed on every completion of a step, the first "
+                                          "with TypeError: .*solution"):
+        grpo.call_reward(broken, "broken", 2, completions=["a", "b"])
 
 
 def test_a_group_prompt_computed_once_gives_the_same_logprobs_and_gradients(tok, tiny_model_dir):
@@ -229,7 +243,7 @@ def test_reward_errors_are_counted_and_the_run_goes_on(pets_model, tmp_path):
     out = str(tmp_path / "out")
     ok(grpo_run(pets_model, out, tmp_path, "--max_steps", "2", "--reward_funcs",
                 f"{tmp_path / 'rules.py'}:cats,{tmp_path / 'rules.py'}:picky", "--reward_weights", "1,0.5"))
-    for r in read_metrics(out):  # picky gives 1 to the odd-first-token completions and fails on the rest
+    for r in read_metrics(out):  # picky gives 1 to the completions that do not start with dog, fails on the rest
         assert r["reward_errors"] == round(16 * (1 - r["rewards/picky/mean"]))
         assert r["reward"] == pytest.approx(r["rewards/cats/mean"] + 0.5 * r["rewards/picky/mean"], abs=1e-6)
 
@@ -342,8 +356,8 @@ def test_bad_inputs(monkeypatch, tiny_model_dir, tmp_path):
     base = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "out")]
     main_raises(monkeypatch, [*base, "--loss_type", "ppo"], "--loss_type ppo: choose grpo, dapo or dr_grpo")
     main_raises(monkeypatch, [*base, "--scale_rewards", "max"], "--scale_rewards max")
-    main_raises(monkeypatch, [*base, "--num_generations", "1"], "--num_generations must be at least 2")
-    main_raises(monkeypatch, [*base, "--temperature", "0"], "--temperature above 0")
+    main_raises(monkeypatch, [*base, "--num_generations", "1"], "--num_generations 1: must be at least 2")
+    main_raises(monkeypatch, [*base, "--temperature", "0"], "--temperature 0.0: must be above 0")
     main_raises(monkeypatch, [*base, "--reward_funcs", "nope.py:f"], "--reward_funcs nope.py:f: not a built-in")
     (tmp_path / "r.py").write_text("def f(completions, **kw):\n    return [0.0] * len(completions)\n")
     main_raises(monkeypatch, [*base, "--reward_funcs", f"{tmp_path / 'r.py'}:g"], "has no function 'g'")

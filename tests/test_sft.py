@@ -148,8 +148,7 @@ def test_bad_inputs(monkeypatch, tiny_model_dir, tmp_path):
     main_raises(monkeypatch, ["--model", str(tmp_path / "nope.gguf"), "--output_dir", out], "no such file or folder")
     main_raises(monkeypatch, [*base, "--dataset", data, "--eval_size", "0", "--max_length", "8"],
                 "--max_length 8 leaves no assistant token in any example")
-    main_raises(monkeypatch, [*base, "--batch_size", "6", "--micro_batch_size", "4"], "not a multiple of --micro_batch_size")
-    main_raises(monkeypatch, [*base, "--dataset", data, "--eval_size", "6"], "too few to hold out --eval_size 6")
+    main_raises(monkeypatch, [*base, "--batch_size", "6", "--micro_batch_size", "4"], r"must be a multiple of --micro_batch_size x ranks \(4 x 1\)")
     main_raises(monkeypatch, [*base, "--dataset", "arithmetic,arithmetic", "--dataset_weights", "1"], "needs 2 non-negative")
     main_raises(monkeypatch, [*base, "--resume"], "no checkpoint at")
     main_raises(monkeypatch, [*base, "--device", "tpu"], "--device tpu")

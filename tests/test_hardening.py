@@ -1,0 +1,265 @@
+"""Bad input, faults and misuse, as a new user meets them: one line on stderr and exit code 2 (130 after Ctrl-C),
+nothing of an earlier run lost, no output that looks finished when it is not."""
+import importlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common as C
+from conftest import ROOT, ok, read_metrics, run_script, write_jsonl
+
+ROWS = [{"messages": [{"role": "user", "content": f"Say word {i}."}, {"role": "assistant", "content": w}]}
+        for i, w in enumerate(["apple", "banana pie", "cherry tart", "dates", "elderberry", "fig", "grape", "honeydew"])]
+CPU = C.Runtime(torch.device("cpu"), torch.float32)
+
+
+def sft_args(tiny_model_dir, data, *extra):
+    return ["--model", tiny_model_dir, "--dataset", data, "--eval_size", "0", "--eval_generations", "0",
+            "--precision", "fp32", "--max_steps", "1", "--batch_size", "2", "--warmup_steps", "0", *map(str, extra)]
+
+
+def main_raises(monkeypatch, script, argv, match):
+    """Run <script>.main() in this process and expect the UserError that C.run would print as one line."""
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, argv)])
+    with pytest.raises(C.UserError, match=match):
+        module.main()
+    C.release_output_dir()  # what C.run does on the way out
+
+
+def snapshot(folder):
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, n))}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numbers are range-checked before any work
+@pytest.mark.parametrize("script,argv,message", [
+    ("sft", ["--max_grad_norm=-1"], "--max_grad_norm -1.0: must be above 0"),  # would be gradient ascent
+    ("sft", ["--learning_rate", "-1e-3"], "--learning_rate -0.001: must be above 0"),  # argparse's flag-like value
+    ("sft", ["--eval_size=-1"], "--eval_size -1: must be at least 0"),
+    ("sft", ["--batch_size", "-2"], "--batch_size -2: must be at least 1"),
+    ("sft", ["--stop_after_steps=-1"], "--stop_after_steps -1: must be at least 0"),
+    ("sft", ["--min_lr_ratio", "2"], "--min_lr_ratio 2.0: must be in [0, 1]"),
+    ("sft", ["--learning_rate", "nan"], "--learning_rate nan: must be above 0"),
+    ("dpo", ["--beta=-1"], "--beta -1.0: must be above 0"),  # would learn to prefer the rejected answers
+    ("dpo", ["--loss_type", "ipo", "--beta", "0"], "--beta 0.0: must be above 0"),  # IPO divides by β
+    ("reward_model", ["--adam_beta2", "1"], "--adam_beta2 1.0: must be in [0, 1)"),
+    ("grpo", ["--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
+    ("grpo", ["--top_p", "1.5"], "--top_p 1.5: must be in (0, 1]"),
+    ("grpo", ["--max_new_tokens", "0"], "--max_new_tokens 0: must be at least 1"),
+    ("grpo", ["--num_generations", "1"], "--num_generations 1: must be at least 2"),
+    ("grpo", ["--micro_batch_size", "0"], "--micro_batch_size 0: must be at least 1"),
+    ("ppo", ["--gamma", "1.5"], "--gamma 1.5: must be in [0, 1]"),
+    ("ppo", ["--kl_coef=-0.1"], "--kl_coef -0.1: must be at least 0"),
+    ("opd", ["--lmbda", "2"], "--lmbda 2.0: must be in [0, 1]"),
+    ("opd", ["--temperature", "0"], "--temperature 0.0: must be above 0"),
+])
+def test_out_of_range_arguments_are_refused(script, argv, message):
+    with pytest.raises(C.UserError, match=re.escape(message)):
+        C.parse_args(importlib.import_module(script).Args, argv)
+
+
+def test_a_refused_argument_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc = run_script("dpo.py", "--beta=-1", "--output_dir", out)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --beta -1.0: must be above 0", proc.stderr
+    assert not out.exists()
+
+
+def test_defaults_fit_small_batches_and_small_files(tmp_path, capsys):
+    import dpo
+    import sft
+    args = sft.Args(batch_size=4)  # the micro-batch follows the batch (it was a fixed 16, which 4 is not a multiple of)
+    C.split_batch(args, CPU, cap=16)
+    assert args.micro_batch_size == 4
+    args = dpo.Args(batch_size=12)
+    C.split_batch(args, CPU, cap=8)
+    assert args.micro_batch_size == 6  # the largest divisor of 12 up to 8
+    args = sft.Args(batch_size=12)
+    C.split_batch(args, C.Runtime(torch.device("cpu"), torch.float32, world_size=2), cap=16)
+    assert args.micro_batch_size == 6  # each rank's share
+    with pytest.raises(C.UserError, match=r"multiple of --micro_batch_size x ranks \(4 x 1\)"):
+        C.split_batch(sft.Args(batch_size=6, micro_batch_size=4), CPU, cap=16)
+    # 16 rows and --eval_size 64: hold out a tenth, not refuse (or hold out most of the file)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS * 2)
+    _, raw, heldout = C.load_splits(sft.Args(dataset=data, eval_size=64), 64)
+    assert (len(raw[0]), len(heldout)) == (15, 1)
+    assert "holding out 1 (a tenth), not --eval_size 64" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output folders: nothing lost, nothing mixed
+def test_a_folder_holding_a_run_is_kept_unless_overwritten(monkeypatch, tiny_model_dir, tmp_path):
+    data, out = write_jsonl(tmp_path / "d.jsonl", ROWS), str(tmp_path / "out")
+    ok(run_script("sft.py", *sft_args(tiny_model_dir, data), "--output_dir", out))
+    before = snapshot(out)
+    main_raises(monkeypatch, "sft", [*sft_args(tiny_model_dir, data), "--output_dir", out],
+                "holds another run .*: pass --resume to continue it or --overwrite_output_dir to replace it")
+    # Overwriting, with a mistake found only when the data is read: nothing of the old run is touched yet.
+    main_raises(monkeypatch, "sft", [*sft_args(tiny_model_dir, tmp_path / "nope.jsonl"), "--output_dir", out,
+                                     "--overwrite_output_dir"], "no such file")
+    assert snapshot(out) == before  # no lock left either
+    # Overwriting with a run that diverges: the old model, checkpoint and metrics are gone, not left to look like
+    # this run's, and the stop does not call anything of the old run "the last good checkpoint".
+    proc = run_script("sft.py", *sft_args(tiny_model_dir, data), "--output_dir", out, "--overwrite_output_dir",
+                      "--max_steps", "4", "--learning_rate", "1e30")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "last good checkpoint" not in proc.stderr and "lower --learning_rate" in proc.stderr
+    assert sorted(os.listdir(out)) == ["args.json", "metrics.jsonl"]
+    assert json.load(open(os.path.join(out, "args.json")))["learning_rate"] == 1e30
+
+
+def test_output_dir_that_is_the_model_a_file_or_locked_is_refused(monkeypatch, tiny_model_dir, tmp_path):
+    data, out = write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "out"
+    base = sft_args(tiny_model_dir, data)
+    main_raises(monkeypatch, "sft", [*base, "--output_dir", f"{tiny_model_dir}/../{os.path.basename(tiny_model_dir)}"],
+                "is the --model: the run would overwrite its own input")
+    (tmp_path / "f").write_text("")
+    main_raises(monkeypatch, "sft", [*base, "--output_dir", tmp_path / "f"], "is a file; give a folder")
+    out.mkdir()
+    (out / ".lock").write_text(f"{socket.gethostname()}:{os.getppid()}")  # a live process holds it
+    main_raises(monkeypatch, "sft", [*base, "--output_dir", out], r"another run \(process \d+ on .*\) is writing to")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / ".lock").write_text(f"{socket.gethostname()}:{dead.pid}")  # left by a run that was killed: taken over
+    main_raises(monkeypatch, "sft", [*base[:2], "--dataset", tmp_path / "nope.jsonl", *base[4:], "--output_dir", out],
+                "no such file")
+    assert os.listdir(out) == []  # the stale lock went, and this run's lock with it
+
+
+def test_resume_applies_changed_settings_and_compares_paths_as_paths(monkeypatch, tiny_model_dir, tmp_path):
+    data, out = write_jsonl(tmp_path / "d.jsonl", ROWS), str(tmp_path / "out")
+    base = [*sft_args(tiny_model_dir, data), "--max_steps", "4", "--save_every", "1", "--output_dir", out]
+    ok(run_script("sft.py", *base, "--stop_after_steps", "2", "--learning_rate", "1e-3"))
+    args_before = open(os.path.join(out, "args.json")).read()
+    main_raises(monkeypatch, "sft", [*base, "--resume", "--max_steps", "5"],
+                "the checkpoint was made with --max_steps 4, not 5")
+    assert open(os.path.join(out, "args.json")).read() == args_before  # a refused resume rewrites nothing
+    same_model = os.path.relpath(tiny_model_dir, ROOT) + "/"  # the same folder, written differently
+    proc = ok(run_script("sft.py", *base, "--resume", "--learning_rate", "2e-3", "--model", same_model))
+    assert "changed: --model" not in proc.stdout
+    assert "changed: --learning_rate 0.002 (was 0.001)" in proc.stdout
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["learning_rate"] == pytest.approx(2e-3 * C.warmup_cosine(2, 0, 4, 0.1))
+    assert json.load(open(os.path.join(out, "args.json")))["learning_rate"] == 2e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stops that are clean
+def test_ctrl_c_says_where_to_resume(tiny_model_dir, tmp_path):
+    data, out = write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "sft.py"), *sft_args(tiny_model_dir, data), "--max_steps", "1000",
+           "--save_every", "1", "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert re.search(r"^interrupted; the last checkpoint \(step \d+\) is .*checkpoint.pt: continue with --resume$",
+                     err, re.M), err[-2000:]
+    assert "Traceback" not in err
+    assert not (out / ".lock").exists() and not (out / "checkpoint.pt.tmp").exists()
+
+
+def test_a_full_disk_is_named_and_leaves_no_partial_file(monkeypatch, tmp_path):
+    import sft
+    model = torch.nn.Linear(2, 2)
+    opt, sched = C.optimizer_and_schedule(model, sft.Args())
+    path = str(tmp_path / "checkpoint.pt")
+
+    def full(obj, f):
+        open(f, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(C.UserError, match="cannot write the checkpoint .*: the disk is full; free some space"):
+        C.save_state(path, model, opt, sched, 1, sft.Args(), CPU)
+    assert os.listdir(tmp_path) == []
+
+
+def test_sampling_from_a_diverged_model_stops_with_the_documented_message(tok, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(C.UserError, match="the model's logits became inf or nan; .*lower --learning_rate"):
+        C.generate_ids(model, tok, [[1, 2, 3]], CPU, max_new_tokens=2, temperature=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models of the wrong kind
+def test_a_language_model_is_no_reward_model_and_a_reward_model_no_language_model(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    with pytest.raises(C.UserError, match="has no trained score head: it is not a reward model"):
+        C.load_reward_model(tiny_model_dir, CPU)
+    for labels in (1, 2):
+        AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=labels).save_pretrained(
+            tmp_path / f"rm{labels}")
+    with pytest.raises(C.UserError, match="has 2 labels: it is not a reward model"):
+        C.load_reward_model(str(tmp_path / "rm2"), CPU)
+    rm = C.load_reward_model(str(tmp_path / "rm1"), CPU)
+    assert not rm.training and not any(p.requires_grad for p in rm.parameters())
+    with pytest.raises(C.UserError, match="is a LlamaForSequenceClassification .*not a language model"):
+        C.load_model(str(tmp_path / "rm1"), CPU)  # e.g. given as opd.py's --teacher
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data as users bring it
+def test_messages_as_users_write_them():
+    tool_call = [{"type": "function", "function": {"name": "add", "arguments": "{\"a\": 1}"}}]
+    msgs = C.conversation({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Add "}, {"type": "text", "text": "one."}]},
+        {"role": "assistant", "content": None, "tool_calls": tool_call},
+        {"role": "tool", "content": "2", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "Two."}]})
+    assert msgs[0] == {"role": "user", "content": "Add one."}  # OpenAI-style content parts
+    assert msgs[1] == {"role": "assistant", "content": "", "tool_calls": tool_call}  # kept for templates that use it
+    assert msgs[2]["tool_call_id"] == "c1"
+    for row, match in [({"messages": [{"role": "user", "content": None}]}, "role user has no content"),
+                       ({"messages": [{"role": "bot", "content": "hi"}]}, "the role 'bot'; the roles are"),
+                       ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "not text"),
+                       ({"prompt": "p", "completion": "c", "label": False}, "a `label` column: unpaired preference")]:
+        with pytest.raises(C.UserError, match=match):
+            C.conversation(row)
+
+
+def test_the_mask_is_immune_to_what_the_conversation_says(tok):
+    def trained(user_text):
+        ids, labels = C.tokenize_conversation(tok, [{"role": "user", "content": user_text},
+                                                    {"role": "assistant", "content": "Fine."}], 256)
+        return tok.decode([t for t in labels if t != C.IGNORE_INDEX])
+    assert trained(f"say {C.MARKER} please") == trained("say please") == "Fine.<|im_end|>"
+
+
+def test_unreadable_files_say_what_is_wrong(tmp_path):
+    import reward_model
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", completion}\n')
+    with pytest.raises(C.UserError, match="bad.jsonl: line 2 is not valid JSON"):
+        C.load_data(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "café", "completion": "b"}\n'.encode("latin-1"))
+    with pytest.raises(C.UserError, match="latin1.jsonl is not UTF-8 text"):
+        C.load_data(str(tmp_path / "latin1.jsonl"))
+    with pytest.raises(C.UserError, match="row 3: `margin` 'high' is not a number"):
+        reward_model.margin_of({"margin": "high"}, 3)
+    assert reward_model.margin_of({"margin": None}, 0) == reward_model.margin_of({}, 0) == 0.0
+
+
+def test_rl_prompts_without_a_ground_truth_are_dropped_and_counted(tok):
+    rows = [{"prompt": "1+1?", "answer": "2"}, {"prompt": "Hi?"}, {"prompt": "2+2?", "answer": "4"}]
+    prompts = C.Prompts("d", rows, tok, 512, need_answers="the accuracy reward")
+    assert (len(prompts), prompts.unanswered, [prompts[i][2] for i in range(2)]) == (2, 1, ["2", "4"])
+    assert len(C.Prompts("d", rows, tok, 512)) == 3  # no reward needs one: all kept
+    with pytest.raises(C.UserError, match="no `answer` .* for the accuracy reward"):
+        C.Prompts("d", rows[1:2], tok, 512, need_answers="the accuracy reward")
