@@ -1241,8 +1241,9 @@ def restore_state(path, model, opt, sched, args, rt, must_match=()):
     sched.base_lrs = [h["initial_lr"] for h in hyper]
     sched._last_lr = [g["lr"] for g in opt.param_groups]
     set_rng_state(state["rng"])
-    changed = [f"--{k} {v} (was {state['args'][k]})" for k, v in asdict(args).items()
-               if k not in ("resume", "stop_after_steps") and k in state["args"] and not _same_setting(v, state["args"][k])]
+    before = state["args"]
+    changed = [f"--{k} {v} (was {before[k]})" for k, v in asdict(args).items()
+               if k not in ("resume", "stop_after_steps") and k in before and not _same_setting(v, before[k])]
     rt.print(f"resumed from {path} at step {state['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
     _run["checkpoint"] = (path, state["step"])
     return state

@@ -50,8 +50,8 @@ def write_data(folder, n):
 # ---------------------------------------------------------------------------------------------------------------
 # Our side: the command line of each script
 def ours_command(method, model, data, out, steps):
-    common = ["--model", model, "--output_dir", out, "--max_steps", str(steps), "--eval_size", "0",
-              "--save_every", "0", "--seed", "0", "--precision", "bf16"]
+    common = ["--model", model, "--output_dir", out, "--overwrite_output_dir", "--max_steps", str(steps),
+              "--eval_size", "0", "--save_every", "0", "--seed", "0", "--precision", "bf16"]
     rl = ["--dataset", f"{data}/rl.jsonl", "--max_new_tokens", "64"]
     args = {
         "sft": ["sft.py", "--dataset", f"{data}/sft.jsonl", "--batch_size", "8", "--micro_batch_size", "8",
