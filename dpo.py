@@ -15,6 +15,10 @@ reward often fall during training, and that is fine: the margin between them is 
              rate ε: [-(1-ε) log σ(βh) + ε log σ(-βh)] / (1-2ε)
     ipo      IPO (Azar et al. 2023, arXiv:2310.12036, Eq. 17): (h - 1/(2β))², with log-probs averaged over response tokens (as TRL)
     simpo    SimPO (Meng et al. 2024, arXiv:2405.14734, Eq. 6): -log σ(β/|y_w| log π_θ(y_w) - β/|y_l| log π_θ(y_l) - γ), no reference
+    orpo     ORPO (Hong et al. 2024, arXiv:2403.07691, Eq. 6-7): the SFT loss on y_w plus λ = β times -log σ of the
+             log odds ratio, log[odds(y_w)/odds(y_l)] with odds(y) = P(y)/(1-P(y)) and P(y) = exp(mean token log-prob);
+             no reference model is loaded. The SFT term is each chosen response's token mean (the paper's Eq. 2; TRL
+             averages over the chosen tokens of the whole batch)
 
 How this deviates from the paper: the reference log-probs are computed once, before training, with the starting
 policy (or --ref_model), so a single model is held while training (TRL's precompute_ref_log_probs); chosen and
@@ -58,8 +62,8 @@ class Args:
     max_new_tokens: int = arg(96, "length limit of those answers")
     output_dir: str = arg("out/dpo", "where the final model, args.json, metrics.jsonl and checkpoint.pt go")
     overwrite_output_dir: bool = arg(False, "replace the run an --output_dir already holds (without it: refused)")
-    loss_type: str = arg("sigmoid", "sigmoid (DPO), robust, ipo or simpo; see the module docstring")
-    beta: Optional[float] = arg(None, "β: 0.1 by default, 2.0 for simpo (IPO's τ is this β)")
+    loss_type: str = arg("sigmoid", "sigmoid (DPO), robust, ipo, simpo or orpo; see the module docstring")
+    beta: Optional[float] = arg(None, "β: 0.1 by default, 2.0 for simpo (IPO's τ and ORPO's λ are this β)")
     label_smoothing: float = arg(0.0, "ε: assumed label-flip rate for sigmoid (cDPO) and robust, in [0, 0.5)")
     simpo_gamma: float = arg(0.5, "γ, SimPO's target reward margin")
     precompute_ref_log_probs: bool = arg(True, "compute the reference log-probs once before training so only the "
@@ -87,12 +91,12 @@ class Args:
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
 
     def __post_init__(self):
-        if self.loss_type not in ("sigmoid", "robust", "ipo", "simpo"):
-            raise UserError(f"--loss_type {self.loss_type}: use sigmoid, robust, ipo or simpo")
+        if self.loss_type not in ("sigmoid", "robust", "ipo", "simpo", "orpo"):
+            raise UserError(f"--loss_type {self.loss_type}: use sigmoid, robust, ipo, simpo or orpo")
         self.beta = self.beta if self.beta is not None else 2.0 if self.loss_type == "simpo" else 0.1
         if not 0 <= self.label_smoothing < 0.5 or (self.loss_type == "robust" and self.label_smoothing == 0):
             raise UserError("--label_smoothing must be in [0, 0.5), and above 0 for --loss_type robust")
-        if self.label_smoothing and self.loss_type in ("ipo", "simpo"):
+        if self.label_smoothing and self.loss_type in ("ipo", "simpo", "orpo"):
             raise UserError(f"--label_smoothing applies to sigmoid and robust, not to --loss_type {self.loss_type}")
         C.check_args(self, beta=C.POSITIVE, simpo_gamma=C.at_least(0))
 
@@ -122,11 +126,24 @@ def simpo_loss(pi_logratios, beta, gamma):
     return -F.logsigmoid(beta * pi_logratios - gamma)
 
 
+def orpo_loss(chosen, rejected, lam):
+    """ORPO (Hong et al. 2024, arXiv:2403.07691): chosen, rejected: (B,) mean token log-probs. Returns the (B,) losses
+    L_SFT + λ L_OR (Eq. 6), L_OR = -log σ(log odds(y_w) - log odds(y_l)) (Eq. 7), and the (B,) log odds ratios."""
+    log_odds = lambda lp: lp - torch.log(-torch.expm1(lp))  # noqa: E731  log(P/(1-P)), P = e^lp, stable near P = 1
+    ratio = log_odds(chosen) - log_odds(rejected)
+    return -chosen - lam * F.logsigmoid(ratio), ratio
+
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
 def preference_loss(chosen, rejected, ref_chosen, ref_rejected, args):
     """Per-pair losses and implicit rewards for --loss_type, from (B,) response log-probs (summed over tokens, or
-    averaged for ipo and simpo: the caller passes what the loss needs)."""
+    averaged for ipo, simpo and orpo: the caller passes what the loss needs)."""
     if args.loss_type == "simpo":
         return simpo_loss(chosen - rejected, args.beta, args.simpo_gamma), args.beta * chosen, args.beta * rejected
+    if args.loss_type == "orpo":
+        return orpo_loss(chosen, rejected, args.beta)[0], args.beta * chosen, args.beta * rejected
     pi, ref = chosen - rejected, ref_chosen - ref_rejected
     if args.loss_type == "sigmoid":
         losses = sigmoid_loss(pi, ref, args.beta, args.label_smoothing)
@@ -184,14 +201,16 @@ def reference_logps(model, pairs, rt, pad_id, batch_size):
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected")
+EXTRA_METRICS = {"orpo": ("nll_loss", "log_odds_ratio")}
 
 
 def batch_metrics(model, pairs, ref, args, rt, pad_id):
-    """Loss terms and metric sums of one micro-batch. ref: (B, 2) summed reference log-probs, or None for simpo."""
+    """Loss terms and metric sums of one micro-batch. ref: (B, 2) summed reference log-probs, or None for simpo and
+    orpo."""
     logps, lengths = response_logps(model, pairs, rt, pad_id)
     B = len(pairs)
     chosen, rejected = logps[:B], logps[B:]
-    if args.loss_type in ("ipo", "simpo"):  # these two compare per-token mean log-probs
+    if args.loss_type in ("ipo", "simpo", "orpo"):  # these compare per-token mean log-probs
         pc, pr = chosen / lengths[:B], rejected / lengths[B:]
         rc, rr = (ref[:, 0] / lengths[:B], ref[:, 1] / lengths[B:]) if ref is not None else (None, None)
     else:
@@ -201,6 +220,8 @@ def batch_metrics(model, pairs, ref, args, rt, pad_id):
     sums = {"loss": losses.sum(), "rewards/chosen": r_chosen.sum(), "rewards/rejected": r_rejected.sum(),
             "rewards/margins": (r_chosen - r_rejected).sum(), "rewards/accuracies": (r_chosen > r_rejected).float().sum(),
             "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum()}
+    if args.loss_type == "orpo":  # its two terms, as TRL logs them (B scalars: recomputing the ratio costs nothing)
+        sums.update({"nll_loss": -pc.sum(), "log_odds_ratio": orpo_loss(pc, pr, args.beta)[1].sum()})
     return losses.sum(), {k: v.detach().float() for k, v in sums.items()}
 
 
@@ -243,12 +264,12 @@ def main():
 
     # Models. The reference's log-probs for every pair this rank will see are computed once, up front.
     model = C.load_model(path, rt, args.trust_remote_code)
-    ref_model = None  # simpo has no reference
-    if args.loss_type != "simpo" and args.ref_model:
+    ref_model = None  # simpo and orpo have no reference
+    if args.loss_type not in REFERENCE_FREE and args.ref_model:
         ref_path = C.resolve_model(args.ref_model, rt)
         C.check_same_vocab(tok, ref_path, "--ref_model", args.trust_remote_code)
         ref_model = C.freeze(C.load_model(ref_path, rt, args.trust_remote_code), rt)
-    elif args.loss_type != "simpo":  # the starting policy is the reference: use it before the first update
+    elif args.loss_type not in REFERENCE_FREE:  # the starting policy is the reference: use it before the first update
         ref_model = model if args.precompute_ref_log_probs else C.freeze(copy.deepcopy(model), rt)
     keys = list(dict.fromkeys(mine))
     ref_table, eval_ref = None, None
@@ -285,7 +306,7 @@ def main():
         if eval_pairs:
             model.eval()
             mine_eval = eval_pairs[rt.rank :: rt.world_size]
-            totals = dict.fromkeys(METRICS, 0.0)  # every rank all-reduces every key, even with no pairs of its own
+            totals = dict.fromkeys(METRICS + EXTRA_METRICS.get(args.loss_type, ()), 0.0)  # every rank all-reduces every key, even with no pairs of its own
             for i in range(0, len(mine_eval), args.micro_batch_size):
                 batch = mine_eval[i : i + args.micro_batch_size]
                 ref = eval_ref[i : i + len(batch)].to(rt.device) if eval_ref is not None else refs(None, batch)

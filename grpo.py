@@ -27,6 +27,9 @@ How this deviates from the equation as written, and from TRL:
   sqrt((G - 1) / G) times ours (0.94x at G = 8); ε = 1e-4.
 - The k3 term's gradient is, in expectation, that of KL(π_ref || π_θ), not KL(π_θ || π_ref), as in TRL,
   DeepSeekMath and verl.
+- --importance_sampling_level sequence is GSPO (Zheng et al. 2025, arXiv:2507.18071): one ratio per completion,
+  s_i = (π_θ(y_i|x) / π_old(y_i|x))^(1/|y_i|), clipped per sequence, in place of ρ_it (TRL's
+  importance_sampling_level="sequence"). With μ = 1 both ratios are 1 and the two give the same gradient.
 - β defaults to 0.05 (DeepSeekMath: 0.04; TRL: 0, and then no reference model is loaded, as here with --beta 0).
 - One step = one batch of --batch_size prompts x --num_generations completions, sampled once and then used for
   --num_iterations optimizer updates (μ in the GRPO paper) against the stored log-probs of the sampling policy.
@@ -90,6 +93,9 @@ class Args:
     beta: float = arg(0.05, "weight of the k3 KL to the reference (β of DeepSeekMath Eq. 3); 0 loads no reference model")
     epsilon: float = arg(0.2, "clip range below: the ratio is clipped at 1 - epsilon")
     epsilon_high: float = arg(0.2, "clip range above: at 1 + epsilon_high (DAPO's clip-higher uses 0.28)")
+    importance_sampling_level: str = arg("token", "token (GRPO: a ratio per token) or sequence (GSPO: one ratio per "
+                                         "completion, the geometric mean of its tokens'; the GSPO paper clips it "
+                                         "at --epsilon 3e-4 --epsilon_high 4e-4)")
     num_iterations: int = arg(1, "optimizer updates per sampled batch (μ); >1 reuses it with the stored old log-probs")
     loss_type: str = arg("grpo", "grpo (DeepSeekMath: mean over each completion's tokens, then over completions), "
                          "dapo (over the batch's tokens), dr_grpo (sum / (completions x max_new_tokens))")
@@ -123,6 +129,8 @@ class Args:
     def __post_init__(self):
         if self.loss_type not in ("grpo", "dapo", "dr_grpo"):
             raise UserError(f"--loss_type {self.loss_type}: choose grpo, dapo or dr_grpo")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise UserError(f"--importance_sampling_level {self.importance_sampling_level}: choose token or sequence")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise UserError(f"--scale_rewards {self.scale_rewards}: choose group, batch or none")
         C.check_args(self, micro_batch_size=C.at_least(1), num_generations=C.at_least(2), beta=C.at_least(0),
@@ -145,11 +153,17 @@ def group_advantages(rewards, group_size, scale_rewards="group", eps=1e-4, batch
     return centred.view(-1)
 
 
-def per_token_loss(logp, old_logp, ref_logp, advantages, epsilon, epsilon_high, beta):
-    """Seed 003's objective, negated, per token. logp, old_logp, ref_logp: (N, T) log-probs of the sampled tokens
-    under π_θ, π_old, π_ref (ref_logp None when beta is 0); advantages: (N,). Returns (N, T) loss, (N, T) k3 KL
-    (zeros without a reference), and the (N, T) booleans where the clip engaged below and above."""
-    ratio = torch.exp(logp - old_logp)  # ρ_it
+def per_token_loss(logp, old_logp, ref_logp, advantages, epsilon, epsilon_high, beta, mask=None, level="token"):
+    """DeepSeekMath Eq. 3's objective, negated, per token. logp, old_logp, ref_logp: (N, T) log-probs of the sampled
+    tokens under π_θ, π_old, π_ref (ref_logp None when beta is 0); advantages: (N,). Returns (N, T) loss, (N, T) k3
+    KL (zeros without a reference), and the (N, T) booleans where the clip engaged below and above.
+    level "sequence" is GSPO: every token of y_i carries the one ratio s_i of its sequence (mask: (N, T), its tokens)."""
+    log_ratio = logp - old_logp
+    if level == "sequence":
+        # GSPO (Zheng et al. 2025, arXiv:2507.18071, Eq. 7): s_i = (π_θ(y_i|x) / π_old(y_i|x))^(1/|y_i|), the exp of
+        # the mean token log-ratio, clipped per sequence (Eq. 5).
+        log_ratio = ((log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(logp)
+    ratio = torch.exp(log_ratio)  # ρ_it, or s_i at every token of y_i
     A = advantages[:, None]
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     loss = -torch.min(ratio * A, clipped * A)  # the clipped surrogate: no incentive to move ρ past the clip range
@@ -282,7 +296,8 @@ def main():
     step, cursor = 0, 0  # cursor: how far the prompt stream has been read (further than step x batch_size with
     if args.resume:      # --dynamic_sampling)
         state = C.restore_state(ckpt_path, model, opt, sched, args, rt,  # these change the loss or the prompt stream
-                                must_match=("loss_type", "beta", "dynamic_sampling", "max_resample_rounds"))
+                                must_match=("loss_type", "beta", "dynamic_sampling", "max_resample_rounds",
+                                            "importance_sampling_level"))
         step, cursor = state["step"], state.get("cursor", state["step"] * args.batch_size)
     ddp = DDP(model) if rt.world_size > 1 else model
     log = C.begin_log(args, rt, step)
@@ -398,9 +413,10 @@ def main():
                     logp, ent = logps(ddp, mb, entropy=it == 0)
                     # With μ = 1 the sampling policy IS the current one: π_old = π_θ detached, the ratio is exactly 1.
                     old = old_logp[mb] if old_logp is not None else logp.detach()
-                    loss, kl, low, high = per_token_loss(logp, old, None if ref_logp is None else ref_logp[mb],
-                                                         advantages[mb], args.epsilon, args.epsilon_high, args.beta)
                     m = Y_mask[mb].float()
+                    loss, kl, low, high = per_token_loss(logp, old, None if ref_logp is None else ref_logp[mb],
+                                                         advantages[mb], args.epsilon, args.epsilon_high, args.beta,
+                                                         m, args.importance_sampling_level)
                     part = aggregate(loss, m, args.loss_type, num_completions, num_tokens, args.max_new_tokens)
                     (part * rt.world_size).backward()  # DDP averages over ranks; the normalisers are global already
                 sums["loss"] += part.detach() / args.num_iterations

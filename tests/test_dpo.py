@@ -42,6 +42,16 @@ def test_simpo_loss_by_hand():
     assert dpo.simpo_loss(torch.tensor([0.2]), 2.0, 0.5).item() == pytest.approx(math.log(1 + math.exp(0.1)), abs=1e-6)
 
 
+def test_orpo_loss_by_hand():
+    # P(y_w) = 0.5: odds 1, log odds 0; P(y_l) = 0.2: odds 0.25. Log odds ratio ln 4;
+    # loss = -ln 0.5 - λ log σ(ln 4) = ln 2 + λ ln(5/4).
+    losses, ratio = dpo.orpo_loss(torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.2])), 0.1)
+    assert ratio.item() == pytest.approx(math.log(4), abs=1e-6)
+    assert losses.item() == pytest.approx(math.log(2) + 0.1 * math.log(1.25), abs=1e-6)
+    # A response the model is all but sure of (P = 1 - 1e-8) keeps the loss finite.
+    assert torch.isfinite(dpo.orpo_loss(torch.tensor([-1e-8]), torch.tensor([-2.0]), 0.1)[0]).all()
+
+
 def test_losses_fall_as_the_margin_grows():
     h = torch.linspace(-2, 2, 9)
     for losses in (dpo.sigmoid_loss(h, 0 * h, 0.5), dpo.robust_loss(h, 0 * h, 0.5, 0.2), dpo.simpo_loss(h, 2.0, 0.5)):
@@ -114,15 +124,19 @@ def test_ref_log_probs_on_the_fly_match_precomputed(tiny_model_dir, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
 
 
-@pytest.mark.parametrize("loss_type", ["ipo", "robust", "simpo"])
+@pytest.mark.parametrize("loss_type", ["ipo", "robust", "simpo", "orpo"])
 def test_variants_lower_their_loss_and_widen_the_margin(tiny_model_dir, tmp_path, loss_type):
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     out = str(tmp_path / "out")
     extra = ["--label_smoothing", "0.1"] if loss_type == "robust" else []
-    ok(dpo_run(tiny_model_dir, out, "--dataset", data, "--eval_size", "0", "--max_steps", "12", "--batch_size", "4",
-               "--micro_batch_size", "4", "--learning_rate", "1e-3", "--loss_type", loss_type, *extra))
+    proc = ok(dpo_run(tiny_model_dir, out, "--dataset", data, "--eval_size", "0", "--max_steps", "12", "--batch_size",
+                      "4", "--micro_batch_size", "4", "--learning_rate", "1e-3", "--loss_type", loss_type, *extra))
     rows = read_metrics(out)
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+    if loss_type in dpo.REFERENCE_FREE:  # no reference model is loaded or evaluated
+        assert "reference log-probs" not in proc.stdout
+    if loss_type == "orpo":  # both of its terms improve: the chosen answers' NLL and the log odds ratio
+        assert rows[-1]["nll_loss"] < rows[0]["nll_loss"] and rows[-1]["log_odds_ratio"] > rows[0]["log_odds_ratio"]
 
 
 def test_builtin_task_eval_metrics(tiny_model_dir, tmp_path):

@@ -71,6 +71,54 @@ def test_clip_engages_only_on_the_side_that_limits_the_update():
         assert (low | high).tolist() == [[False, True] if A > 0 else [True, False]]
 
 
+def test_gspo_sequence_ratio_by_hand():
+    # Tokens of one completion with log-ratios 0.2 and -0.4 (a third position is padding): s = exp((0.2 - 0.4) / 2).
+    logp = torch.tensor([[0.2, -0.4, 5.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    s = math.exp(-0.1)
+    for A in (1.0, -1.0):
+        loss, _, low, high = grpo.per_token_loss(logp, torch.zeros(1, 3), None, torch.tensor([A]), 0.2, 0.2, 0.0, mask,
+                                                 "sequence")
+        assert loss[0, :2].tolist() == pytest.approx([-s * A, -s * A])  # 0.905 is inside [0.8, 1.2]: no clip
+        assert not (low | high).any()
+    # Its gradient: d(-s A)/d log π_t = -s A / |y| on each real token, 0 on padding (the loss there is masked).
+    logp.grad = None
+    loss, *_ = grpo.per_token_loss(logp, torch.zeros(1, 3), None, torch.tensor([1.0]), 0.2, 0.2, 0.0, mask, "sequence")
+    grpo.aggregate(loss, mask, "grpo", 1, 2, 3).backward()  # the completion's token mean: -s
+    assert logp.grad.tolist()[0] == pytest.approx([-s / 2, -s / 2, 0.0])
+
+
+def test_gspo_equals_the_token_form_when_every_token_has_the_same_ratio():
+    torch.manual_seed(0)
+    logp = torch.randn(3, 5)
+    old = logp - torch.tensor([[0.1], [-0.3], [0.25]])  # one ratio per completion: e^0.1, e^-0.3 (clipped), e^0.25 (clipped)
+    mask = torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2, [1.0] * 4 + [0.0]])
+    A = torch.tensor([1.0, -1.0, 0.5])
+    out = {}
+    for level in ("token", "sequence"):
+        x = logp.clone().requires_grad_(True)
+        loss, _, low, high = grpo.per_token_loss(x, old, None, A, 0.2, 0.2, 0.0, mask, level)
+        grpo.aggregate(loss, mask, "grpo", 3, mask.sum(), 5).backward()
+        out[level] = (loss * mask, x.grad * mask, (low | high) & mask.bool())
+    for a, b in zip(out["token"], out["sequence"]):
+        assert torch.allclose(a, b, atol=1e-6) if a.dtype != torch.bool else torch.equal(a, b)
+
+
+def test_gspo_clips_the_whole_sequence():
+    # Token ratios 1.0 and 2.25 (each alone: one inside, one outside [0.8, 1.2]); the sequence ratio is their
+    # geometric mean 1.5 > 1.2, so with A > 0 the whole completion is clipped: every token flagged, no gradient.
+    logp = torch.log(torch.tensor([[1.0, 2.25]])).requires_grad_(True)
+    mask = torch.ones(1, 2)
+    loss, _, low, high = grpo.per_token_loss(logp, torch.zeros(1, 2), None, torch.tensor([1.0]), 0.2, 0.2, 0.0, mask,
+                                             "sequence")
+    assert loss.tolist()[0] == pytest.approx([-1.2, -1.2]) and high.all() and not low.any()
+    loss.sum().backward()
+    assert logp.grad.abs().sum() == 0
+    token_loss, _, _, token_high = grpo.per_token_loss(logp, torch.zeros(1, 2), None, torch.tensor([1.0]), 0.2, 0.2,
+                                                       0.0)
+    assert token_high.tolist() == [[False, True]]  # per token, only the second is clipped
+
+
 def test_clip_higher():
     _, (loss, _, _, high) = losses(epsilon_high=0.6)  # 1.5 < 1.6: no longer clipped
     assert loss[0, 1].item() == pytest.approx(-1.5)
@@ -237,6 +285,17 @@ def test_clip_ratio_and_loss_are_logged_over_every_iteration(pets_model, tmp_pat
     rows = read_metrics(out)
     assert any(r["clip_ratio/low_mean"] + r["clip_ratio/high_mean"] > 0 for r in rows)
     assert any(abs(r["loss"]) > 1e-6 for r in rows)  # the first update's loss is 0 (ratio 1, zero-mean advantages)
+
+
+def test_gspo_run_learns_and_clips_whole_sequences(pets_model, tmp_path):
+    # GSPO with the paper's clip ranges and μ = 2: the second update sees ratios away from 1 and clips sequences.
+    out = str(tmp_path / "out")
+    ok(grpo_run(pets_model, out, tmp_path, "--max_steps", "30", "--beta", "0", "--num_iterations", "2",
+                "--importance_sampling_level", "sequence", "--epsilon", "3e-4", "--epsilon_high", "4e-4"))
+    rows = read_metrics(out)
+    first, last = (sum(r["reward"] for r in rows[s]) / 5 for s in (slice(0, 5), slice(-5, None)))
+    assert last > first + 0.2, [round(r["reward"], 2) for r in rows]
+    assert max(r["clip_ratio/low_mean"] + r["clip_ratio/high_mean"] for r in rows) > 0.1
 
 
 def test_reward_errors_are_counted_and_the_run_goes_on(pets_model, tmp_path):
