@@ -15,6 +15,13 @@ reward often fall during training, and that is fine: the margin between them is 
              rate ε: [-(1-ε) log σ(βh) + ε log σ(-βh)] / (1-2ε)
     ipo      IPO (Azar et al. 2023, arXiv:2310.12036, Eq. 17): (h - 1/(2β))², with log-probs averaged over response tokens (as TRL)
     simpo    SimPO (Meng et al. 2024, arXiv:2405.14734, Eq. 6): -log σ(β/|y_w| log π_θ(y_w) - β/|y_l| log π_θ(y_l) - γ), no reference
+    kto      KTO (Ethayarajh et al. 2024, arXiv:2402.01306, §4): for single completions labelled desirable or not (TRL's
+             unpaired `prompt`/`completion`/`label` rows; a preference dataset counts as two rows per pair, chosen
+             desirable and rejected not). With r = log π_θ(y|x) - log π_ref(y|x): λ_D (1 - σ(β (r - z_ref))) for a
+             desirable y, λ_U (1 - σ(β (z_ref - r))) for an undesirable one. z_ref = max(0, mean r of mismatched
+             completions), detached: an estimate of KL(π_θ || π_ref) from each example's prompt paired with the
+             completion two rows on. That mismatched completion shares the example's prompt in the pair machinery,
+             so the prompt goes through the model once for both; z_ref is per micro-batch (TRL: per device batch)
     orpo     ORPO (Hong et al. 2024, arXiv:2403.07691, Eq. 6-7): the SFT loss on y_w plus λ = β times -log σ of the
              log odds ratio, log[odds(y_w)/odds(y_l)] with odds(y) = P(y)/(1-P(y)) and P(y) = exp(mean token log-prob);
              no reference model is loaded. The SFT term is each chosen response's token mean (the paper's Eq. 2; TRL
@@ -62,10 +69,13 @@ class Args:
     max_new_tokens: int = arg(96, "length limit of those answers")
     output_dir: str = arg("out/dpo", "where the final model, args.json, metrics.jsonl and checkpoint.pt go")
     overwrite_output_dir: bool = arg(False, "replace the run an --output_dir already holds (without it: refused)")
-    loss_type: str = arg("sigmoid", "sigmoid (DPO), robust, ipo, simpo or orpo; see the module docstring")
+    loss_type: str = arg("sigmoid", "sigmoid (DPO), robust, ipo, simpo, orpo or kto; see the module docstring")
     beta: Optional[float] = arg(None, "β: 0.1 by default, 2.0 for simpo (IPO's τ and ORPO's λ are this β)")
     label_smoothing: float = arg(0.0, "ε: assumed label-flip rate for sigmoid (cDPO) and robust, in [0, 0.5)")
     simpo_gamma: float = arg(0.5, "γ, SimPO's target reward margin")
+    desirable_weight: float = arg(1.0, "λ_D, KTO's weight of desirable examples")
+    undesirable_weight: float = arg(1.0, "λ_U, KTO's weight of undesirable examples (KTO suggests λ_D n_D / "
+                                    "(λ_U n_U) in [1, 4/3] when the two counts differ)")
     precompute_ref_log_probs: bool = arg(True, "compute the reference log-probs once before training so only the "
                                          "policy is held; --precompute_ref_log_probs false keeps the reference loaded")
     max_steps: int = arg(40, "optimizer steps")
@@ -91,14 +101,15 @@ class Args:
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
 
     def __post_init__(self):
-        if self.loss_type not in ("sigmoid", "robust", "ipo", "simpo", "orpo"):
-            raise UserError(f"--loss_type {self.loss_type}: use sigmoid, robust, ipo, simpo or orpo")
+        if self.loss_type not in ("sigmoid", "robust", "ipo", "simpo", "orpo", "kto"):
+            raise UserError(f"--loss_type {self.loss_type}: use sigmoid, robust, ipo, simpo, orpo or kto")
         self.beta = self.beta if self.beta is not None else 2.0 if self.loss_type == "simpo" else 0.1
         if not 0 <= self.label_smoothing < 0.5 or (self.loss_type == "robust" and self.label_smoothing == 0):
             raise UserError("--label_smoothing must be in [0, 0.5), and above 0 for --loss_type robust")
-        if self.label_smoothing and self.loss_type in ("ipo", "simpo", "orpo"):
+        if self.label_smoothing and self.loss_type in ("ipo", "simpo", "orpo", "kto"):
             raise UserError(f"--label_smoothing applies to sigmoid and robust, not to --loss_type {self.loss_type}")
-        C.check_args(self, beta=C.POSITIVE, simpo_gamma=C.at_least(0))
+        C.check_args(self, beta=C.POSITIVE, simpo_gamma=C.at_least(0), desirable_weight=C.at_least(0),
+                     undesirable_weight=C.at_least(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,6 +145,13 @@ def orpo_loss(chosen, rejected, lam):
     return -chosen - lam * F.logsigmoid(ratio), ratio
 
 
+def kto_loss(logratios, desirable, z_ref, beta, desirable_weight=1.0, undesirable_weight=1.0):
+    """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, §4, L_KTO = E[λ_y - v(x, y)]): logratios (B,) r = log π_θ(y|x)
+    - log π_ref(y|x), desirable (B,) bools, z_ref the (detached) reference point -> (B,) losses."""
+    return torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - z_ref))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (z_ref - logratios))))
+
+
 REFERENCE_FREE = ("simpo", "orpo")
 
 
@@ -160,7 +178,7 @@ def response_logps(model, pairs, rt, pad_id):
     each (2B,): the B chosen first, then the B rejected. The prompt a pair's responses share goes through the model
     once, its KV cache feeding both (C.shared_prefix_logits); with gradient checkpointing, which keeps no cache,
     the 2B whole sequences go through one concatenated forward."""
-    chosen, rejected = [c for c, _ in pairs], [r for _, r in pairs]
+    chosen, rejected = [p[0] for p in pairs], [p[1] for p in pairs]  # KTO's items carry a label third
     seqs, dev = chosen + rejected, rt.device  # (ids, labels) of the 2B sequences
 
     def start(labels):  # the first labelled token
@@ -202,14 +220,31 @@ def reference_logps(model, pairs, rt, pad_id, batch_size):
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected")
 EXTRA_METRICS = {"orpo": ("nll_loss", "log_odds_ratio")}
+KTO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "count/chosen",
+               "count/rejected", "kl")
+
+
+def metric_names(loss_type):
+    return KTO_METRICS if loss_type == "kto" else METRICS + EXTRA_METRICS.get(loss_type, ())
 
 
 def batch_metrics(model, pairs, ref, args, rt, pad_id):
     """Loss terms and metric sums of one micro-batch. ref: (B, 2) summed reference log-probs, or None for simpo and
-    orpo."""
+    orpo. For KTO the pairs are (completion, mismatched completion, desirable) and chosen/rejected mean desirable
+    and undesirable examples."""
     logps, lengths = response_logps(model, pairs, rt, pad_id)
     B = len(pairs)
     chosen, rejected = logps[:B], logps[B:]
+    if args.loss_type == "kto":
+        desirable = torch.tensor([p[2] for p in pairs], device=logps.device)
+        r, r_kl = chosen - ref[:, 0], (rejected - ref[:, 1]).detach()
+        z_ref = r_kl.mean().clamp(min=0)  # the reference point, not differentiated through (KTO §4)
+        losses = kto_loss(r, desirable, z_ref, args.beta, args.desirable_weight, args.undesirable_weight)
+        d, u = desirable.float(), (~desirable).float()
+        sums = {"loss": losses.sum(), "rewards/chosen": (args.beta * r * d).sum(), "rewards/rejected":
+                (args.beta * r * u).sum(), "logps/chosen": (chosen * d).sum(), "logps/rejected": (chosen * u).sum(),
+                "count/chosen": d.sum(), "count/rejected": u.sum(), "kl": z_ref * B}
+        return losses.sum(), {k: v.detach().float() for k, v in sums.items()}
     if args.loss_type in ("ipo", "simpo", "orpo"):  # these compare per-token mean log-probs
         pc, pr = chosen / lengths[:B], rejected / lengths[B:]
         rc, rr = (ref[:, 0] / lengths[:B], ref[:, 1] / lengths[B:]) if ref is not None else (None, None)
@@ -225,6 +260,72 @@ def batch_metrics(model, pairs, ref, args, rt, pad_id):
     return losses.sum(), {k: v.detach().float() for k, v in sums.items()}
 
 
+def reduce_metrics(totals, n, rt, loss_type):
+    """Metric sums of the micro-batches -> means over the n examples of all ranks. KTO's rewards and log-probs are
+    means over the desirable (chosen) and the undesirable (rejected) examples, as TRL logs them."""
+    row = {k: (C.all_reduce(v, rt) / n).item() for k, v in totals.items()}
+    if loss_type == "kto":
+        count = {side: row.pop(f"count/{side}") for side in ("chosen", "rejected")}
+        for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+            c = count[key.split("/")[1]]
+            if c:
+                row[key] /= c
+            else:
+                del row[key]  # no example of that kind in this batch
+        if count["chosen"] and count["rejected"]:
+            row["rewards/margins"] = row["rewards/chosen"] - row["rewards/rejected"]
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KTO's data: single completions, each desirable or not
+class Unpaired:
+    """KTO's examples: TRL's unpaired rows (`prompt`, `completion`, `label`), or a preference dataset read as two rows
+    per pair, chosen desirable and rejected not (as TRL's unpair_preference_dataset). Each example comes with the
+    completion two rows on, under the example's prompt: the mismatched sample KTO's z_ref is estimated from (two on,
+    so that a pair's rejected never stands in for its own chosen)."""
+
+    def __init__(self, ds):
+        self.ds, self.unlimited = ds, getattr(ds, "unlimited", False)
+        self.paired = "label" not in ds[0]
+        self.n = len(ds) * (2 if self.paired else 1)
+        self.example(0)  # checks the columns before any work
+        if self.n < 3:
+            raise UserError("KTO needs at least 3 examples (one's mismatched completion is another's)")
+
+    def __len__(self):
+        return self.n
+
+    def example(self, i):
+        if self.paired:
+            prompt, chosen, rejected = C.preference_pair(self.ds[i // 2])
+            return prompt, chosen if i % 2 == 0 else rejected, i % 2 == 0
+        row = self.ds[i]
+        if "prompt" not in row or "completion" not in row:
+            raise UserError(f"columns found: {sorted(row)}; KTO's unpaired rows need `prompt`, `completion` and `label`")
+        label = str(row["label"]).lower()
+        if label not in ("true", "false", "1", "0"):
+            raise UserError(f"`label` {row['label']!r}: use true (desirable) or false")
+        return C.as_messages(row["prompt"], "user"), C.as_messages(row["completion"], "assistant"), label in ("true", "1")
+
+    def encode(self, i, tok, max_length):
+        """(prompt + completion, prompt + the completion two rows on, desirable) tokenized; None when too long."""
+        prompt, completion, desirable = self.example(i)
+        x = C.tokenize_pair(tok, prompt, completion, self.example((i + 2) % self.n)[1], max_length)
+        return None if x is None else (*x, desirable)
+
+
+def unpaired_items(view, tok, max_length, name, rt):
+    items = [view.encode(i, tok, max_length) for i in range(len(view))]
+    kept = [x for x in items if x is not None]
+    rt.print(f"data: {name}: {len(kept)} examples kept ({sum(x[2] for x in kept)} desirable), {len(items) - len(kept)} "
+             f"dropped longer than --max_length {max_length} or with no response token")
+    if not kept:
+        raise UserError(f"no example of {name} is left after filtering; check the data or raise --max_length")
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def main():
     args = C.parse_args(Args)
     rt = C.setup(args.seed, args.device, args.precision)
@@ -233,14 +334,20 @@ def main():
 
     # Data: the pairs this rank will see, in stream order, tokenized; the held-out pairs and prompts.
     mixture, raw, heldout = C.load_splits(args, max(args.eval_size, args.eval_generations))
+    kto = args.loss_type == "kto"
+    if kto:  # single completions with a label; the constructor checks the columns
+        raw = [Unpaired(ds) for ds in raw]
     for ds, (name, _) in zip(raw, mixture):
-        C.preference_pair(ds[0])  # checks the columns before any work
+        if not kto:
+            C.preference_pair(ds[0])  # checks the columns before any work
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     sources = []
     for (name, _), ds in zip(mixture, raw):
         if getattr(ds, "unlimited", False):
             sources.append(ds)  # generated pairs are tokenized when read
+        elif kto:
+            sources.append(unpaired_items(ds, tok, args.max_length, name, rt))
         else:
             sources.append(C.tokenize_preferences(ds, tok, args.max_length, name, rt))
     order = C.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
@@ -251,16 +358,26 @@ def main():
     def pair(key):
         s, i = key
         if key not in cache:
-            cache[key] = sources[s][i] if isinstance(sources[s], list) else C.tokenize_pair(
-                tok, *C.preference_pair(sources[s][i]), args.max_length)
+            if isinstance(sources[s], list):
+                cache[key] = sources[s][i]
+            elif kto:
+                cache[key] = sources[s].encode(i, tok, args.max_length)
+            else:
+                cache[key] = C.tokenize_pair(tok, *C.preference_pair(sources[s][i]), args.max_length)
             if cache[key] is None:
                 raise UserError(f"a generated pair of {mixture[s][0]} exceeds --max_length {args.max_length}; raise it")
         return cache[key]
 
     eval_rows = [heldout[i] for i in range(min(args.eval_size, len(heldout)))]
-    eval_pairs = C.tokenize_preferences(eval_rows, tok, args.max_length, "held-out", rt) if eval_rows else []
+    if not eval_rows:
+        eval_pairs = []
+    elif kto:
+        eval_pairs = unpaired_items(Unpaired(eval_rows), tok, args.max_length, "held-out", rt)
+    else:
+        eval_pairs = C.tokenize_preferences(eval_rows, tok, args.max_length, "held-out", rt)
     answerable = [heldout[i] for i in range(min(args.eval_generations, len(heldout))) if "answer" in heldout[i]]
-    prompts, answers = [C.preference_pair(r)[0] for r in answerable], [r["answer"] for r in answerable]
+    prompts = [C.as_messages(r["prompt"], "user") if "label" in r else C.preference_pair(r)[0] for r in answerable]
+    answers = [r["answer"] for r in answerable]
 
     # Models. The reference's log-probs for every pair this rank will see are computed once, up front.
     model = C.load_model(path, rt, args.trust_remote_code)
@@ -306,13 +423,13 @@ def main():
         if eval_pairs:
             model.eval()
             mine_eval = eval_pairs[rt.rank :: rt.world_size]
-            totals = dict.fromkeys(METRICS + EXTRA_METRICS.get(args.loss_type, ()), 0.0)  # every rank all-reduces every key, even with no pairs of its own
+            totals = dict.fromkeys(metric_names(args.loss_type), 0.0)  # every rank all-reduces every key, even with no pairs of its own
             for i in range(0, len(mine_eval), args.micro_batch_size):
                 batch = mine_eval[i : i + args.micro_batch_size]
                 ref = eval_ref[i : i + len(batch)].to(rt.device) if eval_ref is not None else refs(None, batch)
                 _, sums = batch_metrics(model, batch, ref, args, rt, tok.pad_token_id)
                 totals = {k: totals[k] + v for k, v in sums.items()}
-            row = {f"eval_{k}": (C.all_reduce(v, rt) / len(eval_pairs)).item() for k, v in totals.items()}
+            row = {f"eval_{k}": v for k, v in reduce_metrics(totals, len(eval_pairs), rt, args.loss_type).items()}
             model.train()
         if generate and answerable:
             row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens)[0])
@@ -341,7 +458,7 @@ def main():
                 # Mean over the pairs of the whole batch; DDP averages over ranks, so scale by world_size.
                 (loss_sum * rt.world_size / args.batch_size).backward()
             totals = {n: totals.get(n, 0) + v for n, v in sums.items()}
-        row = {n: (C.all_reduce(v, rt) / args.batch_size).item() for n, v in totals.items()}
+        row = reduce_metrics(totals, args.batch_size, rt, args.loss_type)
         if not math.isfinite(row["loss"]):
             C.stop_nonfinite("the loss", row["loss"], step + 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
@@ -356,8 +473,8 @@ def main():
             row.update(evaluate(generate=step == args.max_steps))
         log.log(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}",
-                        acc=f"{row['rewards/accuracies']:.2f}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row.get('rewards/margins', math.nan):.3f}",
+                        acc=f"{row.get('rewards/accuracies', math.nan):.2f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
             C.save_state(ckpt_path, model, opt, sched, step, args, rt)
     bar.close()

@@ -192,3 +192,63 @@ def test_reference_with_another_vocabulary_is_refused(monkeypatch, tiny_model_di
     main_raises(monkeypatch, ["--model", tiny_model_dir, "--ref_model", str(other), "--output_dir", str(tmp_path / "o"),
                               "--eval_size", "0", "--dataset", write_jsonl(tmp_path / "p.jsonl", PAIRS)],
                 "has a different vocabulary from the policy's")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KTO: single completions labelled desirable or not
+def test_kto_loss_by_hand():
+    # β = 0.1, z_ref = 0.5. Desirable, r = 2: 1 - σ(0.1 (2 - 0.5)) = 1 - σ(0.15) = 0.462570;
+    # undesirable, r = 1, λ_U = 1.5: 1.5 (1 - σ(0.1 (0.5 - 1))) = 1.5 (1 - σ(-0.05)) = 0.768747.
+    losses = dpo.kto_loss(torch.tensor([2.0, 1.0]), torch.tensor([True, False]), torch.tensor(0.5), 0.1, 1.0, 1.5)
+    assert losses.tolist() == pytest.approx([0.462570, 0.768747], abs=1e-6)
+
+
+def test_kto_reference_point_is_the_mismatched_mean_clamped_at_zero(tok, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rt = C.Runtime(torch.device("cpu"), torch.float32)
+    rows = [{"prompt": p["prompt"], "completion": p["chosen"] if k % 2 else p["rejected"], "label": bool(k % 2)}
+            for k, p in enumerate(PAIRS)]
+    items = [dpo.Unpaired(rows).encode(i, tok, 256) for i in range(4)]
+    assert [x[2] for x in items] == [False, True, False, True]
+    args = dpo.Args(loss_type="kto", beta=0.1)
+    with torch.no_grad():
+        logps, _ = dpo.response_logps(model, items, rt, tok.pad_token_id)
+        lp, lp_kl = logps[:4], logps[4:]
+        for shift, z in ((0.0, 0.0), (1.5, 1.5)):  # r_kl = log π - log π_ref of the mismatched completions
+            ref = torch.stack([torch.zeros(4), lp_kl - shift], 1)  # shift 0: every r_kl = 0 -> z_ref 0; else 1.5
+            if shift == 0.0:
+                ref[:, 1] = lp_kl + 1.0  # all r_kl = -1: the mean is negative, z_ref is clamped to 0
+            loss, sums = dpo.batch_metrics(model, items, ref, args, rt, tok.pad_token_id)
+            want = dpo.kto_loss(lp, torch.tensor([x[2] for x in items]), torch.tensor(z), 0.1).sum()
+            assert loss.item() == pytest.approx(want.item(), abs=1e-5)
+            assert sums["kl"].item() == pytest.approx(4 * z, abs=1e-5)
+
+
+def test_kto_run_raises_desirable_and_lowers_undesirable(tiny_model_dir, tmp_path):
+    rows = [{"prompt": p["prompt"], "completion": c, "label": c == p["chosen"]}
+            for p in PAIRS for c in (p["chosen"], p["rejected"])]
+    data = write_jsonl(tmp_path / "u.jsonl", rows)
+    out = str(tmp_path / "out")
+    proc = ok(dpo_run(tiny_model_dir, out, "--dataset", data, "--eval_size", "0", "--max_steps", "20", "--batch_size",
+                      "8", "--learning_rate", "1e-2", "--loss_type", "kto"))
+    assert "8 examples kept (4 desirable)" in proc.stdout
+    rows = read_metrics(out)
+    assert rows[0]["rewards/chosen"] == pytest.approx(0, abs=1e-6)  # the policy is the reference at first
+    # "yes" is desirable after "apple" and undesirable after "carrot": the log-ratios must part by prompt.
+    assert rows[-1]["rewards/chosen"] > 0.2 and rows[-1]["rewards/rejected"] < -0.1, rows[-1]
+    assert rows[-1]["loss"] < rows[0]["loss"] and all(r["kl"] >= 0 for r in rows)
+    # The built-in preference pairs read as unpaired rows, with held-out metrics.
+    out = str(tmp_path / "builtin")
+    ok(dpo_run(tiny_model_dir, out, "--loss_type", "kto", "--max_steps", "1", "--batch_size", "4", "--eval_size", "4"))
+    last = read_metrics(out)[-1]
+    assert {"eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_kl"} <= set(last)
+
+
+def test_kto_bad_inputs(tok):
+    with pytest.raises(C.UserError, match="`label` 'maybe': use true"):
+        dpo.Unpaired([{"prompt": "p", "completion": "c", "label": "maybe"}] * 3)
+    with pytest.raises(C.UserError, match="need `prompt`, `completion` and `label`"):
+        dpo.Unpaired([{"text": "p", "label": True}] * 3)
+    with pytest.raises(C.UserError, match="at least 3 examples"):
+        dpo.Unpaired([{"prompt": "p", "completion": "c", "label": True}] * 2)
