@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from bench import heldout, plot
+from bench import heldout, pairs, plot
 
 
 def test_wilson_interval_by_hand():
@@ -20,6 +20,16 @@ def test_paired_difference_by_hand():
     d, lo, hi = heldout.paired_difference([1, 1, 0, 0], [1, 0, 1, 1])
     assert (d, lo, hi) == pytest.approx((0.25, -0.688279, 1.188279), abs=1e-6)
     assert heldout.paired_difference([1, 0, 1], [1, 0, 1]) == (0, 0, 0)
+
+
+def test_pair_accuracy_by_hand():
+    import torch
+    ref = torch.tensor([[-5.0, -9.0], [-4.0, -1.0], [-6.0, -6.0]])
+    # Pair 1: chosen +1, rejected -1 against the reference: right (and the policy already ranked it right).
+    # Pair 2: chosen -1, rejected -3: the margin rose by 2, right, though the policy still prefers the rejected.
+    # Pair 3: both unchanged: a margin of exactly 0 is not counted right.
+    lp = torch.tensor([[-4.0, -10.0], [-5.0, -4.0], [-6.0, -6.0]])
+    assert pairs.ranked_right(lp, ref) == (2, 1)
 
 
 def test_plot_reads_resumed_runs_once_and_draws(tmp_path):
