@@ -177,7 +177,7 @@ def test_bad_inputs(monkeypatch, tiny_model_dir, tmp_path):
     main_raises(monkeypatch, [*base, "--dataset", same], "no preference pair of .* is left after filtering")
     main_raises(monkeypatch, [*base, "--dataset", write_jsonl(tmp_path / "p.jsonl", PAIRS), "--max_length", "10"],
                 "no preference pair of .* is left after filtering")
-    main_raises(monkeypatch, [*base, "--loss_type", "kto"], "--loss_type kto")
+    main_raises(monkeypatch, [*base, "--loss_type", "cpo"], "--loss_type cpo: use sigmoid, robust, ipo, simpo, orpo or kto")
     main_raises(monkeypatch, [*base, "--loss_type", "robust"], "above 0 for --loss_type robust")
 
 
