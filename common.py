@@ -454,7 +454,7 @@ def load_data(spec, split="train", config=None, seed=0):
             if ext not in LOCAL_FORMATS:
                 raise UserError(f"--dataset {spec}: unknown file type {ext!r}; use .jsonl, .json, .parquet or .csv")
             if LOCAL_FORMATS[ext] in ("json", "csv"):
-                _check_json(spec, path, lines=False)  # text that is not UTF-8 would fail row by row, later
+                _check_text(spec, path, lines=False)  # text that is not UTF-8 would fail row by row, later
             ds = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train")
         elif os.path.isdir(path):
             ds = datasets.load_from_disk(path) if os.path.exists(os.path.join(path, "dataset_info.json")) \
@@ -467,7 +467,7 @@ def load_data(spec, split="train", config=None, seed=0):
         raise
     except Exception as e:
         if os.path.isfile(path) and LOCAL_FORMATS.get(ext) == "json":
-            _check_json(spec, path, lines=True)
+            _check_text(spec, path, lines=True)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"--dataset {spec}: cannot load it ({msg}); built-in tasks: {', '.join(BUILTIN_TASKS)}") from None
     if len(ds) == 0:
@@ -475,7 +475,7 @@ def load_data(spec, split="train", config=None, seed=0):
     return ds
 
 
-def _check_json(spec, path, lines):
+def _check_text(spec, path, lines):
     """Refuse a text file that is not UTF-8 (the datasets library reads it, then fails on every row); with lines,
     say which line of a .jsonl file is not JSON."""
     import gzip

@@ -215,10 +215,9 @@ def test_kto_reference_point_is_the_mismatched_mean_clamped_at_zero(tok, tiny_mo
     with torch.no_grad():
         logps, _ = dpo.response_logps(model, items, rt, tok.pad_token_id)
         lp, lp_kl = logps[:4], logps[4:]
-        for shift, z in ((0.0, 0.0), (1.5, 1.5)):  # r_kl = log π - log π_ref of the mismatched completions
-            ref = torch.stack([torch.zeros(4), lp_kl - shift], 1)  # shift 0: every r_kl = 0 -> z_ref 0; else 1.5
-            if shift == 0.0:
-                ref[:, 1] = lp_kl + 1.0  # all r_kl = -1: the mean is negative, z_ref is clamped to 0
+        # r_kl = log π - log π_ref of the mismatched completions: all -1 (mean below 0: z_ref clamped to 0), or all 1.5.
+        for r_kl, z in ((-1.0, 0.0), (1.5, 1.5)):
+            ref = torch.stack([torch.zeros(4), lp_kl - r_kl], 1)
             loss, sums = dpo.batch_metrics(model, items, ref, args, rt, tok.pad_token_id)
             want = dpo.kto_loss(lp, torch.tensor([x[2] for x in items]), torch.tensor(z), 0.1).sum()
             assert loss.item() == pytest.approx(want.item(), abs=1e-5)
