@@ -49,7 +49,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
-from common import UserError, arg
+import data as D
+import runs as R
+from runs import UserError, arg
 
 
 @dataclass
@@ -108,8 +110,8 @@ class Args:
             raise UserError("--label_smoothing must be in [0, 0.5), and above 0 for --loss_type robust")
         if self.label_smoothing and self.loss_type in ("ipo", "simpo", "orpo", "kto"):
             raise UserError(f"--label_smoothing applies to sigmoid and robust, not to --loss_type {self.loss_type}")
-        C.check_args(self, beta=C.POSITIVE, simpo_gamma=C.at_least(0), desirable_weight=C.at_least(0),
-                     undesirable_weight=C.at_least(0))
+        R.check_args(self, beta=R.POSITIVE, simpo_gamma=R.at_least(0), desirable_weight=R.at_least(0),
+                     undesirable_weight=R.at_least(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,7 +300,7 @@ class Unpaired:
 
     def example(self, i):
         if self.paired:
-            prompt, chosen, rejected = C.preference_pair(self.ds[i // 2])
+            prompt, chosen, rejected = D.preference_pair(self.ds[i // 2])
             return prompt, chosen if i % 2 == 0 else rejected, i % 2 == 0
         row = self.ds[i]
         if "prompt" not in row or "completion" not in row:
@@ -306,12 +308,12 @@ class Unpaired:
         label = str(row["label"]).lower()
         if label not in ("true", "false", "1", "0"):
             raise UserError(f"`label` {row['label']!r}: use true (desirable) or false")
-        return C.as_messages(row["prompt"], "user"), C.as_messages(row["completion"], "assistant"), label in ("true", "1")
+        return D.as_messages(row["prompt"], "user"), D.as_messages(row["completion"], "assistant"), label in ("true", "1")
 
     def encode(self, i, tok, max_length):
         """(prompt + completion, prompt + the completion two rows on, desirable) tokenized; None when too long."""
         prompt, completion, desirable = self.example(i)
-        x = C.tokenize_pair(tok, prompt, completion, self.example((i + 2) % self.n)[1], max_length)
+        x = D.tokenize_pair(tok, prompt, completion, self.example((i + 2) % self.n)[1], max_length)
         return None if x is None else (*x, desirable)
 
 
@@ -326,96 +328,119 @@ def unpaired_items(view, tok, max_length, name, rt):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The data a run reads, and the reference's log-probs of it
+class PairStream:
+    """The pairs (KTO: examples) this rank trains on, in stream order: step k reads keys(k), each key a (source, row)
+    pair; finite sources are tokenized up front (filtered and counted), generated ones when first read."""
+
+    def __init__(self, args, mixture, raw, tok, rt):
+        self.args, self.tok, self.kto, self.cache = args, tok, args.loss_type == "kto", {}
+        self.sources = [ds if getattr(ds, "unlimited", False)
+                        else unpaired_items(ds, tok, args.max_length, name, rt) if self.kto
+                        else D.tokenize_preferences(ds, tok, args.max_length, name, rt)
+                        for (name, _), ds in zip(mixture, raw)]
+        self.names = [name for name, _ in mixture]
+        order = D.mixture_order([len(s) for s in self.sources], [w for _, w in mixture],
+                                args.max_steps * args.batch_size, args.seed,
+                                unlimited={i for i, s in enumerate(self.sources) if not isinstance(s, list)})
+        self.mine = [order[k] for k in range(len(order)) if (k % args.batch_size) % rt.world_size == rt.rank]
+        self.per_rank = args.batch_size // rt.world_size
+
+    def keys(self, step):
+        return self.mine[step * self.per_rank : (step + 1) * self.per_rank]
+
+    def __getitem__(self, key):
+        s, i = key
+        if key not in self.cache:
+            src, a = self.sources[s], self.args
+            self.cache[key] = (src[i] if isinstance(src, list) else src.encode(i, self.tok, a.max_length) if self.kto
+                               else D.tokenize_pair(self.tok, *D.preference_pair(src[i]), a.max_length))
+            if self.cache[key] is None:
+                raise UserError(f"a generated pair of {self.names[s]} exceeds --max_length {a.max_length}; raise it")
+        return self.cache[key]
+
+
+def heldout_sets(args, heldout, tok, rt):
+    """The held-out pairs (the preference metrics) and the held-out prompts with an `answer` (greedy accuracy)."""
+    rows = [heldout[i] for i in range(min(args.eval_size, len(heldout)))]
+    if not rows:
+        pairs = []
+    elif args.loss_type == "kto":
+        pairs = unpaired_items(Unpaired(rows), tok, args.max_length, "held-out", rt)
+    else:
+        pairs = D.tokenize_preferences(rows, tok, args.max_length, "held-out", rt)
+    answerable = [heldout[i] for i in range(min(args.eval_generations, len(heldout))) if "answer" in heldout[i]]
+    prompts = [D.as_messages(r["prompt"], "user") if "label" in r else D.preference_pair(r)[0] for r in answerable]
+    return pairs, prompts, [r["answer"] for r in answerable]
+
+
+class Reference:
+    """log π_ref of the pairs, (B, 2) [chosen, rejected]; None for simpo and orpo, which have no reference. The
+    reference is --ref_model or the starting policy. With --precompute_ref_log_probs (the default) they are computed
+    once, before the first update, for every pair this rank will see and every held-out pair, so that no second model
+    is held while training; otherwise a frozen copy scores each batch."""
+
+    def __init__(self, args, model, tok, rt, train, eval_pairs):
+        self.rt, self.pad_id, self.table, self.eval_table, self.model = rt, tok.pad_token_id, None, None, None
+        if args.loss_type in REFERENCE_FREE:
+            return
+        if args.ref_model:
+            ref_path = C.resolve_model(args.ref_model, rt)
+            C.check_same_vocab(tok, ref_path, "--ref_model", args.trust_remote_code)
+            ref = C.freeze(C.load_model(ref_path, rt, args.trust_remote_code), rt)
+        else:  # the starting policy, used as it is when its log-probs are precomputed before it changes
+            ref = model if args.precompute_ref_log_probs else C.freeze(copy.deepcopy(model), rt)
+        if not args.precompute_ref_log_probs:
+            self.model = ref
+            return
+        t0, keys = time.perf_counter(), list(dict.fromkeys(train.mine))
+        self.table = dict(zip(keys, reference_logps(ref, [train[k] for k in keys], rt, self.pad_id,
+                                                    args.micro_batch_size)))
+        self.eval_table = reference_logps(ref, eval_pairs[rt.rank :: rt.world_size], rt, self.pad_id,
+                                          args.micro_batch_size)
+        rt.print(f"reference log-probs of {len(keys) + len(eval_pairs)} pairs computed in {time.perf_counter() - t0:.0f}s")
+
+    def __call__(self, pairs, keys=None, eval_index=None):
+        """The reference log-probs of pairs: those of the training stream by their keys, held-out ones by their index
+        among this rank's held-out pairs."""
+        if self.table is not None and keys is not None:
+            return torch.stack([self.table[k] for k in keys]).to(self.rt.device)
+        if self.eval_table is not None and eval_index is not None:
+            return self.eval_table[eval_index : eval_index + len(pairs)].to(self.rt.device)
+        if self.model is None:
+            return None
+        return reference_logps(self.model, pairs, self.rt, self.pad_id, len(pairs)).to(self.rt.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def main():
-    args = C.parse_args(Args)
+    args = R.parse_args(Args)
     rt = C.setup(args.seed, args.device, args.precision)
     C.split_batch(args, rt, cap=8)
-    ckpt_path = C.claim_output_dir(args, rt)
+    ckpt_path = R.claim_output_dir(args, rt)
 
-    # Data: the pairs this rank will see, in stream order, tokenized; the held-out pairs and prompts.
-    mixture, raw, heldout = C.load_splits(args, max(args.eval_size, args.eval_generations))
-    kto = args.loss_type == "kto"
-    if kto:  # single completions with a label; the constructor checks the columns
-        raw = [Unpaired(ds) for ds in raw]
-    for ds, (name, _) in zip(raw, mixture):
-        if not kto:
-            C.preference_pair(ds[0])  # checks the columns before any work
+    mixture, raw, heldout = D.load_splits(args, max(args.eval_size, args.eval_generations))
+    if args.loss_type == "kto":
+        raw = [Unpaired(ds) for ds in raw]  # single completions with a label; this checks the columns
+    else:
+        for ds in raw:
+            D.preference_pair(ds[0])  # checks the columns before any work
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
-    sources = []
-    for (name, _), ds in zip(mixture, raw):
-        if getattr(ds, "unlimited", False):
-            sources.append(ds)  # generated pairs are tokenized when read
-        elif kto:
-            sources.append(unpaired_items(ds, tok, args.max_length, name, rt))
-        else:
-            sources.append(C.tokenize_preferences(ds, tok, args.max_length, name, rt))
-    order = C.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
-                            args.seed, unlimited={i for i, s in enumerate(sources) if not isinstance(s, list)})
-    mine = [order[k] for k in range(len(order)) if (k % args.batch_size) % rt.world_size == rt.rank]
-    cache = {}
+    train = PairStream(args, mixture, raw, tok, rt)
+    eval_pairs, prompts, answers = heldout_sets(args, heldout, tok, rt)
 
-    def pair(key):
-        s, i = key
-        if key not in cache:
-            if isinstance(sources[s], list):
-                cache[key] = sources[s][i]
-            elif kto:
-                cache[key] = sources[s].encode(i, tok, args.max_length)
-            else:
-                cache[key] = C.tokenize_pair(tok, *C.preference_pair(sources[s][i]), args.max_length)
-            if cache[key] is None:
-                raise UserError(f"a generated pair of {mixture[s][0]} exceeds --max_length {args.max_length}; raise it")
-        return cache[key]
-
-    eval_rows = [heldout[i] for i in range(min(args.eval_size, len(heldout)))]
-    if not eval_rows:
-        eval_pairs = []
-    elif kto:
-        eval_pairs = unpaired_items(Unpaired(eval_rows), tok, args.max_length, "held-out", rt)
-    else:
-        eval_pairs = C.tokenize_preferences(eval_rows, tok, args.max_length, "held-out", rt)
-    answerable = [heldout[i] for i in range(min(args.eval_generations, len(heldout))) if "answer" in heldout[i]]
-    prompts = [C.as_messages(r["prompt"], "user") if "label" in r else C.preference_pair(r)[0] for r in answerable]
-    answers = [r["answer"] for r in answerable]
-
-    # Models. The reference's log-probs for every pair this rank will see are computed once, up front.
     model = C.load_model(path, rt, args.trust_remote_code)
-    ref_model = None  # simpo and orpo have no reference
-    if args.loss_type not in REFERENCE_FREE and args.ref_model:
-        ref_path = C.resolve_model(args.ref_model, rt)
-        C.check_same_vocab(tok, ref_path, "--ref_model", args.trust_remote_code)
-        ref_model = C.freeze(C.load_model(ref_path, rt, args.trust_remote_code), rt)
-    elif args.loss_type not in REFERENCE_FREE:  # the starting policy is the reference: use it before the first update
-        ref_model = model if args.precompute_ref_log_probs else C.freeze(copy.deepcopy(model), rt)
-    keys = list(dict.fromkeys(mine))
-    ref_table, eval_ref = None, None
-    if ref_model is not None and args.precompute_ref_log_probs:
-        t0 = time.perf_counter()
-        ref_table = dict(zip(keys, reference_logps(ref_model, [pair(k) for k in keys], rt, tok.pad_token_id,
-                                                   args.micro_batch_size)))
-        eval_ref = reference_logps(ref_model, eval_pairs[rt.rank :: rt.world_size], rt, tok.pad_token_id, args.micro_batch_size)
-        rt.print(f"reference log-probs of {len(keys) + len(eval_pairs)} pairs computed in {time.perf_counter() - t0:.0f}s")
-        if ref_model is not model:
-            del ref_model
-        ref_model = None
-
-    def refs(batch_keys, batch_pairs):
-        if ref_table is not None:
-            return torch.stack([ref_table[k] for k in batch_keys]).to(rt.device)
-        if ref_model is None:
-            return None
-        return reference_logps(ref_model, batch_pairs, rt, tok.pad_token_id, len(batch_pairs)).to(rt.device)
-
+    ref = Reference(args, model, tok, rt, train, eval_pairs)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     opt, sched = C.optimizer_and_schedule(model, args)
     step = 0
     if args.resume:
-        step = C.restore_state(ckpt_path, model, opt, sched, args, rt, must_match=("loss_type", "beta"))["step"]
+        step = R.restore_state(ckpt_path, model, opt, sched, args, rt, must_match=("loss_type", "beta"))["step"]
     ddp = DDP(model) if rt.world_size > 1 else model
-    log = C.begin_log(args, rt, step)
+    log = R.begin_log(args, rt, step)
 
     @torch.no_grad()
     def evaluate(generate):
@@ -426,12 +451,11 @@ def main():
             totals = dict.fromkeys(metric_names(args.loss_type), 0.0)  # every rank all-reduces every key, even with no pairs of its own
             for i in range(0, len(mine_eval), args.micro_batch_size):
                 batch = mine_eval[i : i + args.micro_batch_size]
-                ref = eval_ref[i : i + len(batch)].to(rt.device) if eval_ref is not None else refs(None, batch)
-                _, sums = batch_metrics(model, batch, ref, args, rt, tok.pad_token_id)
+                _, sums = batch_metrics(model, batch, ref(batch, eval_index=i), args, rt, tok.pad_token_id)
                 totals = {k: totals[k] + v for k, v in sums.items()}
             row = {f"eval_{k}": v for k, v in reduce_metrics(totals, len(eval_pairs), rt, args.loss_type).items()}
             model.train()
-        if generate and answerable:
+        if generate and prompts:
             row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens)[0])
         return row
 
@@ -442,31 +466,33 @@ def main():
             log.log(row)
             rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
 
-    per_rank = args.batch_size // rt.world_size
+    per_rank = train.per_rank
     last = min(args.max_steps, step + args.stop_after_steps) if args.stop_after_steps else args.max_steps
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
     model.train()
     while step < last:
+        # ---- [algorithm] One step of the preference loss over the batch's pairs ------------------------------------
         t0 = time.perf_counter()
-        batch_keys = mine[step * per_rank : (step + 1) * per_rank]
+        batch_keys = train.keys(step)
         totals = {}
         for k in range(0, per_rank, args.micro_batch_size):
             keys_mb = batch_keys[k : k + args.micro_batch_size]
-            pairs = [pair(key) for key in keys_mb]
+            pairs = [train[key] for key in keys_mb]
             with ddp.no_sync() if rt.world_size > 1 and k + args.micro_batch_size < per_rank else nullcontext():
-                loss_sum, sums = batch_metrics(ddp, pairs, refs(keys_mb, pairs), args, rt, tok.pad_token_id)
+                loss_sum, sums = batch_metrics(ddp, pairs, ref(pairs, keys=keys_mb), args, rt, tok.pad_token_id)
                 # Mean over the pairs of the whole batch; DDP averages over ranks, so scale by world_size.
                 (loss_sum * rt.world_size / args.batch_size).backward()
             totals = {n: totals.get(n, 0) + v for n, v in sums.items()}
         row = reduce_metrics(totals, args.batch_size, rt, args.loss_type)
         if not math.isfinite(row["loss"]):
-            C.stop_nonfinite("the loss", row["loss"], step + 1)
+            raise R.Diverged(f"the loss became {row['loss']} at step {step + 1}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        # ---- [plumbing] Metrics, held-out evaluation, checkpoint ---------------------------------------------------
         row = {"step": step, **row, "learning_rate": lr, "grad_norm": grad_norm,
                "seconds_per_step": time.perf_counter() - t0}
         if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
@@ -476,18 +502,18 @@ def main():
         bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row.get('rewards/margins', math.nan):.3f}",
                         acc=f"{row.get('rewards/accuracies', math.nan):.2f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
-            C.save_state(ckpt_path, model, opt, sched, step, args, rt)
+            R.save_state(ckpt_path, model, opt, sched, step, args, rt)
     bar.close()
 
     if step == args.max_steps:
         if rt.is_main:
-            C.save_pretrained(model, tok, args.output_dir)
+            R.save_pretrained(model, tok, args.output_dir)
         rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the model to {args.output_dir}")
     else:
         rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
-    C.finish(rt)
+    R.finish(rt)
 
 
 if __name__ == "__main__":
-    C.run(main)
+    R.run(main)

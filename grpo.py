@@ -53,8 +53,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
+import data as D
+import runs as R
 import tasks as T
-from common import UserError, arg
+from runs import UserError, arg
 
 
 @dataclass
@@ -133,8 +135,8 @@ class Args:
             raise UserError(f"--importance_sampling_level {self.importance_sampling_level}: choose token or sequence")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise UserError(f"--scale_rewards {self.scale_rewards}: choose group, batch or none")
-        C.check_args(self, micro_batch_size=C.at_least(1), num_generations=C.at_least(2), beta=C.at_least(0),
-                     epsilon=C.at_least(0), epsilon_high=C.at_least(0), max_resample_rounds=C.at_least(0))
+        R.check_args(self, micro_batch_size=R.at_least(1), num_generations=R.at_least(2), beta=R.at_least(0),
+                     epsilon=R.at_least(0), epsilon_high=R.at_least(0), max_resample_rounds=R.at_least(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,20 +266,20 @@ def call_reward(fn, name, n, **kw):
 
 # ----------------------------------------------------------------------------------------------------------------
 def main():
-    args = C.parse_args(Args)
+    args = R.parse_args(Args)
     rt = C.setup(args.seed, args.device, args.precision)
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch_size {args.batch_size} (prompts) must be a multiple of the {rt.world_size} ranks")
     reward_funcs = load_reward_funcs(args.reward_funcs, args.reward_weights)
     if not reward_funcs and not args.reward_model:
         raise UserError("no reward: give --reward_funcs, --reward_model or both")
-    ckpt_path = C.claim_output_dir(args, rt)
+    ckpt_path = R.claim_output_dir(args, rt)
 
     # Data: prompts and answers; the held-out prompts with an answer are graded greedily (pass@1).
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     accuracy = any(f is accuracy_reward for _, f, _ in reward_funcs)
-    sources, graded, order = C.load_prompts(args, tok, rt, need_answers="the accuracy reward" if accuracy else None,
+    sources, graded, order = D.load_prompts(args, tok, rt, need_answers="the accuracy reward" if accuracy else None,
                                             reads_per_step=1 + args.max_resample_rounds * args.dynamic_sampling)
 
     # Models: the policy (trained), the frozen reference (only if beta > 0), the reward model (if any)
@@ -295,12 +297,12 @@ def main():
     opt, sched = C.optimizer_and_schedule(model, args)
     step, cursor = 0, 0  # cursor: how far the prompt stream has been read (further than step x batch_size with
     if args.resume:      # --dynamic_sampling)
-        state = C.restore_state(ckpt_path, model, opt, sched, args, rt,  # these change the loss or the prompt stream
+        state = R.restore_state(ckpt_path, model, opt, sched, args, rt,  # these change the loss or the prompt stream
                                 must_match=("loss_type", "beta", "dynamic_sampling", "max_resample_rounds",
                                             "importance_sampling_level"))
         step, cursor = state["step"], state.get("cursor", state["step"] * args.batch_size)
     ddp = DDP(model) if rt.world_size > 1 else model
-    log = C.begin_log(args, rt, step)
+    log = R.begin_log(args, rt, step)
 
     def evaluate():
         return C.evaluate_answers(model, tok, [p for p, _ in graded], [a for _, a in graded], rt,
@@ -351,7 +353,7 @@ def main():
     last = min(args.max_steps, step + args.stop_after_steps) if args.stop_after_steps else args.max_steps
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
     while step < last:
-        # ---- Rollout: G completions per prompt, sampled with the KV cache, and their rewards --------------------
+        # ---- [algorithm] Rollout: G completions per prompt, sampled with the KV cache, and their rewards -----------
         t0 = time.perf_counter()
         groups, failed, t_score = rollout(cursor)
         cursor, sampled, rounds = cursor + args.batch_size, groups, 0
@@ -368,14 +370,14 @@ def main():
         rewards = torch.cat([g["rewards"] for g in groups])
         t_gen = time.perf_counter() - t0 - t_score
 
-        # ---- Advantages within each group (DeepSeekMath §4.1.2) ----------------------------------------------
+        # ---- [algorithm] Advantages within each group (DeepSeekMath §4.1.2) ----------------------------------------
         batch_std = None
         if args.scale_rewards == "batch":  # the std of all rewards of the step, over every rank
             s = C.all_reduce(torch.stack([rewards.sum(), (rewards ** 2).sum(), torch.tensor(float(len(rewards)))]), rt)
             batch_std = (s[1] / s[2] - (s[0] / s[2]) ** 2).clamp(min=0).sqrt()
         advantages = group_advantages(rewards, G, args.scale_rewards, batch_std=batch_std)
 
-        # ---- Tensors in the layout of generation: prompts left-padded, completions right-padded -----------------
+        # ---- [plumbing] Tensors in the layout of generation: prompts left-padded, completions right-padded ---------
         P, P_mask = C.pad(prompt_ids, tok.pad_token_id, side="left")
         Y, Y_mask = C.pad(completion_ids, tok.pad_token_id)  # the mask covers each completion up to its EOS, inclusive
         truncated = torch.tensor([tok.eos_token_id not in c for c in completion_ids])  # hit max_new_tokens
@@ -400,7 +402,7 @@ def main():
             old_logp = torch.cat([logps(model, mb)[0] for mb in micro]) if args.num_iterations > 1 else None
             ref_logp = torch.cat([logps(ref, mb)[0] for mb in micro]) if ref is not None else None
 
-        # ---- μ optimizer updates on the batch ---------------------------------------------------------------
+        # ---- [algorithm] μ optimizer updates on the batch ----------------------------------------------------------
         # Sums for the metrics: loss and clip counts over every update (averaged over the μ updates, as TRL logs
         # them), the rest on the first pass, where the policy is still the one that sampled.
         sums = {k: torch.zeros((), device=dev) for k in ("loss", "clip_low", "clip_high", "kl", "entropy", "tokens",
@@ -439,8 +441,8 @@ def main():
         step += 1
         t_train = time.perf_counter() - t1
 
-        # ---- Metrics, reduced over ranks ----------------------------------------------------------------------
-        sums = dict(zip(sums, C.all_reduce(torch.stack(list(sums.values())), rt).tolist()))
+        # ---- [plumbing] Metrics, reduced over ranks; held-out evaluation; checkpoint -------------------------------
+        sums = C.all_reduce_sums(sums, rt)
         # The reward metrics are over every group sampled this step (with --dynamic_sampling, the dropped too).
         all_rewards = torch.stack([g["rewards"] for g in sampled])  # (groups, G)
         group_std = all_rewards.std(1, unbiased=False)
@@ -448,7 +450,7 @@ def main():
                   "length": lengths.sum(), "truncated": truncated.sum(), "failed": failed, "groups": len(sampled),
                   "trained_zero_std": sum(flat(g) for g in groups),
                   **{f"rewards/{n}": v for n, v in zip(reward_names, torch.cat([g["per_func"] for g in sampled]).sum(0))}}
-        counts = dict(zip(counts, C.all_reduce(torch.tensor([float(v) for v in counts.values()], device=dev), rt).tolist()))
+        counts = C.all_reduce_sums(counts, rt)
         n_groups, tokens = counts["groups"], max(sums["tokens"], 1.0)
         row = {"step": step, "loss": sums["loss"], "reward": counts["reward"] / (n_groups * G),
                "reward_std": counts["reward_std"] / n_groups, "frac_reward_zero_std": counts["zero_std"] / n_groups,
@@ -466,7 +468,7 @@ def main():
             row.update({"dynamic_sampling/rounds": rounds,
                         "dynamic_sampling/frac_trained_zero_std": counts["trained_zero_std"] / (num_completions / G)})
         if not all(math.isfinite(row[k]) for k in ("loss", "grad_norm")):
-            C.stop_nonfinite("the loss or its gradient", f"{row['loss']} / {row['grad_norm']}", step)
+            raise R.Diverged(f"the loss or its gradient became {row['loss']} / {row['grad_norm']} at step {step}")
         if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row.update(evaluate())
         log.log(row)
@@ -474,19 +476,19 @@ def main():
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['completions/mean_length']:.0f}",
                         gen_s=f"{t_gen:.0f}", train_s=f"{t_train:.0f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
-            C.save_state(ckpt_path, model, opt, sched, step, args, rt, cursor=cursor)
+            R.save_state(ckpt_path, model, opt, sched, step, args, rt, cursor=cursor)
     bar.close()
 
     if step == args.max_steps:
         if rt.is_main:
-            C.save_pretrained(model, tok, args.output_dir)
+            R.save_pretrained(model, tok, args.output_dir)
         if any(k.startswith("eval") for k in row):
             rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the model to {args.output_dir}")
     else:
         rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
-    C.finish(rt)
+    R.finish(rt)
 
 
 if __name__ == "__main__":
-    C.run(main)
+    R.run(main)

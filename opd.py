@@ -39,7 +39,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
-from common import UserError, arg
+import data as D
+import runs as R
+from runs import UserError, arg
 
 
 @dataclass
@@ -87,7 +89,7 @@ class Args:
     def __post_init__(self):
         if self.loss not in ("reverse_kl", "jsd"):
             raise UserError(f"--loss {self.loss}: choose reverse_kl or jsd")
-        C.check_args(self, micro_batch_size=C.at_least(1), beta=C.between(0, 1), lmbda=C.between(0, 1))
+        R.check_args(self, micro_batch_size=R.at_least(1), beta=R.between(0, 1), lmbda=R.between(0, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,26 +127,26 @@ def completion_logits(model, P, P_mask, Y, Y_mask, rt):
 
 def dataset_completion(row, tok):
     """The dataset's own answer as completion token ids (its content, then EOS), for off-policy steps."""
-    msgs = C.conversation(row) if "completion" in row or "messages" in row else [{"role": "user"}]
+    msgs = D.conversation(row) if "completion" in row or "messages" in row else [{"role": "user"}]
     if msgs[-1]["role"] != "assistant":
         raise UserError("--lmbda > 0 needs rows that end in an assistant answer (`completion` or `messages`)")
     return tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
 def main():
-    args = C.parse_args(Args)
+    args = R.parse_args(Args)
     if not args.teacher:
         raise UserError("--teacher is required: a causal LM with the student's tokenizer (e.g. out/grpo)")
     rt = C.setup(args.seed, args.device, args.precision)
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of the {rt.world_size} ranks")
-    ckpt_path = C.claim_output_dir(args, rt)
+    ckpt_path = R.claim_output_dir(args, rt)
 
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     teacher_path = C.resolve_model(args.teacher, rt)
     C.check_same_vocab(tok, teacher_path, "--teacher", args.trust_remote_code)  # TRL #3028: refuse, never guess
-    sources, graded, order = C.load_prompts(args, tok, rt)
+    sources, graded, order = D.load_prompts(args, tok, rt)
     if args.lmbda > 0:
         dataset_completion(sources[0].row(0), tok)  # a clear error now rather than at the first off-policy step
 
@@ -158,9 +160,9 @@ def main():
     opt, sched = C.optimizer_and_schedule(student, args)
     step = 0
     if args.resume:
-        step = C.restore_state(ckpt_path, student, opt, sched, args, rt)["step"]
+        step = R.restore_state(ckpt_path, student, opt, sched, args, rt)["step"]
     ddp = DDP(student) if rt.world_size > 1 else student
-    log = C.begin_log(args, rt, step)
+    log = R.begin_log(args, rt, step)
 
     def evaluate():
         return C.evaluate_answers(student, tok, [p for p, _ in graded], [a for _, a in graded], rt,
@@ -175,6 +177,7 @@ def main():
     last = min(args.max_steps, step + args.stop_after_steps) if args.stop_after_steps else args.max_steps
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
     while step < last:
+        # ---- [algorithm] The student samples; the teacher scores every sampled token -------------------------------
         t0 = time.perf_counter()
         rows = order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]
         prompt_ids = [sources[s][i][1] for s, i in rows]
@@ -193,7 +196,7 @@ def main():
         num_tokens = C.all_reduce(mask.sum(), rt).clamp(min=1)
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(ids), args.micro_batch_size)]
         t1 = time.perf_counter()
-        sums = torch.zeros(2, device=dev)  # loss, Σ (log π_θ - log π_T) over sampled tokens
+        sums = {"loss": 0.0, "kl": 0.0}  # the loss, and Σ (log π_θ - log π_T) over the sampled tokens
         for k, mb in enumerate(micro):
             with ddp.no_sync() if rt.world_size > 1 and k < len(micro) - 1 else nullcontext():
                 s_logits = completion_logits(ddp, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt)  # (n, T, V)
@@ -206,7 +209,8 @@ def main():
                 else:
                     loss = (generalized_jsd(s_logits, t_logits, args.beta, args.temperature) * mask[mb]).sum() / num_tokens
                 (loss * rt.world_size).backward()  # DDP averages over ranks; num_tokens is the global count
-            sums += torch.stack([loss.detach(), ((s_logp - t_logp).detach() * mask[mb]).sum()])
+            sums["loss"] += loss.detach()
+            sums["kl"] += ((s_logp - t_logp).detach() * mask[mb]).sum()
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm).item()
         lr = sched.get_last_lr()[0]
         opt.step()
@@ -215,14 +219,16 @@ def main():
         step += 1
         t_train = time.perf_counter() - t1
 
-        sums = C.all_reduce(sums, rt)
-        n = C.all_reduce(float(len(ids)), rt).item()
-        row = {"step": step, "loss": sums[0].item(), "kl/student_teacher": sums[1].item() / num_tokens.item(),
-               "on_policy": int(not off_policy), "completions/mean_length": num_tokens.item() / n,
+        # ---- [plumbing] Metrics, reduced over ranks; held-out evaluation; checkpoint -------------------------------
+        sums["completions"] = float(len(ids))
+        sums = C.all_reduce_sums(sums, rt)
+        tokens = num_tokens.item()
+        row = {"step": step, "loss": sums["loss"], "kl/student_teacher": sums["kl"] / tokens,
+               "on_policy": int(not off_policy), "completions/mean_length": tokens / sums["completions"],
                "grad_norm": grad_norm, "learning_rate": lr, "time/generate_s": t_gen, "time/train_s": t_train,
                "seconds_per_step": time.perf_counter() - t0}
         if not math.isfinite(row["loss"]):
-            C.stop_nonfinite("the loss", row["loss"], step)
+            raise R.Diverged(f"the loss became {row['loss']} at step {step}")
         if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row.update(evaluate())
         log.log(row)
@@ -230,19 +236,19 @@ def main():
         bar.set_postfix(kl=f"{row['kl/student_teacher']:.3f}", len=f"{row['completions/mean_length']:.0f}",
                         gen_s=f"{t_gen:.0f}", train_s=f"{t_train:.0f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
-            C.save_state(ckpt_path, student, opt, sched, step, args, rt)
+            R.save_state(ckpt_path, student, opt, sched, step, args, rt)
     bar.close()
 
     if step == args.max_steps:
         if rt.is_main:
-            C.save_pretrained(student, tok, args.output_dir)
+            R.save_pretrained(student, tok, args.output_dir)
         if any(k.startswith("eval") for k in row):
             rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the student to {args.output_dir}")
     else:
         rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
-    C.finish(rt)
+    R.finish(rt)
 
 
 if __name__ == "__main__":
-    C.run(main)
+    R.run(main)

@@ -36,8 +36,10 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
 import common as C
+import data as D
+import runs as R
 import tasks as T
-from common import UserError, arg
+from runs import UserError, arg
 
 
 @dataclass
@@ -103,10 +105,10 @@ class Args:
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
 
     def __post_init__(self):
-        C.check_args(self, micro_batch_size=C.at_least(1), kl_coef=C.at_least(0), value_warmup_steps=C.at_least(0),
-                     value_learning_rate=C.POSITIVE, gamma=C.between(0, 1), lam=C.between(0, 1),
-                     cliprange=C.POSITIVE, cliprange_value=C.POSITIVE, vf_coef=C.at_least(0),
-                     target_kl=C.POSITIVE, kl_horizon=C.at_least(1))
+        R.check_args(self, micro_batch_size=R.at_least(1), kl_coef=R.at_least(0), value_warmup_steps=R.at_least(0),
+                     value_learning_rate=R.POSITIVE, gamma=R.between(0, 1), lam=R.between(0, 1),
+                     cliprange=R.POSITIVE, cliprange_value=R.POSITIVE, vf_coef=R.at_least(0),
+                     target_kl=R.POSITIVE, kl_horizon=R.at_least(1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,9 +220,33 @@ def load_value_model(path, args, rt):
     return model
 
 
+def response_scores(prompts, texts, answers, ids, args, tok, rt, rm=None, rm_tok=None, rule=None):
+    """The sequence score of each response, before the KL penalty: the reward model's (it reads prompt + response
+    in its own chat format, at the last real token), a user's rule's, or grpo.py's verifiable reward; minus
+    --missing_eos_penalty where a response never emitted EOS. Returns (N,) scores, the (N,) scores before that
+    penalty, and the (N,) bool "emitted EOS"."""
+    if rm is not None:
+        s = C.score_responses(rm, rm_tok, prompts, texts, rt)
+        if not torch.isfinite(s).all():
+            raise UserError(f"--reward_model {args.reward_model} scored a response nan or inf; check that model")
+    elif rule is not None:  # a user's rule: f(prompts=, completions=, completion_ids=, answer=) -> N numbers
+        try:
+            s = [float(v) for v in rule(prompts=prompts, completions=texts, completion_ids=ids, answer=answers)]
+        except Exception as e:
+            raise UserError(f"--reward {args.reward} failed: {type(e).__name__}: {e}") from None
+        if len(s) != len(texts):
+            raise UserError(f"--reward {args.reward} returned {len(s)} rewards for {len(texts)} responses")
+        s = torch.tensor(s)
+    else:
+        s = torch.tensor([float(c) + args.format_weight * float(b) for b, c in (T.grade(t, a) for t, a in zip(texts, answers))])
+    # [detail: EOS trick] A response that never emitted EOS (it hit --max_new_tokens) gets a penalty.
+    eos = torch.tensor([tok.eos_token_id in r for r in ids])
+    return s - args.missing_eos_penalty * (~eos).float(), s, eos
+
+
 # ----------------------------------------------------------------------------------------------------------------
 def main():
-    args = C.parse_args(Args)
+    args = R.parse_args(Args)
     rule = None
     if args.reward not in ("model", "verifiable"):
         rule = C.load_function(args.reward, f"--reward {args.reward}: choose model (with --reward_model), verifiable or")
@@ -230,11 +256,11 @@ def main():
     if args.batch_size % (rt.world_size * args.num_mini_batches):
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of ranks x --num_mini_batches "
                         f"({rt.world_size} x {args.num_mini_batches})")
-    ckpt_path = C.claim_output_dir(args, rt)
+    ckpt_path = R.claim_output_dir(args, rt)
 
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
-    sources, graded, order = C.load_prompts(args, tok, rt, need_answers="--reward verifiable"
+    sources, graded, order = D.load_prompts(args, tok, rt, need_answers="--reward verifiable"
                                             if args.reward == "verifiable" else None)
 
     # The four models. Dropout is off in all of them ([detail: dropout disabled], C.load_model), the reference and
@@ -259,10 +285,10 @@ def main():
     kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
     step = 0
     if args.resume:
-        state = C.restore_state(ckpt_path, model, opt, sched, args, rt)
+        state = R.restore_state(ckpt_path, model, opt, sched, args, rt)
         step, kl_ctl.value = state["step"], state["kl_coef"]
     ddp = DDP(model) if rt.world_size > 1 else model
-    log = C.begin_log(args, rt, step)
+    log = R.begin_log(args, rt, step)
 
     def evaluate():
         if not graded:
@@ -274,25 +300,6 @@ def main():
             out["eval/score"] = C.all_reduce(s.sum().to(rt.device), rt).item() / len(graded)
         return out
 
-    def scores_of(prompts, texts, answers, ids):
-        if rm is not None:  # the reward model reads prompt + response in its own chat format, at the last real token
-            s = C.score_responses(rm, rm_tok, prompts, texts, rt)
-            if not torch.isfinite(s).all():
-                raise UserError(f"--reward_model {args.reward_model} scored a response nan or inf; check that model")
-        elif rule is not None:  # a user's rule: f(prompts=, completions=, completion_ids=, answer=) -> N numbers
-            try:
-                s = [float(v) for v in rule(prompts=prompts, completions=texts, completion_ids=ids, answer=answers)]
-            except Exception as e:
-                raise UserError(f"--reward {args.reward} failed: {type(e).__name__}: {e}") from None
-            if len(s) != len(texts):
-                raise UserError(f"--reward {args.reward} returned {len(s)} rewards for {len(texts)} responses")
-            s = torch.tensor(s)
-        else:  # the verifiable reward of grpo.py
-            s = torch.tensor([float(c) + args.format_weight * float(b) for b, c in (T.grade(t, a) for t, a in zip(texts, answers))])
-        # [detail: EOS trick] A response that never emitted EOS (it hit --max_new_tokens) gets a penalty.
-        eos = torch.tensor([tok.eos_token_id in r for r in ids])
-        return s - args.missing_eos_penalty * (~eos).float(), s, eos
-
     if step == 0 and graded:
         row = {"step": 0, **evaluate()}
         log.log(row)
@@ -302,7 +309,7 @@ def main():
     last = min(args.max_steps, step + args.stop_after_steps) if args.stop_after_steps else args.max_steps
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
     while step < last:
-        # ---- Rollout: one response per prompt, batched, with the KV cache; cut after the first EOS ----------
+        # ---- [algorithm] Rollout: one response per prompt, with the KV cache; scores, KL-penalised rewards, GAE ----
         t0 = time.perf_counter()
         mine = [sources[s][i] for s, i in order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]]
         prompts, prompt_ids, answers = (list(x) for x in zip(*mine))
@@ -318,7 +325,8 @@ def main():
         N = len(ids)
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, N, args.micro_batch_size)]
         with torch.no_grad():
-            scores, raw_scores, eos = (t.to(dev) for t in scores_of(prompts, texts, answers, ids))
+            scores, raw_scores, eos = (t.to(dev) for t in response_scores(prompts, texts, answers, ids, args, tok,
+                                                                                  rt, rm, rm_tok, rule))
             old_logp, old_values = (torch.cat(x) for x in zip(*[model(P[mb], P_mask[mb], Y[mb], Y_mask[mb])[:2] for mb in micro]))
             ref_logp = torch.cat([C.completion_logprobs(ref, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt, args.temperature)[0]
                                   for mb in micro])  # [detail: temperature in the log-probs]
@@ -329,9 +337,10 @@ def main():
             # [detail: advantage whitening] Over the batch, within the response mask; under DDP, over this rank's batch.
             advantages = masked_whiten(advantages, mask)
 
-        # ---- PPO epochs over shuffled minibatches ------------------------------------------------------------
+        # ---- [algorithm] PPO epochs over shuffled minibatches ------------------------------------------------------
         t1 = time.perf_counter()
-        sums = torch.zeros(8, device=dev)  # pg loss, vf loss, pg clipfrac, vf clipfrac, approxkl, entropy, updates, tokens
+        sums = dict.fromkeys(("loss/policy", "loss/value", "policy/clipfrac", "val/clipfrac", "policy/approxkl"), 0.0)
+        entropy = entropy_tokens = 0.0
         per_mini = N // args.num_mini_batches
         for epoch in range(args.num_ppo_epochs):
             perm = torch.randperm(N, device=dev)
@@ -347,49 +356,44 @@ def main():
                         vf, vf_clip = value_loss(values, old_values[j], returns[j], mask[j], args.cliprange_value)
                         pg_weight = float(step >= args.value_warmup_steps)  # 0: the value model's warm-up
                         ((pg_weight * pg + args.vf_coef * vf) * w).backward()
-                    with torch.no_grad():
-                        sums[:5] += torch.stack([pg, vf, pg_clip, vf_clip, approxkl]) * w / rt.world_size
+                    with torch.no_grad():  # token means over the minibatch (all ranks), summed over the updates
+                        for name, v in zip(sums, (pg, vf, pg_clip, vf_clip, approxkl)):
+                            sums[name] += v * w / rt.world_size
                         if ent is not None:  # the first epoch sees every token once
-                            sums[5] += (ent * mask[j]).sum()
-                            sums[7] += mask[j].sum()
+                            entropy, entropy_tokens = entropy + (ent * mask[j]).sum(), entropy_tokens + mask[j].sum()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # [detail: gradient clipping]
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                sums[6] += 1
         lr = sched.get_last_lr()[0]
         sched.step()
         step += 1
         t_train = time.perf_counter() - t1
 
-        # ---- Metrics, reduced over ranks ---------------------------------------------------------------------
-        sums = C.all_reduce(sums, rt)
-        kl_sum = kl.sum(1)  # (N,) the KL of each response, summed over its tokens
-        lengths = mask.sum(1)
+        # ---- [plumbing] Metrics: sums over this rank's responses, reduced over ranks in one call -------------------
         with torch.no_grad():
-            resid = C.all_reduce(torch.stack([(returns * mask).sum(), (returns ** 2 * mask).sum(),
-                                              ((returns - old_values) * mask).sum(), (((returns - old_values) ** 2) * mask).sum(),
-                                              mask.sum()]), rt)
-        var_r = resid[1] / resid[4] - (resid[0] / resid[4]) ** 2
-        var_e = resid[3] / resid[4] - (resid[2] / resid[4]) ** 2
-        tot = C.all_reduce(torch.stack([scores.sum(), kl_sum.sum(), eos.float().sum(), lengths.sum(),
-                                        raw_scores.sum(), torch.tensor(float(N), device=dev)]), rt)
-        n = tot[5].item()
-        updates = sums[6].item() / rt.world_size
-        row = {"step": step, "objective/scores": tot[0].item() / n, "objective/raw_scores": tot[4].item() / n,
-               "objective/kl": tot[1].item() / n, "objective/kl_per_token": tot[1].item() / tot[3].item(),
-               "objective/non_score_reward": -kl_ctl.value * tot[1].item() / n,
-               "objective/rlhf_reward": (tot[0].item() - kl_ctl.value * tot[1].item()) / n,
-               "objective/entropy": sums[5].item() / max(sums[7].item(), 1.0),
-               "policy/approxkl": sums[4].item() / updates, "policy/clipfrac": sums[2].item() / updates,
-               "loss/policy": sums[0].item() / updates, "loss/value": sums[1].item() / updates,
-               "val/clipfrac": sums[3].item() / updates, "val/explained_variance": 1 - (var_e / var_r.clamp(min=1e-8)).item(),
-               "eos_fraction": tot[2].item() / n, "completions/mean_length": tot[3].item() / n,
+            err = returns - old_values
+            sums.update({"entropy": entropy, "entropy_tokens": entropy_tokens, "scores": scores.sum(),
+                         "raw_scores": raw_scores.sum(), "kl": kl.sum(), "eos": eos.float().sum(), "tokens": mask.sum(),
+                         "responses": N, "returns": (returns * mask).sum(), "returns_sq": (returns ** 2 * mask).sum(),
+                         "errors": (err * mask).sum(), "errors_sq": (err ** 2 * mask).sum()})
+            sums = C.all_reduce_sums(sums, rt)
+        updates, n, tokens = args.num_ppo_epochs * args.num_mini_batches, sums["responses"], sums["tokens"]
+        var_returns = sums["returns_sq"] / tokens - (sums["returns"] / tokens) ** 2
+        var_errors = sums["errors_sq"] / tokens - (sums["errors"] / tokens) ** 2  # Var(returns - values)
+        row = {"step": step, "objective/scores": sums["scores"] / n, "objective/raw_scores": sums["raw_scores"] / n,
+               "objective/kl": sums["kl"] / n, "objective/kl_per_token": sums["kl"] / tokens,
+               "objective/non_score_reward": -kl_ctl.value * sums["kl"] / n,
+               "objective/rlhf_reward": (sums["scores"] - kl_ctl.value * sums["kl"]) / n,
+               "objective/entropy": sums["entropy"] / max(sums["entropy_tokens"], 1.0),
+               **{k: sums[k] / updates for k in ("policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value",
+                                                 "val/clipfrac")},
+               "val/explained_variance": 1 - var_errors / max(var_returns, 1e-8),
+               "eos_fraction": sums["eos"] / n, "completions/mean_length": tokens / n,
                "kl_coef": kl_ctl.value, "learning_rate": lr, "time/generate_s": t_gen, "time/score_s": t1 - t0 - t_gen,
-               "time/train_s": t_train,
-               "seconds_per_step": time.perf_counter() - t0}
+               "time/train_s": t_train, "seconds_per_step": time.perf_counter() - t0}
         kl_ctl.update(row["objective/kl"], n)
         if not math.isfinite(row["loss/policy"]) or not math.isfinite(row["loss/value"]):
-            C.stop_nonfinite("the loss", f"{row['loss/policy']} (policy) / {row['loss/value']} (value)", step)
+            raise R.Diverged(f"the loss became {row['loss/policy']} (policy) / {row['loss/value']} (value) at step {step}")
         if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row.update(evaluate())
         log.log(row)
@@ -397,19 +401,19 @@ def main():
         bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}",
                         gen_s=f"{t_gen:.0f}", train_s=f"{t_train:.0f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
-            C.save_state(ckpt_path, model, opt, sched, step, args, rt, kl_coef=kl_ctl.value)
+            R.save_state(ckpt_path, model, opt, sched, step, args, rt, kl_coef=kl_ctl.value)
     bar.close()
 
     if step == args.max_steps:
         if rt.is_main:
-            C.save_pretrained(policy, tok, args.output_dir)
+            R.save_pretrained(policy, tok, args.output_dir)
         if any(k.startswith("eval") for k in row):
             rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the policy to {args.output_dir}")
     else:
         rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
-    C.finish(rt)
+    R.finish(rt)
 
 
 if __name__ == "__main__":
-    C.run(main)
+    R.run(main)

@@ -30,7 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
-from common import UserError, arg
+import data as D
+import runs as R
+from runs import UserError, arg
 
 
 @dataclass
@@ -71,7 +73,7 @@ class Args:
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
 
     def __post_init__(self):
-        C.check_args(self, center_rewards_coefficient=C.at_least(0))
+        R.check_args(self, center_rewards_coefficient=R.at_least(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,28 +138,28 @@ def margin_of(row, i):
 
 
 def tokenized_with_margin(rows, tok, args, name, rt):
-    """(pair, margin) items of a finite set of rows; pairs are filtered and counted by common.tokenize_preferences."""
+    """(pair, margin) items of a finite set of rows; pairs are filtered and counted by data.tokenize_preferences."""
     margins = [margin_of(rows[i], i) for i in range(len(rows))]
-    kept = C.tokenize_preferences(rows, tok, args.max_length, name, rt, keep_index=True)
+    kept = D.tokenize_preferences(rows, tok, args.max_length, name, rt, keep_index=True)
     return [(pair, margins[i]) for i, pair in kept]
 
 
 def main():
     from transformers import AutoModelForSequenceClassification
-    args = C.parse_args(Args)
+    args = R.parse_args(Args)
     rt = C.setup(args.seed, args.device, args.precision)
     C.split_batch(args, rt, cap=8)
-    ckpt_path = C.claim_output_dir(args, rt)
+    ckpt_path = R.claim_output_dir(args, rt)
 
     # Data
-    mixture, raw, heldout = C.load_splits(args, args.eval_size)
+    mixture, raw, heldout = D.load_splits(args, args.eval_size)
     for ds in raw:
-        C.preference_pair(ds[0])  # checks the columns before any work
+        D.preference_pair(ds[0])  # checks the columns before any work
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     sources = [ds if getattr(ds, "unlimited", False) else tokenized_with_margin(ds, tok, args, name, rt)
                for (name, _), ds in zip(mixture, raw)]
-    order = C.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
+    order = D.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
                             args.seed, unlimited={i for i, s in enumerate(sources) if not isinstance(s, list)})
     eval_rows = [heldout[i] for i in range(min(args.eval_size, len(heldout)))]
     eval_items = tokenized_with_margin(eval_rows, tok, args, "held-out", rt) if eval_rows else []
@@ -167,7 +169,7 @@ def main():
         if isinstance(sources[s], list):
             return sources[s][i]
         row = sources[s][i]
-        x = C.tokenize_pair(tok, *C.preference_pair(row), args.max_length)
+        x = D.tokenize_pair(tok, *D.preference_pair(row), args.max_length)
         if x is None:
             raise UserError(f"a generated pair of {mixture[s][0]} exceeds --max_length {args.max_length}; raise it")
         return x, margin_of(row, i)
@@ -188,10 +190,10 @@ def main():
     opt, sched = C.optimizer_and_schedule(model, args)
     step = 0
     if args.resume:
-        step = C.restore_state(ckpt_path, model, opt, sched, args, rt)["step"]
+        step = R.restore_state(ckpt_path, model, opt, sched, args, rt)["step"]
     scorer = Scorer(model)
     ddp = DDP(scorer) if rt.world_size > 1 else scorer
-    log = C.begin_log(args, rt, step)
+    log = R.begin_log(args, rt, step)
 
     @torch.no_grad()
     def evaluate():
@@ -218,6 +220,7 @@ def main():
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
     model.train()
     while step < last:
+        # ---- [algorithm] One step of the Bradley-Terry loss over the batch's pairs ---------------------------------
         t0 = time.perf_counter()
         batch = [item(key) for key in mine[step * per_rank : (step + 1) * per_rank]]
         totals = {}
@@ -229,13 +232,14 @@ def main():
             totals = {n: totals.get(n, 0) + v for n, v in sums.items()}
         row = {n: (C.all_reduce(v, rt) / args.batch_size).item() for n, v in totals.items()}
         if not math.isfinite(row["loss"]):
-            C.stop_nonfinite("the loss", row["loss"], step + 1)
+            raise R.Diverged(f"the loss became {row['loss']} at step {step + 1}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        # ---- [plumbing] Metrics, held-out evaluation, checkpoint ---------------------------------------------------
         row = {"step": step, **row, "learning_rate": lr, "grad_norm": grad_norm,
                "seconds_per_step": time.perf_counter() - t0}
         if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
@@ -244,18 +248,18 @@ def main():
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
-            C.save_state(ckpt_path, model, opt, sched, step, args, rt)
+            R.save_state(ckpt_path, model, opt, sched, step, args, rt)
     bar.close()
 
     if step == args.max_steps:
         if rt.is_main:
-            C.save_pretrained(model, tok, args.output_dir)
+            R.save_pretrained(model, tok, args.output_dir)
         rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the reward model to {args.output_dir}")
     else:
         rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
-    C.finish(rt)
+    R.finish(rt)
 
 
 if __name__ == "__main__":
-    C.run(main)
+    R.run(main)

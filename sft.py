@@ -29,7 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
-from common import UserError, arg
+import data as D
+import runs as R
+from runs import UserError, arg
 
 
 @dataclass
@@ -73,7 +75,7 @@ class Args:
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
 
     def __post_init__(self):
-        C.check_args(self)
+        R.check_args(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,19 +87,19 @@ class Tokenized:
     def __init__(self, name, ds, tok, max_length):
         self.ds, self.tok, self.max_length = ds, tok, max_length
         self.unlimited = getattr(ds, "unlimited", False)
-        C.conversation(ds[0])  # checks the columns: a clear error before any work
+        D.conversation(ds[0])  # checks the columns: a clear error before any work
         rows = range(min(8, len(ds))) if self.unlimited else range(len(ds))
         self.items = [self._tokenize(i) for i in rows]
         self.dropped = sum(x is None for x in self.items)
         if self.dropped == len(self.items):
-            if not any(m["role"] == "assistant" for i in rows for m in C.conversation(ds[i])):
+            if not any(m["role"] == "assistant" for i in rows for m in D.conversation(ds[i])):
                 raise UserError(f"no example of {name} has an assistant turn: there is nothing to train on")
             raise UserError(f"--max_length {max_length} leaves no assistant token in any example of {name}; raise it")
         if not self.unlimited:
             self.items = [x for x in self.items if x is not None]
 
     def _tokenize(self, i):
-        return C.tokenize_conversation(self.tok, C.conversation(self.ds[i]), self.max_length)
+        return D.tokenize_conversation(self.tok, D.conversation(self.ds[i]), self.max_length)
 
     def __len__(self):
         return len(self.ds) if self.unlimited else len(self.items)
@@ -142,25 +144,25 @@ def eval_loss(model, examples, args, tok, rt):
 
 # ----------------------------------------------------------------------------------------------------------------
 def main():
-    args = C.parse_args(Args)
+    args = R.parse_args(Args)
     rt = C.setup(args.seed, args.device, args.precision)
     C.split_batch(args, rt, cap=16)
-    ckpt_path = C.claim_output_dir(args, rt)
+    ckpt_path = R.claim_output_dir(args, rt)
 
     # Data. Examples of the built-in task are generated; others are read, held-out rows split off, tokenized.
-    mixture, raw, heldout = C.load_splits(args, max(args.eval_size, args.eval_generations))
+    mixture, raw, heldout = D.load_splits(args, max(args.eval_size, args.eval_generations))
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     sources = [Tokenized(s, ds, tok, args.max_length) for (s, _), ds in zip(mixture, raw)]
-    eval_examples = [x for x in (C.tokenize_conversation(tok, C.conversation(heldout[i]), args.max_length)
+    eval_examples = [x for x in (D.tokenize_conversation(tok, D.conversation(heldout[i]), args.max_length)
                                  for i in range(min(args.eval_size, len(heldout)))) if x is not None]
     answerable = [heldout[i] for i in range(min(args.eval_generations, len(heldout))) if "answer" in heldout[i]]
-    prompts, answers = [C.conversation(r)[:-1] for r in answerable], [r["answer"] for r in answerable]
+    prompts, answers = [D.conversation(r)[:-1] for r in answerable], [r["answer"] for r in answerable]
     for (s, _), src in zip(mixture, sources):
         if not src.unlimited:
             rt.print(f"data: {s}: {len(src)} examples" + (f", {src.dropped} dropped (no assistant token, or none "
                                                            f"within --max_length {args.max_length})" if src.dropped else ""))
-    order = C.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
+    order = D.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
                             args.seed, unlimited={i for i, s in enumerate(sources) if s.unlimited})
 
     # Model, optimizer, schedule
@@ -171,10 +173,10 @@ def main():
     opt, sched = C.optimizer_and_schedule(model, args)
     step, num_tokens = 0, 0
     if args.resume:
-        state = C.restore_state(ckpt_path, model, opt, sched, args, rt)
+        state = R.restore_state(ckpt_path, model, opt, sched, args, rt)
         step, num_tokens = state["step"], state["num_tokens"]
     ddp = DDP(model) if rt.world_size > 1 else model
-    log = C.begin_log(args, rt, step)
+    log = R.begin_log(args, rt, step)
 
     row = {"step": step}
     if step == 0:
@@ -190,6 +192,7 @@ def main():
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
     model.train()
     while step < last:
+        # ---- [algorithm] One step of L_SFT: the mean NLL over the batch's trained tokens ---------------------------
         t0 = time.perf_counter()
         rows = order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]
         examples = [x for x in (sources[s][i] for s, i in rows) if x is not None]
@@ -207,13 +210,14 @@ def main():
             nll_sum += nll.item()
         loss = C.all_reduce(nll_sum, rt).item() / n_target
         if not math.isfinite(loss):
-            C.stop_nonfinite("the loss", loss, step + 1)
+            raise R.Diverged(f"the loss became {loss} at step {step + 1}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        # ---- [plumbing] Metrics, held-out evaluation, checkpoint ---------------------------------------------------
         tokens = C.all_reduce(float(tokens), rt).item()
         num_tokens += int(tokens)
         seconds = time.perf_counter() - t0
@@ -228,7 +232,7 @@ def main():
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
-            C.save_state(ckpt_path, model, opt, sched, step, args, rt, num_tokens=num_tokens)
+            R.save_state(ckpt_path, model, opt, sched, step, args, rt, num_tokens=num_tokens)
     bar.close()
 
     for (name, _), src in zip(mixture, sources):
@@ -236,14 +240,14 @@ def main():
             rt.print(f"data: {name}: {src.dropped} generated examples dropped (no assistant token within --max_length)")
     if step == args.max_steps:
         if rt.is_main:
-            C.save_pretrained(model, tok, args.output_dir)
+            R.save_pretrained(model, tok, args.output_dir)
         if any(k.startswith("eval") for k in row):
             rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the model to {args.output_dir}")
     else:
         rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
-    C.finish(rt)
+    R.finish(rt)
 
 
 if __name__ == "__main__":
-    C.run(main)
+    R.run(main)

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import runs as R  # noqa: E402
 import tasks as T  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def main():
             only_a, only_b = sum(x > y for x, y in zip(a, b)), sum(y > x for x, y in zip(a, b))
             print(f"  {m} - {args.models[0]}: {100 * d:+.1f} points, 95% interval [{100 * lo:+.1f}, {100 * hi:+.1f}]"
                   f" (only the first right: {only_a}, only the second: {only_b})")
-    C.finish(rt)
+    R.finish(rt)
 
 
 if __name__ == "__main__":

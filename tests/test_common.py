@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import common as C
+import data as D
+import runs as R
 import tasks as T
 from conftest import ROOT
 
@@ -31,7 +33,7 @@ def trained_runs(tok, ids, labels):
 
 def test_mask_single_turn_token_by_token(tok):
     msgs = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5."}]
-    ids, labels = C.tokenize_conversation(tok, msgs, 1024)
+    ids, labels = D.tokenize_conversation(tok, msgs, 1024)
     # ... <|im_start|> "ass" "istant" "\n" "5" "." <|im_end|> "\n": the header and the newline after the
     # end-of-turn token are context; the content and <|im_end|> are trained, so the model learns to stop.
     assert ids[-8:] == [IM_START, 520, 9531, NL, 37, 30, IM_END, NL]
@@ -44,7 +46,7 @@ def test_mask_single_turn_token_by_token(tok):
 def test_mask_multi_turn(tok):
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
             {"role": "user", "content": "Add 2 and 2."}, {"role": "assistant", "content": "2 + 2 = 4"}]
-    ids, labels = C.tokenize_conversation(tok, msgs, 1024)
+    ids, labels = D.tokenize_conversation(tok, msgs, 1024)
     assert trained_runs(tok, ids, labels) == ["Hello! How can I help?<|im_end|>", "2 + 2 = 4<|im_end|>"]
     assert labels.count(IM_END) == 2 and ids.count(IM_END) == 5  # system, 2 user, 2 assistant turns
 
@@ -53,7 +55,7 @@ def test_mask_system_prompt_and_tool_turns(tok):
     msgs = [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Capital of France?"},
             {"role": "assistant", "content": "Paris"}, {"role": "tool", "content": "lookup: Paris"},
             {"role": "assistant", "content": "Yes"}]
-    ids, labels = C.tokenize_conversation(tok, msgs, 1024)
+    ids, labels = D.tokenize_conversation(tok, msgs, 1024)
     text = tok.decode(ids)
     assert "You answer in one word." in text and "SmolLM" not in text  # the given system prompt replaces the default
     assert trained_runs(tok, ids, labels) == ["Paris<|im_end|>", "Yes<|im_end|>"]
@@ -61,27 +63,27 @@ def test_mask_system_prompt_and_tool_turns(tok):
 
 def test_mask_truncation(tok):
     msgs = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5."}]
-    full, _ = C.tokenize_conversation(tok, msgs, 1024)
-    ids, labels = C.tokenize_conversation(tok, msgs, len(full) - 3)  # cut after "5"
+    full, _ = D.tokenize_conversation(tok, msgs, 1024)
+    ids, labels = D.tokenize_conversation(tok, msgs, len(full) - 3)  # cut after "5"
     assert trained_runs(tok, ids, labels) == ["5"]
-    assert C.tokenize_conversation(tok, msgs, len(full) - 5) is None  # no assistant token left: dropped by callers
+    assert D.tokenize_conversation(tok, msgs, len(full) - 5) is None  # no assistant token left: dropped by callers
 
 
 def test_prompt_completion_and_columns():
-    conv = C.conversation({"prompt": "Q", "completion": "A"})
+    conv = D.conversation({"prompt": "Q", "completion": "A"})
     assert conv == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
-    conv = C.conversation({"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+    conv = D.conversation({"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
                            "completion": [{"role": "assistant", "content": "A"}]})
     assert [m["role"] for m in conv] == ["system", "user", "assistant"]
-    with pytest.raises(C.UserError, match=r"columns found: \['answer', 'question'\]; expected `messages`"):
-        C.conversation({"question": "Q", "answer": "A"})
+    with pytest.raises(R.UserError, match=r"columns found: \['answer', 'question'\]; expected `messages`"):
+        D.conversation({"question": "Q", "answer": "A"})
 
 
 def test_padding_never_found_by_token_id(tok):
     """SmolLM2's pad token IS its EOS: padding must come from lengths, and the real EOS stays a target."""
     assert tok.pad_token_id == tok.eos_token_id == IM_END
-    a = C.tokenize_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}], 1024)
-    b = C.tokenize_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], 1024)
+    a = D.tokenize_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}], 1024)
+    b = D.tokenize_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], 1024)
     x, mask = C.pad([a[0], b[0]], tok.pad_token_id)
     y, _ = C.pad([a[1], b[1]], C.IGNORE_INDEX)
     n = len(b[0])
@@ -219,25 +221,25 @@ def test_reworded_split_asks_the_test_problems_in_unseen_words(cls):
 
 
 def test_builtin_task_split_names_are_checked(tmp_path):
-    assert C.load_data("arithmetic_hard", "reworded")[0] == T.ArithmeticHard("reworded")[0]
-    with pytest.raises(C.UserError, match="has the splits train, test, reworded, not 'validation'"):
-        C.load_data("arithmetic", "validation")
+    assert D.load_data("arithmetic_hard", "reworded")[0] == T.ArithmeticHard("reworded")[0]
+    with pytest.raises(R.UserError, match="has the splits train, test, reworded, not 'validation'"):
+        D.load_data("arithmetic", "validation")
 
 
 def test_mixture_order_follows_weights_and_epochs():
-    order = C.mixture_order([5, 1000], [0.8, 0.2], 10000, seed=0)
+    order = D.mixture_order([5, 1000], [0.8, 0.2], 10000, seed=0)
     share = sum(s == 0 for s, _ in order) / len(order)
     assert abs(share - 0.8) < 0.02
     first = [i for s, i in order if s == 0]
     for e in range(3):  # each epoch of a finite source is a permutation of its rows
         assert sorted(first[5 * e : 5 * e + 5]) == [0, 1, 2, 3, 4]
-    assert order == C.mixture_order([5, 1000], [0.8, 0.2], 10000, seed=0)
-    assert order[:100] == C.mixture_order([5, 1000], [0.8, 0.2], 100, seed=0)  # a longer run extends a shorter one
-    gen = C.mixture_order([10**9], [1.0], 10, seed=0, unlimited={0})
+    assert order == D.mixture_order([5, 1000], [0.8, 0.2], 10000, seed=0)
+    assert order[:100] == D.mixture_order([5, 1000], [0.8, 0.2], 100, seed=0)  # a longer run extends a shorter one
+    gen = D.mixture_order([10**9], [1.0], 10, seed=0, unlimited={0})
     assert [i for _, i in gen] == list(range(10))
-    assert C.parse_mixture("a,b", "3,1") == [("a", 0.75), ("b", 0.25)]
-    with pytest.raises(C.UserError, match="needs 2 non-negative numbers"):
-        C.parse_mixture("a,b", "1")
+    assert D.parse_mixture("a,b", "3,1") == [("a", 0.75), ("b", 0.25)]
+    with pytest.raises(R.UserError, match="needs 2 non-negative numbers"):
+        D.parse_mixture("a,b", "1")
 
 
 VERIFIER_CASES = [
@@ -295,29 +297,29 @@ def test_reference_answers_and_prompts():
     assert T.reference_answer({"solution": "so $\\boxed{\\frac{1}{2}}$"}) == "\\frac{1}{2}"
     assert T.reference_answer({"answer": 42}) == "42"
     assert T.reference_answer({"prompt": "q"}) is None
-    assert C.rl_prompt(gsm8k) == [{"role": "user", "content": "Janet has 3 ducks. How many? " + T.BOX_INSTRUCTION}]
-    assert C.rl_prompt({"prompt": "Say \\boxed{1}."}) == [{"role": "user", "content": "Say \\boxed{1}."}]
+    assert D.rl_prompt(gsm8k) == [{"role": "user", "content": "Janet has 3 ducks. How many? " + T.BOX_INSTRUCTION}]
+    assert D.rl_prompt({"prompt": "Say \\boxed{1}."}) == [{"role": "user", "content": "Say \\boxed{1}."}]
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    assert C.rl_prompt({"messages": conv}) == conv[:1]
-    assert C.rl_prompt({"prompt": conv[:1], "completion": conv[1:]}) == conv[:1]
-    with pytest.raises(C.UserError, match="expected a `prompt` or `question` column"):
-        C.rl_prompt({"text": "x"})
+    assert D.rl_prompt({"messages": conv}) == conv[:1]
+    assert D.rl_prompt({"prompt": conv[:1], "completion": conv[1:]}) == conv[:1]
+    with pytest.raises(R.UserError, match="expected a `prompt` or `question` column"):
+        D.rl_prompt({"text": "x"})
 
 
 def test_load_errors(tmp_path, tiny_model_dir):
-    with pytest.raises(C.UserError, match="no such file or folder"):
+    with pytest.raises(R.UserError, match="no such file or folder"):
         C.resolve_model("./no/such/model")
-    with pytest.raises(C.UserError, match="no such file or folder"):
+    with pytest.raises(R.UserError, match="no such file or folder"):
         C.resolve_model(str(tmp_path / "missing.gguf"))
     bad = tmp_path / "bad.gguf"
     bad.write_text("not a gguf")
-    with pytest.raises(C.UserError, match="cannot read .* as a GGUF model"):
+    with pytest.raises(R.UserError, match="cannot read .* as a GGUF model"):
         C.resolve_model(str(bad))
-    with pytest.raises(C.UserError, match="no such file"):
-        C.load_data(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(R.UserError, match="no such file"):
+        D.load_data(str(tmp_path / "missing.jsonl"))
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(C.UserError, match="is empty"):
-        C.load_data(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(R.UserError, match="is empty"):
+        D.load_data(str(tmp_path / "empty.jsonl"))
 
 
 def test_embedded_default_converts_to_a_saveable_checkpoint(default_model_dir, tmp_path):
@@ -338,46 +340,46 @@ def test_local_file_formats(tmp_path):
     ds.to_parquet(str(tmp_path / "d.parquet"))
     ds.to_json(str(tmp_path / "d.json"))
     for ext in ("csv", "parquet", "json"):
-        loaded = C.load_data(str(tmp_path / f"d.{ext}"))
-        assert [C.conversation(loaded[i])[1]["content"] for i in range(2)] == ["2", "4"], ext
+        loaded = D.load_data(str(tmp_path / f"d.{ext}"))
+        assert [D.conversation(loaded[i])[1]["content"] for i in range(2)] == ["2", "4"], ext
     (tmp_path / "d.txt").write_text("x")
-    with pytest.raises(C.UserError, match="unknown file type '.txt'"):
-        C.load_data(str(tmp_path / "d.txt"))
+    with pytest.raises(R.UserError, match="unknown file type '.txt'"):
+        D.load_data(str(tmp_path / "d.txt"))
 
 
 def test_preference_formats():
     hh = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour and water.",
           "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I bake bread?\n\nAssistant: No idea."}
-    prompt, chosen, rejected = C.preference_pair(hh)
+    prompt, chosen, rejected = D.preference_pair(hh)
     assert prompt == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
                       {"role": "user", "content": "How do I bake bread?"}]
     assert chosen == [{"role": "assistant", "content": "Mix flour and water."}]
     assert rejected == [{"role": "assistant", "content": "No idea."}]
     implicit = {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
                 "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]}
-    assert C.preference_pair(implicit) == ([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "good"}],
+    assert D.preference_pair(implicit) == ([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "good"}],
                                            [{"role": "assistant", "content": "bad"}])
     explicit = {"prompt": "Q", "chosen": "good", "rejected": "bad"}
-    assert C.preference_pair(explicit) == C.preference_pair(implicit)
-    with pytest.raises(C.UserError, match=r"columns found: \['prompt', 'response'\]; expected `chosen` and `rejected`"):
-        C.preference_pair({"prompt": "Q", "response": "A"})
+    assert D.preference_pair(explicit) == D.preference_pair(implicit)
+    with pytest.raises(R.UserError, match=r"columns found: \['prompt', 'response'\]; expected `chosen` and `rejected`"):
+        D.preference_pair({"prompt": "Q", "response": "A"})
 
 
 def test_preference_pairs_score_only_the_last_response(tok):
     """Earlier assistant turns of an implicit prompt are context: only the final response is labelled."""
     hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Goodbye.",
           "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Whatever."}
-    (c_ids, c_labels), (r_ids, r_labels) = C.tokenize_pair(tok, *C.preference_pair(hh), 1024)
+    (c_ids, c_labels), (r_ids, r_labels) = D.tokenize_pair(tok, *D.preference_pair(hh), 1024)
     from test_common import trained_runs
     assert trained_runs(tok, c_ids, c_labels) == ["Goodbye.<|im_end|>"]
     assert trained_runs(tok, r_ids, r_labels) == ["Whatever.<|im_end|>"]
-    assert C.tokenize_pair(tok, *C.preference_pair(hh), len(c_ids) - 1) is None  # too long: dropped, not cut
+    assert D.tokenize_pair(tok, *D.preference_pair(hh), len(c_ids) - 1) is None  # too long: dropped, not cut
 
 
 def test_preference_filtering_counts(tok, capsys):
     rows = [{"prompt": "Q", "chosen": "a", "rejected": "a"}, {"prompt": "Q", "chosen": "a", "rejected": "b"},
             {"prompt": "Q" * 3000, "chosen": "a", "rejected": "b"}]
-    kept = C.tokenize_preferences(rows, tok, 512, "rows")
+    kept = D.tokenize_preferences(rows, tok, 512, "rows")
     assert len(kept) == 1
     assert "rows: 1 pairs kept, 1 dropped with chosen == rejected, 1 dropped longer than --max_length 512" in capsys.readouterr().out
 
@@ -396,13 +398,13 @@ def test_prompt_repeated_in_chosen_and_rejected_is_stripped():
     """UltraFeedback-style rows: a string prompt, and chosen/rejected as whole conversations that repeat it."""
     row = {"prompt": "Q", "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
            "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]}
-    assert C.preference_pair(row) == ([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "good"}],
+    assert D.preference_pair(row) == ([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "good"}],
                                       [{"role": "assistant", "content": "bad"}])
 
 
 def test_mask_without_any_prompt(tok):
     """An assistant message first: the template's default system prompt and the header stay context."""
-    ids, labels = C.tokenize_conversation(tok, [{"role": "assistant", "content": "Hello"}], 1024)
+    ids, labels = D.tokenize_conversation(tok, [{"role": "assistant", "content": "Hello"}], 1024)
     from test_common import trained_runs
     assert "SmolLM" in tok.decode(ids) and trained_runs(tok, ids, labels) == ["Hello<|im_end|>"]
 
@@ -418,11 +420,11 @@ def test_optimizer_groups_betas_and_resume_checks(tmp_path):
     assert [(g["lr"], g["betas"]) for g in opt.param_groups] == [(1e-3, (0.8, 0.9)), (1e-2, (0.8, 0.9))]
     rt = C.setup(0, "cpu", "fp32")
     path = str(tmp_path / "checkpoint.pt")
-    C.save_state(path, model, opt, sched, 3, args, rt)
+    R.save_state(path, model, opt, sched, 3, args, rt)
     args.beta = 0.2  # not a common resume argument: only a script that names it refuses the change
-    assert C.restore_state(path, model, opt, sched, args, rt)["step"] == 3
-    with pytest.raises(C.UserError, match="--resume: the checkpoint was made with --beta 0.1, not 0.2"):
-        C.restore_state(path, model, opt, sched, args, rt, must_match=("loss_type", "beta"))
+    assert R.restore_state(path, model, opt, sched, args, rt)["step"] == 3
+    with pytest.raises(R.UserError, match="--resume: the checkpoint was made with --beta 0.1, not 0.2"):
+        R.restore_state(path, model, opt, sched, args, rt, must_match=("loss_type", "beta"))
 
 
 class _RunsCode:
@@ -436,6 +438,6 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
     torch.save({"step": 1, "payload": evil}, path)
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(C.UserError, match="is not a checkpoint these scripts wrote"):
-        C.restore_state(path, model, None, None, None, C.setup(0, "cpu", "fp32"))
+    with pytest.raises(R.UserError, match="is not a checkpoint these scripts wrote"):
+        R.restore_state(path, model, None, None, None, C.setup(0, "cpu", "fp32"))
     assert not os.path.exists(evil.marker)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common as C
+import runs as R
 import grpo
 from conftest import PETS, RULES, ok, read_metrics, run_script, write_jsonl
 
@@ -214,12 +215,12 @@ def test_any_real_number_is_a_reward_and_a_broken_function_stops_the_run():
     import numpy as np
     kinds = lambda completions, **kw: [np.float32(0.5), True, torch.tensor(2.0), 3][: len(completions)]  # noqa: E731
     assert grpo.call_reward(kinds, "kinds", 4, completions=list("abcd")) == ([0.5, 1.0, 2.0, 3.0], 0)
-    with pytest.raises(C.UserError, match="reward function short returned 1 values for 2 completions"):
+    with pytest.raises(R.UserError, match="reward function short returned 1 values for 2 completions"):
         grpo.call_reward(lambda completions, **kw: [1.0], "short", 2, completions=["a", "b"])
 
     def broken(completions, solution, **kw):  # a signature that does not fit: fails on everything
         return [1.0] * len(completions)
-    with pytest.raises(C.UserError, match="reward function broken failed on every completion of a step, the first "
+    with pytest.raises(R.UserError, match="reward function broken failed on every completion of a step, the first "
                                           "with TypeError: .*solution"):
         grpo.call_reward(broken, "broken", 2, completions=["a", "b"])
 
@@ -407,7 +408,7 @@ def test_torchrun_two_processes(pets_model, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 def main_raises(monkeypatch, argv, match):
     monkeypatch.setattr(sys, "argv", ["grpo.py", "--precision", "fp32", "--eval_size", "0", *map(str, argv)])
-    with pytest.raises(C.UserError, match=match):
+    with pytest.raises(R.UserError, match=match):
         grpo.main()
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common as C
+import runs as R
 import ppo
 from conftest import PETS, RULES, ok, read_metrics, run_script, write_jsonl
 
@@ -172,7 +173,7 @@ def test_reward_model_value_from_it_verifiable_eval_and_torchrun(pets_model, tmp
 
 def main_raises(monkeypatch, argv, match):
     monkeypatch.setattr(sys, "argv", ["ppo.py", "--precision", "fp32", "--eval_size", "0", *map(str, argv)])
-    with pytest.raises(C.UserError, match=match):
+    with pytest.raises(R.UserError, match=match):
         ppo.main()
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import common as C
+import runs as R
 from conftest import ok, read_metrics, run_script, write_jsonl
 
 ROWS = [{"messages": [{"role": "user", "content": f"Say the word number {i}."},
@@ -129,10 +129,10 @@ def test_bad_input_is_one_line_without_traceback(tiny_model_dir, tmp_path):
 
 
 def main_raises(monkeypatch, argv, match):
-    """Run sft.main() in this process with the given arguments and expect a UserError (what C.run prints)."""
+    """Run sft.main() in this process with the given arguments and expect a UserError (what runs.run prints)."""
     import sft
     monkeypatch.setattr(sys, "argv", ["sft.py", "--precision", "fp32", "--eval_generations", "0", *map(str, argv)])
-    with pytest.raises(C.UserError, match=match):
+    with pytest.raises(R.UserError, match=match):
         sft.main()
 
 

@@ -1,0 +1,340 @@
+"""A run's life: its arguments, its output folder, its logs and checkpoints, and how it ends.
+
+Arguments are a dataclass per script (arg gives each field its --help), range-checked before any work. --output_dir
+is claimed before any work (a folder holding another run is refused unless --resume or --overwrite_output_dir) and
+locked against a second run; args.json and metrics.jsonl are written once every check has passed; checkpoint.pt is
+written atomically and --resume continues from it. `run` turns a user's mistake into one line (exit 2), divergence
+into a stop that names the last good checkpoint, Ctrl-C into a pointer to the last checkpoint (exit 130); `finish`
+leaves cleanly under torchrun.
+"""
+import glob
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import sys
+from dataclasses import asdict, field
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A mistake in the user's input or setup: printed as one line, no traceback, exit code 2 (runs.run)."""
+
+
+class Diverged(UserError):
+    """Training diverged (a loss, the weights or the logits became inf or nan): runs.run adds where the last good
+    checkpoint is and what to lower."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+def arg(default, help):
+    """A dataclass field with its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
+def parse_args(cls, argv=None):
+    """Parse the command line into the script's argument dataclass (every field gets --name and its help); the
+    dataclass's __post_init__ checks the values (check_args)."""
+    from transformers import HfArgumentParser
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i in range(len(argv) - 1):  # argparse takes "--learning_rate -1e-3" for two flags: join them
+        if argv[i].startswith("--") and "=" not in argv[i] and re.fullmatch(r"-[\d.]+(e[-+]?\d+)?", argv[i + 1]):
+            argv[i], argv[i + 1] = f"{argv[i]}={argv[i + 1]}", None
+    args, rest = HfArgumentParser(cls).parse_args_into_dataclasses([a for a in argv if a is not None],
+                                                                   return_remaining_strings=True)
+    if rest:  # argparse itself exits with 2 and a usage line for malformed values
+        raise UserError(f"unknown arguments: {' '.join(rest)}; see --help")
+    return args
+
+
+def at_least(lo):
+    return lambda v: v >= lo, f"at least {lo}"
+
+
+def between(lo, hi, open_lo=False, open_hi=False):
+    return (lambda v: (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi),
+            f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}")
+
+
+POSITIVE = (lambda v: v > 0, "above 0")
+# The range of each numeric argument the scripts share (a script's own come on top, in its Args.__post_init__).
+RANGES = {**dict.fromkeys(("max_steps", "batch_size", "max_new_tokens", "max_prompt_length", "generation_batch_size",
+                           "num_iterations", "num_ppo_epochs", "num_mini_batches"), at_least(1)),
+          **dict.fromkeys(("micro_batch_size", "eval_size", "eval_every", "eval_generations", "warmup_steps",
+                           "weight_decay", "save_every", "stop_after_steps"), at_least(0)),
+          **dict.fromkeys(("learning_rate", "max_grad_norm", "temperature"), POSITIVE),
+          "max_length": at_least(2), "top_p": between(0, 1, open_lo=True), "min_lr_ratio": between(0, 1),
+          "adam_beta1": between(0, 1, open_hi=True), "adam_beta2": between(0, 1, open_hi=True)}
+
+
+def check_args(args, **ranges):
+    """Refuse an out-of-range argument before any work, with one line naming it: RANGES for the shared arguments,
+    ranges (name=(test, "what it must be")) for the script's own. None stands for "not set" and passes."""
+    for name, (ok, what) in {**RANGES, **ranges}.items():
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"--{name} {value}: must be {what}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Starting and ending
+def run(main):
+    """Call main(). A UserError becomes one line on stderr and exit code 2 instead of a traceback (Diverged adds
+    where the last good checkpoint is); Ctrl-C says where the last checkpoint is and exits with 130. Either way the
+    output folder's lock and half-written files go."""
+    try:
+        main()
+    except Diverged as e:
+        ckpt = _run.get("checkpoint")
+        good = f"the last good checkpoint (step {ckpt[1]}) is {ckpt[0]}; " if ckpt else ""
+        _leave(2, f"error: {e}; {good}lower --learning_rate or check the data")
+    except UserError as e:
+        _leave(2, f"error: {e}")
+    except KeyboardInterrupt:
+        ckpt = _run.get("checkpoint")
+        _leave(130, f"interrupted; the last checkpoint (step {ckpt[1]}) is {ckpt[0]}: continue with --resume" if ckpt
+               else "interrupted before the first checkpoint was written: nothing to resume")
+    except BaseException:
+        release_output_dir()
+        raise
+
+
+def _leave(code, message):
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line before the message
+        bar.close()
+    release_output_dir()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message, file=sys.stderr, flush=True)
+    os._exit(code)  # skip interpreter teardown: under torchrun it can abort after the work is done
+
+
+def finish(rt):
+    """Leave cleanly: under torchrun a barrier and destroy_process_group, then os._exit to skip a teardown that
+    sometimes aborts ("terminate called without an active exception") after all the work is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if rt.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    release_output_dir()
+    os._exit(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output folder
+# _run holds this process's lock on it, whether this process created it, and the last checkpoint written or read
+# (for the messages on Ctrl-C and divergence).
+_run = {}
+# What a run writes into its --output_dir (and bench/heldout.py its answer cache): --overwrite_output_dir removes
+# these, config.json first so that the folder never looks finished on the way.
+RUN_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json", "tokenizer.json",
+             "tokenizer_config.json", "tokenizer.model",
+             "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+             "args.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.tmp", "heldout", ".saving")
+
+
+def claim_output_dir(args, rt):
+    """Check --output_dir before any work and lock it for this run; returns the checkpoint path. Refused: a file,
+    one of the run's input models, a folder holding another run (unless --resume or --overwrite_output_dir), a
+    folder another live run has locked, a folder that cannot be written. Nothing in it is changed here."""
+    out = args.output_dir
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir {out} is a file; give a folder")
+    for name in ("model", "ref_model", "reward_model", "teacher"):
+        src = os.path.expanduser(getattr(args, name, None) or "")
+        if src and os.path.exists(src) and os.path.realpath(src) == os.path.realpath(out):
+            raise UserError(f"--output_dir {out} is the --{name}: the run would overwrite its own input; choose "
+                            "another --output_dir")
+    if args.resume:
+        if not os.path.isfile(ckpt):
+            raise UserError(f"--resume: no checkpoint at {ckpt}; run without --resume to start afresh")
+    elif not args.overwrite_output_dir:
+        found = [n for n in ("config.json", "args.json", "metrics.jsonl", "checkpoint.pt")
+                 if os.path.exists(os.path.join(out, n))]
+        if found:
+            raise UserError(f"--output_dir {out} holds another run ({', '.join(found)}): pass --resume to continue "
+                            "it or --overwrite_output_dir to replace it, or choose another folder")
+    if rt.is_main:
+        _lock(out)
+    return ckpt
+
+
+def _lock(folder):
+    path = os.path.join(folder, ".lock")
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        _run["created"] = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                host, _, pid = open(path).read().partition(":")
+                if host == socket.gethostname() and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                    os.remove(path)  # left behind by a run that was killed (or by this process, called twice)
+                    continue
+                raise UserError(f"another run (process {pid or '?'} on {host or '?'}) is writing to {folder}; wait "
+                                f"for it or choose another --output_dir (delete {path} if no run is)") from None
+        os.write(fd, me.encode())
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"cannot write to --output_dir {folder} ({e.strerror})") from None
+    _run["lock"] = path
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def release_output_dir():
+    """Drop this process's lock and half-written files; the folder too if this run created it and left it empty."""
+    lock = _run.pop("lock", None)
+    if lock is None:
+        return
+    folder = os.path.dirname(lock)
+    for tmp in (os.path.join(folder, "checkpoint.pt.tmp"), os.path.join(folder, ".saving")):
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+    if os.path.exists(lock):
+        os.remove(lock)
+    if _run.get("created") and not os.listdir(folder):
+        os.rmdir(folder)
+
+
+def begin_log(args, rt, step):
+    """Once every check has passed (data, models, a resumed checkpoint): a fresh run clears what an earlier run left
+    in --output_dir, args.json records this run's arguments, and the metrics log opens (a resumed run keeps the
+    lines up to its checkpoint)."""
+    rt.print("arguments: " + json.dumps(asdict(args)))
+    if rt.is_main:
+        if not args.resume:
+            for pattern in RUN_FILES:
+                for p in glob.glob(os.path.join(glob.escape(args.output_dir), pattern)):
+                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    return MetricsLog(args.output_dir, rt, resume_step=step)
+
+def save_pretrained(model, tok, output_dir):
+    """save_pretrained into output_dir so that the folder only looks complete (config.json present) once the
+    weights are fully written: everything goes to a temporary folder first, config.json is moved in last."""
+    tmp = os.path.join(output_dir, ".saving")
+    model = getattr(model, "module", model)  # unwrap DDP
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+    for n in names:
+        os.replace(os.path.join(tmp, n), os.path.join(output_dir, n))
+    os.rmdir(tmp)
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to <output_dir>/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, output_dir, rt, resume_step=0):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.rt = rt
+        if rt.is_main and os.path.exists(self.path):  # keep what a resumed run logged up to its checkpoint
+            kept = [l for l in open(self.path) if resume_step and l.strip() and json.loads(l)["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+
+    def log(self, row):
+        if self.rt.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# Arguments that fix the data stream and the schedule: a run can only resume with the same values.
+RESUME_ARGS = ("model", "dataset", "dataset_weights", "dataset_split", "dataset_config", "eval_size", "max_length",
+               "batch_size", "seed", "max_steps")
+
+
+def rng_state():
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(path, model, opt, sched, step, args, rt, **extra):
+    """Write the checkpoint (model, optimizer, scheduler, step, RNG states, anything in extra; the data position is
+    the step) to a temporary file and rename it, so a crash mid-write never leaves a torn checkpoint. Weights that
+    are no longer finite never replace the last good checkpoint."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise Diverged(f"the weights became inf or nan by step {step}")
+    if rt.is_main:
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "step": step, "rng": rng_state(), "args": asdict(args), **extra}
+        try:
+            torch.save(state, f"{path}.tmp")
+        except (OSError, RuntimeError) as e:  # a full disk comes as either
+            if os.path.exists(f"{path}.tmp"):
+                os.remove(f"{path}.tmp")
+            full = "No space left" in str(e) or getattr(e, "errno", None) == 28
+            raise UserError(f"cannot write the checkpoint {path}: " + ("the disk is full; free some space and "
+                            "continue with --resume" if full else str(e).splitlines()[0])) from None
+        os.replace(f"{path}.tmp", path)
+    _run["checkpoint"] = (path, step)
+
+
+def _same_setting(a, b):
+    """Two values of an argument are the same, comparing paths (and comma-separated lists of them) as paths."""
+    if a == b or not (isinstance(a, str) and isinstance(b, str)):
+        return a == b
+    norm = lambda x: [os.path.realpath(os.path.expanduser(p)) if os.path.exists(os.path.expanduser(p)) else p
+                      for p in x.split(",")]
+    return norm(a) == norm(b)
+
+
+def restore_state(path, model, opt, sched, args, rt, must_match=()):
+    """Load a checkpoint written by save_state into model, opt and sched; returns it (for "step" and extras).
+    RESUME_ARGS and the script's own must_match arguments must equal the checkpoint's; any other argument that
+    changed applies from here on (the optimizer's learning rates, betas and weight decay included) and is listed."""
+    try:  # weights_only: tensors and plain data only, so a crafted file cannot run code when it is loaded
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--resume: {path} is not a checkpoint these scripts wrote ({type(e).__name__}); not loading "
+                        "it") from None
+    for k in RESUME_ARGS + tuple(must_match):
+        if not _same_setting(state["args"].get(k), getattr(args, k, None)):
+            raise UserError(f"--resume: the checkpoint was made with --{k} {state['args'].get(k)}, not {getattr(args, k)}")
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]  # from this run's arguments
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    for g, h, f in zip(opt.param_groups, hyper, sched.lr_lambdas):
+        g.update(h, lr=h["initial_lr"] * f(sched.last_epoch))
+    sched.base_lrs = [h["initial_lr"] for h in hyper]
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+    set_rng_state(state["rng"])
+    before = state["args"]
+    changed = [f"--{k} {v} (was {before[k]})" for k, v in asdict(args).items()
+               if k not in ("resume", "stop_after_steps") and k in before and not _same_setting(v, before[k])]
+    rt.print(f"resumed from {path} at step {state['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+    _run["checkpoint"] = (path, state["step"])
+    return state
