@@ -135,6 +135,8 @@ class Args:
             raise UserError(f"--importance_sampling_level {self.importance_sampling_level}: choose token or sequence")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise UserError(f"--scale_rewards {self.scale_rewards}: choose group, batch or none")
+        if not self.reward_funcs.strip(", ") and not self.reward_model:
+            raise UserError("no reward: give --reward_funcs, --reward_model or both")
         R.check_args(self, micro_batch_size=R.at_least(1), num_generations=R.at_least(2), beta=R.at_least(0),
                      epsilon=R.at_least(0), epsilon_high=R.at_least(0), max_resample_rounds=R.at_least(0))
 
@@ -271,8 +273,6 @@ def main():
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch_size {args.batch_size} (prompts) must be a multiple of the {rt.world_size} ranks")
     reward_funcs = load_reward_funcs(args.reward_funcs, args.reward_weights)
-    if not reward_funcs and not args.reward_model:
-        raise UserError("no reward: give --reward_funcs, --reward_model or both")
     ckpt_path = R.claim_output_dir(args, rt)
 
     # Data: prompts and answers; the held-out prompts with an answer are graded greedily (pass@1).

@@ -87,6 +87,8 @@ class Args:
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
 
     def __post_init__(self):
+        if not self.teacher:
+            raise UserError("--teacher is required: a causal LM with the student's tokenizer (e.g. out/grpo)")
         if self.loss not in ("reverse_kl", "jsd"):
             raise UserError(f"--loss {self.loss}: choose reverse_kl or jsd")
         R.check_args(self, micro_batch_size=R.at_least(1), beta=R.between(0, 1), lmbda=R.between(0, 1))
@@ -135,8 +137,6 @@ def dataset_completion(row, tok):
 
 def main():
     args = R.parse_args(Args)
-    if not args.teacher:
-        raise UserError("--teacher is required: a causal LM with the student's tokenizer (e.g. out/grpo)")
     rt = C.setup(args.seed, args.device, args.precision)
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of the {rt.world_size} ranks")

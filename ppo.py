@@ -105,6 +105,8 @@ class Args:
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
 
     def __post_init__(self):
+        if self.reward == "model" and not self.reward_model:
+            raise UserError("--reward model needs --reward_model PATH (a reward_model.py output), or use --reward verifiable")
         R.check_args(self, micro_batch_size=R.at_least(1), kl_coef=R.at_least(0), value_warmup_steps=R.at_least(0),
                      value_learning_rate=R.POSITIVE, gamma=R.between(0, 1), lam=R.between(0, 1),
                      cliprange=R.POSITIVE, cliprange_value=R.POSITIVE, vf_coef=R.at_least(0),
@@ -250,8 +252,6 @@ def main():
     rule = None
     if args.reward not in ("model", "verifiable"):
         rule = C.load_function(args.reward, f"--reward {args.reward}: choose model (with --reward_model), verifiable or")
-    if args.reward == "model" and not args.reward_model:
-        raise UserError("--reward model needs --reward_model PATH (a reward_model.py output), or use --reward verifiable")
     rt = C.setup(args.seed, args.device, args.precision)
     if args.batch_size % (rt.world_size * args.num_mini_batches):
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of ranks x --num_mini_batches "
