@@ -4,7 +4,8 @@ A --dataset is a built-in task of tasks.py, a local .jsonl/.json/.parquet/.csv f
 id, or a comma-separated mixture of them with --dataset_weights. A row is read in TRL's formats: conversational
 (`messages`), prompt-completion, preference pairs with an explicit or implicit prompt (HH-RLHF transcripts too),
 and prompt-only rows for the RL scripts (`prompt` or `question`, with an `answer` or `solution` for graded rewards).
-Turning the messages into tokens and labels is common.tokenize_conversation's job.
+A conversation becomes tokens with labels on the assistant's tokens only (tokenize_conversation), for any chat
+template.
 """
 import json
 import os
@@ -15,10 +16,8 @@ import torch
 
 import common as C
 import tasks
-from common import UserError
+from runs import UserError
 from tasks import BOX_INSTRUCTION, BUILTIN_TASKS, reference_answer
-
-MARKER = "\x00MARKER\x00"  # stands in for an assistant message's content to find where the content starts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,6 +329,9 @@ def rl_prompt(row):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Chat-template masking
+MARKER = "\x00MARKER\x00"  # stands in for an assistant message's content to find where the content starts
+
+
 def tokenize_conversation(tok, messages, max_length, train_from=0):
     """Tokens of a chat-templated conversation and their labels: the token id where the model is trained (every
     assistant content token and the assistant's end-of-turn token) and C.IGNORE_INDEX everywhere else (system, user
