@@ -279,6 +279,8 @@ def main():
     path = C.resolve_model(args.model, rt)
     tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     accuracy = any(f is accuracy_reward for _, f, _ in reward_funcs)
+    # Each prompt: its messages (a plain-string question gets T.BOX_INSTRUCTION appended unless it mentions \boxed),
+    # their token ids with the assistant header, and its ground truth; graded: held-out (prompt, answer) pairs.
     sources, graded, order = D.load_prompts(args, tok, rt, need_answers="the accuracy reward" if accuracy else None,
                                             reads_per_step=1 + args.max_resample_rounds * args.dynamic_sampling)
 

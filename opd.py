@@ -191,7 +191,7 @@ def main():
         t_gen = time.perf_counter() - t0
 
         P, P_mask = (t.to(dev) for t in C.pad(prompt_ids, tok.pad_token_id, side="left"))
-        Y, Y_mask = (t.to(dev) for t in C.pad(ids, tok.pad_token_id))
+        Y, Y_mask = (t.to(dev) for t in C.pad(ids, tok.pad_token_id))  # the mask covers each completion up to its EOS, inclusive
         mask = Y_mask.float()
         num_tokens = C.all_reduce(mask.sum(), rt).clamp(min=1)
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(ids), args.micro_batch_size)]

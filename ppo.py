@@ -320,7 +320,7 @@ def main():
 
         # [detail: left padding for generation] Prompts left-padded, responses right-padded, position ids from the mask.
         P, P_mask = (t.to(dev) for t in C.pad(prompt_ids, tok.pad_token_id, side="left"))
-        Y, Y_mask = (t.to(dev) for t in C.pad(ids, tok.pad_token_id))
+        Y, Y_mask = (t.to(dev) for t in C.pad(ids, tok.pad_token_id))  # the mask covers each completion up to its EOS, inclusive
         mask = Y_mask.float()
         N = len(ids)
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, N, args.micro_batch_size)]
