@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from bench import heldout, pairs, plot
+from bench import decode, heldout, pairs, plot
 
 
 def test_wilson_interval_by_hand():
@@ -52,3 +52,18 @@ def test_plot_reads_resumed_runs_once_and_draws(tmp_path):
     finally:
         sys.argv = argv
     assert os.path.getsize(out) > 1000
+
+
+def test_the_decode_benchmark_times_the_same_work_each_way(tiny_model_dir):
+    # Growing and static caches must decode the same greedy tokens (fp32), or the timings compare different work.
+    import torch
+    import common as C
+    rt = C.Runtime(torch.device("cpu"), torch.float32)
+    model = C.load_model(tiny_model_dir, rt).eval()
+    x = torch.randint(100, 1000, (3, 5), generator=torch.Generator().manual_seed(0))
+    ms, dynamic = decode.decode_ms(model, rt, x, 6)
+    _, static = decode.decode_ms(model, rt, x, 6, model.forward)
+    assert ms > 0 and dynamic.shape == (3, 6) and torch.equal(dynamic, static)
+    with torch.no_grad():  # and they are the greedy continuation of the whole sequence
+        full = torch.cat([x, dynamic], 1)
+        assert torch.equal(model(full).logits[:, 4:-1].argmax(-1), dynamic)
