@@ -135,10 +135,10 @@ class Args:
             raise UserError(f"--importance_sampling_level {self.importance_sampling_level}: choose token or sequence")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise UserError(f"--scale_rewards {self.scale_rewards}: choose group, batch or none")
-        if not self.reward_funcs.strip(", ") and not self.reward_model:
-            raise UserError("no reward: give --reward_funcs, --reward_model or both")
         R.check_args(self, micro_batch_size=R.at_least(1), num_generations=R.at_least(2), beta=R.at_least(0),
                      epsilon=R.at_least(0), epsilon_high=R.at_least(0), max_resample_rounds=R.at_least(0))
+        if not self.reward_funcs.strip(", ") and not self.reward_model:
+            raise UserError("no reward: give --reward_funcs, --reward_model or both")
 
 
 # ----------------------------------------------------------------------------------------------------------------

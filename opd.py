@@ -87,11 +87,11 @@ class Args:
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
 
     def __post_init__(self):
-        if not self.teacher:
-            raise UserError("--teacher is required: a causal LM with the student's tokenizer (e.g. out/grpo)")
         if self.loss not in ("reverse_kl", "jsd"):
             raise UserError(f"--loss {self.loss}: choose reverse_kl or jsd")
         R.check_args(self, micro_batch_size=R.at_least(1), beta=R.between(0, 1), lmbda=R.between(0, 1))
+        if not self.teacher:
+            raise UserError("--teacher is required: a causal LM with the student's tokenizer (e.g. out/grpo)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

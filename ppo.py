@@ -105,12 +105,12 @@ class Args:
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
 
     def __post_init__(self):
-        if self.reward == "model" and not self.reward_model:
-            raise UserError("--reward model needs --reward_model PATH (a reward_model.py output), or use --reward verifiable")
         R.check_args(self, micro_batch_size=R.at_least(1), kl_coef=R.at_least(0), value_warmup_steps=R.at_least(0),
                      value_learning_rate=R.POSITIVE, gamma=R.between(0, 1), lam=R.between(0, 1),
                      cliprange=R.POSITIVE, cliprange_value=R.POSITIVE, vf_coef=R.at_least(0),
                      target_kl=R.POSITIVE, kl_horizon=R.at_least(1))
+        if self.reward == "model" and not self.reward_model:
+            raise UserError("--reward model needs --reward_model PATH (a reward_model.py output), or use --reward verifiable")
 
 
 # ----------------------------------------------------------------------------------------------------------------
