@@ -207,10 +207,12 @@ def test_a_diverged_run_names_its_last_good_checkpoint(monkeypatch):
     monkeypatch.setattr(R, "_leave", lambda code, message: left.append((code, message)))
     monkeypatch.setitem(R._run, "checkpoint", ("out/x/checkpoint.pt", 4))
 
-    def diverge():
-        raise R.Diverged("the loss became nan at step 6")
-    R.run(diverge)
-    R.run(lambda: (_ for _ in ()).throw(R.UserError("--dataset x: no such file")))
+    def raises(error):
+        def main():
+            raise error
+        return main
+    R.run(raises(R.Diverged("the loss became nan at step 6")))
+    R.run(raises(R.UserError("--dataset x: no such file")))
     assert left == [(2, "error: the loss became nan at step 6; the last good checkpoint (step 4) is out/x/checkpoint.pt; "
                         "lower --learning_rate or check the data"), (2, "error: --dataset x: no such file")]
 
