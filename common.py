@@ -299,6 +299,8 @@ def disable_dropout(model):
             m.p = 0.0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Users' reward functions (grpo.py --reward_funcs, ppo.py --reward), called as TRL calls them
 def load_function(spec, what):
     """'path/to/file.py:function' -> the function (a user's reward rule). what: the start of the error message."""
     path, _, name = spec.rpartition(":")
@@ -313,6 +315,45 @@ def load_function(spec, what):
     if not callable(getattr(module, name, None)):
         raise UserError(f"{spec}: {path} has no function {name!r}")
     return getattr(module, name)
+
+
+def call_reward(fn, name, n, **kw):
+    """Rewards of n completions from one function, called with the keywords kw, and how many of them it failed on.
+    Any real number is a reward (int, float, bool, numpy or one-element torch values); None means "does not apply
+    to this completion" and scores 0 (TRL sums the rewards of a completion over functions ignoring None). If the
+    batch call raises, each completion is scored alone, and one that still fails (or scores nan or inf) scores 0
+    and is counted. A function that returns another count than n, or fails on every completion, stops the run with
+    its first error. Keywords that are lists of n values are cut to one value for the one-completion calls."""
+    def number(v):
+        if v is None:
+            return 0.0
+        v = float(v)  # a TypeError or ValueError for anything that is not a real number
+        if not math.isfinite(v):
+            raise ValueError(f"returned {v}")
+        return v
+    try:
+        out = list(fn(**kw))
+    except Exception:
+        out = None
+    if out is not None and len(out) != n:
+        raise UserError(f"reward function {name} returned {len(out)} values for {n} completions")
+    if out is not None:
+        try:
+            return [number(v) for v in out], 0
+        except (TypeError, ValueError):
+            pass
+    values, errors = [], []
+    for i in range(n):
+        try:
+            values.append(number(fn(**{k: v[i : i + 1] if isinstance(v, list) and len(v) == n else v
+                                        for k, v in kw.items()})[0]))
+        except Exception as e:
+            values.append(0.0)
+            errors.append(e)
+    if len(errors) == n:
+        raise UserError(f"reward function {name} failed on every completion of a step, the first with "
+                        f"{type(errors[0]).__name__}: {errors[0]}")
+    return values, len(errors)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -563,12 +604,13 @@ def generate(model, tok, prompts, rt, max_new_tokens=128, batch_size=32, tempera
     return ids, [tok.decode(row, skip_special_tokens=True) for row in ids]
 
 
-def evaluate_answers(model, tok, prompts, answers, rt, max_new_tokens=128, batch_size=32):
+def evaluate_answers(model, tok, prompts, answers, rt, max_new_tokens=128, batch_size=32, grader="exact"):
     """Greedy answers to held-out prompts (message lists) with known answers: {"eval/boxed": share with a
-    \\boxed{}, "eval/accuracy": share correct}. Under DDP each rank answers its share and the counts are summed."""
+    \\boxed{}, "eval/accuracy": share correct (tasks.grade with this grader)}. Under DDP each rank answers its share
+    and the counts are summed."""
     mine = list(zip(prompts, answers))[rt.rank :: rt.world_size]
     _, texts = generate(model, tok, [p for p, _ in mine], rt, max_new_tokens, batch_size)
-    graded = [grade(t, a) for t, (_, a) in zip(texts, mine)]
+    graded = [grade(t, a, grader) for t, (_, a) in zip(texts, mine)]
     boxed, correct = (all_reduce(float(sum(g[k] for g in graded)), rt).item() for k in (0, 1))
     return {"eval/boxed": boxed / len(prompts), "eval/accuracy": correct / len(prompts)}, texts
 

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+from types import SimpleNamespace
 
 import torch
 
@@ -25,11 +26,12 @@ from tasks import BOX_INSTRUCTION, BUILTIN_TASKS, reference_answer
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_data(spec, split="train", config=None, seed=0):
-    """One dataset: a built-in task name, a local .jsonl/.json/.parquet/.csv, or a Hub id (with split/config)."""
+def load_data(spec, split="train", config=None, seed=0, flag="--dataset_split"):
+    """One dataset: a built-in task name, a local .jsonl/.json/.parquet/.csv, a saved dataset folder, or a Hub id
+    (with split/config). flag: the argument that chose the split, named when the dataset has no such split."""
     if spec in BUILTIN_TASKS:
         if split not in tasks.SPLITS:
-            raise UserError(f"{spec} has the splits {', '.join(tasks.SPLITS)}, not {split!r}")
+            raise UserError(f"{spec} has the splits {', '.join(tasks.SPLITS)}, not {split!r}: choose one with {flag}")
         return BUILTIN_TASKS[spec](split, seed)
     import datasets
     datasets.disable_progress_bars()
@@ -45,6 +47,11 @@ def load_data(spec, split="train", config=None, seed=0):
             if LOCAL_FORMATS[ext] in ("json", "csv"):
                 _check_text(spec, path, lines=False)  # text that is not UTF-8 would fail row by row, later
             ds = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train")
+        elif os.path.isfile(os.path.join(path, "dataset_dict.json")):  # save_to_disk of several splits
+            ds = datasets.load_from_disk(path)
+            if split not in ds:
+                raise _no_split(spec, split, list(ds), flag)
+            ds = ds[split]
         elif os.path.isdir(path):
             ds = datasets.load_from_disk(path) if os.path.exists(os.path.join(path, "dataset_info.json")) \
                 else datasets.load_dataset(path, config, split=split)
@@ -57,11 +64,23 @@ def load_data(spec, split="train", config=None, seed=0):
     except Exception as e:
         if os.path.isfile(path) and LOCAL_FORMATS.get(ext) == "json":
             _check_text(spec, path, lines=True)
+        if "split" in str(e):  # e.g. ultrachat_200k has train_sft, test_sft, ... and no train
+            try:
+                names = datasets.get_dataset_split_names(spec, config)
+            except Exception:
+                names = None
+            if names and split not in names:
+                raise _no_split(spec, split, names, flag) from None
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"--dataset {spec}: cannot load it ({msg}); built-in tasks: {', '.join(BUILTIN_TASKS)}") from None
     if len(ds) == 0:
         raise UserError(f"--dataset {spec} is empty")
     return ds
+
+
+def _no_split(spec, split, names, flag):
+    return UserError(f"--dataset {spec} has no split {split!r}; its splits are {', '.join(names)}: choose one with "
+                     f"{flag}")
 
 
 def _check_text(spec, path, lines):
@@ -85,12 +104,12 @@ def load_splits(args, n_heldout):
     mixture = parse_mixture(args.dataset, args.dataset_weights)
     raw = [load_data(s, args.dataset_split, args.dataset_config, args.seed) for s, _ in mixture]
     if getattr(raw[0], "unlimited", False):
-        test = load_data(mixture[0][0], args.eval_split or "test", seed=args.seed)
+        test = load_data(mixture[0][0], args.eval_split or "test", seed=args.seed, flag="--eval_split")
         heldout = [test[i] for i in range(n_heldout)]
     elif args.eval_split:
         if os.path.isfile(os.path.expanduser(mixture[0][0])):
             raise UserError("--eval_split names a split of a Hub dataset; a local file has one split: use --eval_size")
-        heldout = load_data(mixture[0][0], args.eval_split, args.dataset_config)
+        heldout = load_data(mixture[0][0], args.eval_split, args.dataset_config, flag="--eval_split")
     else:
         n = args.eval_size
         if len(raw[0]) < 2 * n:  # a small file: hold out a tenth of it rather than most of it
@@ -325,6 +344,24 @@ def rl_prompt(row):
             return msgs
     raise UserError(f"columns found: {sorted(row)}; expected a `prompt` or `question` column "
                     "(or `messages` ending in a user turn)")
+
+
+def reward_kwargs(rows, prompts, completions, completion_ids, step, max_steps, metrics, columns):
+    """The keywords TRL's GRPOTrainer calls a reward function with, for n completions of the dataset rows `rows` (one
+    row per completion): `prompts` as the dataset holds them (its `prompt` or `question` column; the messages each
+    completion was sampled from for a `messages` row), `completions` as strings, or as [{"role": "assistant",
+    "content": text}] where the prompt is a list of messages, `completion_ids`, every other column of the dataset
+    (`answer`, `solution`, ...) as a list of n values (None where a row lacks it), `trainer_state` (global_step: the
+    steps done, max_steps), and the hooks `log_metric(name, value)` and `log_extra(column, values)`, which append to
+    metrics[name] and columns[column]."""
+    raw = [r["prompt"] if "prompt" in r else r.get("question", p) for r, p in zip(rows, prompts)]
+    completions = [c if isinstance(x, str) else [{"role": "assistant", "content": c}] for x, c in zip(raw, completions)]
+    names = dict.fromkeys(k for r in rows for k in r if k not in ("prompt", "completion", "completion_ids"))
+    return {"prompts": raw, "completions": completions, "completion_ids": completion_ids,
+            **{k: [r.get(k) for r in rows] for k in names},
+            "trainer_state": SimpleNamespace(global_step=step, max_steps=max_steps),
+            "log_metric": lambda name, value: metrics.setdefault(name, []).append(float(value)),
+            "log_extra": lambda column, values: columns.setdefault(column, []).extend(values)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -65,6 +65,8 @@ class Args:
     dataset_config: Optional[str] = arg(None, "config (subset) name, or data_dir, of Hub datasets")
     eval_split: Optional[str] = arg(None, "held-out split of the first dataset; default: hold out --eval_size pairs")
     eval_size: int = arg(64, "held-out pairs for the eval_ metrics")
+    grader: str = arg("exact", "how answers are graded: exact (numbers exactly) or math_verify (also equal as "
+                      "mathematics, by the math-verify library: pip install math-verify)")
     eval_every: int = arg(25, "evaluate the held-out pairs every this many steps (and at the end)")
     eval_generations: int = arg(64, "held-out prompts answered greedily at start and end, graded against their "
                                 "`answer` column (share boxed, share correct; 0: off)")
@@ -94,6 +96,9 @@ class Args:
     max_length: int = arg(1024, "tokens of prompt + response; longer pairs are dropped, not cut")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(100, "write checkpoint.pt every this many steps (0: only at the end)")
+    save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
+                                       "folder <output_dir>/checkpoint-<step>/")
+    report_to: str = arg("none", "also log the metrics to wandb, trackio or tensorboard (comma-separated); none")
     stop_after_steps: int = arg(0, "stop with a checkpoint after this many steps of this invocation; --resume later")
     resume: bool = arg(False, "continue from <output_dir>/checkpoint.pt")
     seed: int = arg(0, "random seed")
@@ -456,7 +461,7 @@ def main():
             row = {f"eval_{k}": v for k, v in reduce_metrics(totals, len(eval_pairs), rt, args.loss_type).items()}
             model.train()
         if generate and prompts:
-            row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens)[0])
+            row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens, grader=args.grader)[0])
         return row
 
     row = {"step": step}
@@ -503,6 +508,7 @@ def main():
                         acc=f"{row.get('rewards/accuracies', math.nan):.2f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
             R.save_state(ckpt_path, model, opt, sched, step, args, rt)
+            R.save_checkpoint_model(model, tok, args, step, rt)
     bar.close()
 
     if step == args.max_steps:

@@ -15,8 +15,9 @@ Eq. 7), with a KL penalty to a frozen reference (DeepSeekMath Eq. 3, and Eq. 4 f
 
 The default reward is verifiable (RLVR: Lambert et al. 2024, Tülu 3, arXiv:2411.15124; accuracy and format rules as
 in DeepSeek-R1, Guo et al. 2025, arXiv:2501.12948, §2.2.2): r = 1[the last \\boxed{} equals the answer]
-+ λ_fmt 1[there is a \\boxed{} answer], λ_fmt = 0.2 (our choice). Other rule functions (a file.py:function), and
-a reward model trained by reward_model.py (--reward_model), can be added with weights.
++ λ_fmt 1[there is a \\boxed{} answer], λ_fmt = 0.2 (our choice). Other rule functions (a file.py:function, written for
+TRL: they get the same keywords, the dataset's columns among them), and a reward model trained by reward_model.py
+(--reward_model), can be added with weights. --grader math_verify grades symbolic answers (\\frac{\\pi}{2} = \\pi/2).
 
 How this deviates from the equation as written, and from TRL:
 - --loss_type grpo (default) is DeepSeekMath's 1/|y_i| per-completion mean; `dapo` normalises by the tokens of
@@ -71,6 +72,8 @@ class Args:
     eval_split: Optional[str] = arg(None, "held-out split of the first dataset; default: hold out --eval_size "
                                     "training rows (the built-in task has its own disjoint held-out problems)")
     eval_size: int = arg(64, "held-out prompts answered greedily to measure accuracy (pass@1); 0: off")
+    grader: str = arg("exact", "how answers are graded: exact (numbers exactly) or math_verify (also equal as "
+                      "mathematics, by the math-verify library: pip install math-verify)")
     eval_every: int = arg(5, "measure held-out accuracy every this many steps (and at start and end; 0: only those)")
     output_dir: str = arg("out/grpo", "where the final model, args.json, metrics.jsonl and checkpoint.pt go")
     overwrite_output_dir: bool = arg(False, "replace the run an --output_dir already holds (without it: refused)")
@@ -111,14 +114,21 @@ class Args:
     mask_truncated_completions: bool = arg(False, "leave completions that hit --max_new_tokens without stopping "
                                            "out of the loss")
     reward_funcs: str = arg("accuracy,format", "comma-separated rule rewards: accuracy (1 if the last \\boxed{} "
-                            "is right), format (1 if there is a \\boxed{}), or path/to/file.py:function called as "
-                            "f(prompts=, completions=, completion_ids=, answer=) -> list of floats")
+                            "is right), format (1 if there is a \\boxed{}), or path/to/file.py:function, called as "
+                            "TRL calls a reward function: f(prompts=, completions=, completion_ids=, every dataset "
+                            "column, **kwargs) -> a float (or None) per completion")
     reward_weights: str = arg("", "weights of --reward_funcs, comma-separated (default: 1 each, 0.2 for format: "
                               "λ_fmt)")
     reward_model: Optional[str] = arg(None, "a reward_model.py output folder, added as one more reward")
     reward_model_weight: float = arg(1.0, "weight of --reward_model's score")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(50, "write checkpoint.pt every this many steps (0: only at the end)")
+    save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
+                                       "folder <output_dir>/checkpoint-<step>/")
+    report_to: str = arg("none", "also log the metrics to wandb, trackio or tensorboard (comma-separated); none")
+    log_completions_every: int = arg(10, "write the sampled completions of every this many steps to "
+                                     "<output_dir>/completions.jsonl (prompt, completion, each reward, advantage); 0: off")
+    num_completions_to_print: int = arg(1, "of those, how many to print in the log")
     stop_after_steps: int = arg(0, "stop with a checkpoint after this many steps of this invocation; continue "
                                 "later with --resume")
     resume: bool = arg(False, "continue from <output_dir>/checkpoint.pt")
@@ -200,8 +210,8 @@ def aggregate(loss, mask, loss_type, num_completions, num_tokens, max_new_tokens
 
 # ----------------------------------------------------------------------------------------------------------------
 # Rewards: rule functions, an optional reward model; a function that raises scores 0 and is counted
-def accuracy_reward(completions, answer, **kw):
-    return [float(T.grade(c, a)[1]) if a is not None else 0.0 for c, a in zip(completions, answer)]
+def accuracy_reward(completions, answer, grader="exact", **kw):
+    return [float(T.grade(c, a, grader)[1]) if a is not None else 0.0 for c, a in zip(completions, answer)]
 
 
 def format_reward(completions, **kw):
@@ -230,40 +240,6 @@ def load_reward_funcs(spec, weights_spec):
     else:
         weights = [0.2 if n == "format" else 1.0 for n in names]  # λ_fmt = 0.2
     return [(n.rpartition(":")[2], f, w) for n, f, w in zip(names, funcs, weights)]
-
-
-def call_reward(fn, name, n, **kw):
-    """Rewards of n completions from one function, and how many of them it failed on. Any real number is a reward
-    (int, float, bool, numpy or one-element torch values). If the batch call raises, each completion is scored
-    alone, and one that still fails (or scores nan or inf) scores 0 and is counted. A function that returns another
-    count than n, or fails on every completion, stops the run with its first error."""
-    def number(v):
-        v = float(v)  # a TypeError or ValueError for anything that is not a real number
-        if not math.isfinite(v):
-            raise ValueError(f"returned {v}")
-        return v
-    try:
-        out = list(fn(**kw))
-    except Exception:
-        out = None
-    if out is not None and len(out) != n:
-        raise UserError(f"reward function {name} returned {len(out)} values for {n} completions")
-    if out is not None:
-        try:
-            return [number(v) for v in out], 0
-        except (TypeError, ValueError):
-            pass
-    values, errors = [], []
-    for i in range(n):
-        try:
-            values.append(number(fn(**{k: v[i : i + 1] for k, v in kw.items()})[0]))
-        except Exception as e:
-            values.append(0.0)
-            errors.append(e)
-    if len(errors) == n:
-        raise UserError(f"reward function {name} failed on every completion of a step, the first with "
-                        f"{type(errors[0]).__name__}: {errors[0]}")
-    return values, len(errors)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,26 +281,28 @@ def main():
         step, cursor = state["step"], state.get("cursor", state["step"] * args.batch_size)
     ddp = DDP(model) if rt.world_size > 1 else model
     log = R.begin_log(args, rt, step)
+    samples = R.SampleLog(args.output_dir, rt, step, args.num_completions_to_print)
 
     def evaluate():
         return C.evaluate_answers(model, tok, [p for p, _ in graded], [a for _, a in graded], rt,
-                                  args.max_new_tokens, args.generation_batch_size)[0] if graded else {}
+                                  args.max_new_tokens, args.generation_batch_size, grader=args.grader)[0] if graded else {}
 
     if step == 0 and graded:
         row = {"step": 0, **evaluate()}
         log.log(row)
         rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
 
-    G, dev, row = args.num_generations, rt.device, {}
+    G, dev, row, logged = args.num_generations, rt.device, {}, {}  # logged: a user's function's log_metric values
     reward_names = [name for name, _, _ in reward_funcs] + (["reward_model"] if rm is not None else [])
     weights = torch.tensor([w for _, _, w in reward_funcs] + ([args.reward_model_weight] if rm is not None else []))
 
     def rollout(cursor):
         """Sample G completions for each of this rank's prompts at position `cursor` of the prompt stream and score
         them: a list of groups {"prompt_ids", "completion_ids", "sampled_logp": G lists each, "per_func": (G, K)
-        rewards of each function, "rewards": (G,) their weighted sum}, the number of
-        reward-function failures, and the seconds spent scoring."""
-        mine = [sources[s][i] for s, i in order[cursor : cursor + args.batch_size][rt.rank :: rt.world_size]]
+        rewards of each function, "rewards": (G,) their weighted sum, and for completions.jsonl "prompt", "texts",
+        "extra"}, the number of reward-function failures, and the seconds spent scoring."""
+        picked = order[cursor : cursor + args.batch_size][rt.rank :: rt.world_size]
+        mine = [sources[s][i] for s, i in picked]
         prompts = [m for m, _, _ in mine for _ in range(G)]  # each group is contiguous: rows g*G .. g*G+G-1
         prompt_ids = [ids for _, ids, _ in mine for _ in range(G)]
         answers = [a for _, _, a in mine for _ in range(G)]
@@ -333,10 +311,16 @@ def main():
                                                       return_logprobs=True)
         completions = [tok.decode(c, skip_special_tokens=True) for c in completion_ids]
         t = time.perf_counter()
+        # The built-in rewards read the texts and the ground truth; a user's function gets what TRL's GRPOTrainer
+        # passes (D.reward_kwargs: the prompts, completions and every column of the dataset, ...).
+        builtin_kw = {"completions": completions, "answer": answers, "grader": args.grader}
+        extra = {}  # columns a user's function adds to completions.jsonl with log_extra(column, values)
+        if any(fn not in BUILTIN_REWARDS.values() for _, fn, _ in reward_funcs):
+            user_kw = D.reward_kwargs([sources[s].row(i) for s, i in picked for _ in range(G)], prompts, completions,
+                                      completion_ids, step, args.max_steps, logged, extra)
         columns, failed = [], 0
         for name, fn, _ in reward_funcs:
-            r, f = call_reward(fn, name, len(completions), prompts=prompts, completions=completions,
-                               completion_ids=completion_ids, answer=answers)
+            r, f = C.call_reward(fn, name, len(completions), **(builtin_kw if fn in BUILTIN_REWARDS.values() else user_kw))
             columns.append(r)
             failed += f
         if rm is not None:
@@ -344,9 +328,11 @@ def main():
             if not all(math.isfinite(v) for v in columns[-1]):
                 raise UserError(f"--reward_model {args.reward_model} scored a completion nan or inf; check that model")
         per_func = torch.tensor(columns).T  # (N, K)
+        extra = {k: v for k, v in extra.items() if len(v) == len(completions)}
         groups = [{"prompt_ids": prompt_ids[g : g + G], "completion_ids": completion_ids[g : g + G],
                    "sampled_logp": sampled_logp[g : g + G], "per_func": per_func[g : g + G],
-                   "rewards": per_func[g : g + G] @ weights} for g in range(0, len(prompts), G)]
+                   "rewards": per_func[g : g + G] @ weights, "prompt": prompts[g], "texts": completions[g : g + G],
+                   "extra": {k: v[g : g + G] for k, v in extra.items()}} for g in range(0, len(prompts), G)]
         return groups, failed, time.perf_counter() - t
 
     def flat(group):  # all G rewards equal: every advantage is 0, the group teaches nothing but the KL term
@@ -466,6 +452,8 @@ def main():
                "grad_norm": sum(grad_norms) / len(grad_norms), "learning_rate": lr,
                "time/generate_s": t_gen, "time/score_s": t_score, "time/train_s": t_train,
                "seconds_per_step": time.perf_counter() - t0}
+        row.update({name: sum(v) / len(v) for name, v in logged.items()})  # this rank's, as TRL logs them
+        logged.clear()
         if args.dynamic_sampling:
             row.update({"dynamic_sampling/rounds": rounds,
                         "dynamic_sampling/frac_trained_zero_std": counts["trained_zero_std"] / (num_completions / G)})
@@ -474,11 +462,18 @@ def main():
         if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row.update(evaluate())
         log.log(row)
+        if args.log_completions_every and step % args.log_completions_every == 0:
+            adv = iter(advantages.tolist())
+            samples.log(step, [{"prompt": g["prompt"], "completion": text, "reward": r.item(),
+                                "rewards": dict(zip(reward_names, f.tolist())), "advantage": next(adv),
+                                **{k: v[j] for k, v in g["extra"].items()}}
+                               for g in groups for j, (text, r, f) in enumerate(zip(g["texts"], g["rewards"], g["per_func"]))])
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['completions/mean_length']:.0f}",
                         gen_s=f"{t_gen:.0f}", train_s=f"{t_train:.0f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
             R.save_state(ckpt_path, model, opt, sched, step, args, rt, cursor=cursor)
+            R.save_checkpoint_model(model, tok, args, step, rt)
     bar.close()
 
     if step == args.max_steps:

@@ -59,6 +59,8 @@ class Args:
     dataset_config: Optional[str] = arg(None, "config (subset) name of Hub datasets")
     eval_split: Optional[str] = arg(None, "held-out split of the first dataset; default: hold out --eval_size rows")
     eval_size: int = arg(64, "held-out prompts answered greedily and graded (needs an `answer`); 0: off")
+    grader: str = arg("exact", "how answers are graded: exact (numbers exactly) or math_verify (also equal as "
+                      "mathematics, by the math-verify library: pip install math-verify)")
     eval_every: int = arg(5, "measure held-out accuracy every this many steps (and at start and end; 0: only those)")
     output_dir: str = arg("out/opd", "where the final student, args.json, metrics.jsonl and checkpoint.pt go")
     overwrite_output_dir: bool = arg(False, "replace the run an --output_dir already holds (without it: refused)")
@@ -78,6 +80,12 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(50, "write checkpoint.pt every this many steps (0: only at the end)")
+    save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
+                                       "folder <output_dir>/checkpoint-<step>/")
+    report_to: str = arg("none", "also log the metrics to wandb, trackio or tensorboard (comma-separated); none")
+    log_completions_every: int = arg(10, "write the sampled completions of every this many steps to "
+                                     "<output_dir>/completions.jsonl (prompt, completion, its mean log π_student - log π_teacher); 0: off")
+    num_completions_to_print: int = arg(1, "of those, how many to print in the log")
     stop_after_steps: int = arg(0, "stop with a checkpoint after this many steps; continue later with --resume")
     resume: bool = arg(False, "continue from <output_dir>/checkpoint.pt")
     seed: int = arg(0, "random seed (prompt order, sampling, on/off-policy choice)")
@@ -163,10 +171,11 @@ def main():
         step = R.restore_state(ckpt_path, student, opt, sched, args, rt)["step"]
     ddp = DDP(student) if rt.world_size > 1 else student
     log = R.begin_log(args, rt, step)
+    samples = R.SampleLog(args.output_dir, rt, step, args.num_completions_to_print)
 
     def evaluate():
         return C.evaluate_answers(student, tok, [p for p, _ in graded], [a for _, a in graded], rt,
-                                  args.max_new_tokens, args.generation_batch_size)[0] if graded else {}
+                                  args.max_new_tokens, args.generation_batch_size, grader=args.grader)[0] if graded else {}
 
     if step == 0 and graded:
         row = {"step": 0, **evaluate()}
@@ -196,7 +205,7 @@ def main():
         num_tokens = C.all_reduce(mask.sum(), rt).clamp(min=1)
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(ids), args.micro_batch_size)]
         t1 = time.perf_counter()
-        sums = {"loss": 0.0, "kl": 0.0}  # the loss, and Σ (log π_θ - log π_T) over the sampled tokens
+        sums, kls = {"loss": 0.0}, []  # the loss; Σ (log π_θ - log π_T) over each completion's tokens
         for k, mb in enumerate(micro):
             with ddp.no_sync() if rt.world_size > 1 and k < len(micro) - 1 else nullcontext():
                 s_logits = completion_logits(ddp, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt)  # (n, T, V)
@@ -210,7 +219,7 @@ def main():
                     loss = (generalized_jsd(s_logits, t_logits, args.beta, args.temperature) * mask[mb]).sum() / num_tokens
                 (loss * rt.world_size).backward()  # DDP averages over ranks; num_tokens is the global count
             sums["loss"] += loss.detach()
-            sums["kl"] += ((s_logp - t_logp).detach() * mask[mb]).sum()
+            kls.append(((s_logp - t_logp).detach() * mask[mb]).sum(1))
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm).item()
         lr = sched.get_last_lr()[0]
         opt.step()
@@ -220,7 +229,8 @@ def main():
         t_train = time.perf_counter() - t1
 
         # ---- [plumbing] Metrics, reduced over ranks; held-out evaluation; checkpoint -------------------------------
-        sums["completions"] = float(len(ids))
+        kls = torch.cat(kls)
+        sums.update(kl=kls.sum(), completions=float(len(ids)))
         sums = C.all_reduce_sums(sums, rt)
         tokens = num_tokens.item()
         row = {"step": step, "loss": sums["loss"], "kl/student_teacher": sums["kl"] / tokens,
@@ -232,11 +242,16 @@ def main():
         if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row.update(evaluate())
         log.log(row)
+        if args.log_completions_every and step % args.log_completions_every == 0:
+            samples.log(step, [{"prompt": sources[s][i][0], "completion": tok.decode(c, skip_special_tokens=True),
+                                "kl_per_token": k / max(len(c), 1), "on_policy": int(not off_policy)}
+                               for (s, i), c, k in zip(rows, ids, kls.tolist())])
         bar.update(1)
         bar.set_postfix(kl=f"{row['kl/student_teacher']:.3f}", len=f"{row['completions/mean_length']:.0f}",
                         gen_s=f"{t_gen:.0f}", train_s=f"{t_train:.0f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
             R.save_state(ckpt_path, student, opt, sched, step, args, rt)
+            R.save_checkpoint_model(student, tok, args, step, rt)
     bar.close()
 
     if step == args.max_steps:

@@ -47,7 +47,8 @@ class Args:
     model: str = arg(C.DEFAULT_MODEL, "the policy to train: Hub id, local folder (e.g. sft.py's output) or .gguf")
     reward: str = arg("model", "model (score responses with --reward_model), verifiable ("
                       "1[correct \\boxed{} answer] + --format_weight x 1[a \\boxed{} answer]), or a rule "
-                      "path/to/file.py:function called as f(prompts=, completions=, completion_ids=, answer=)")
+                      "path/to/file.py:function, called as TRL calls a reward function (prompts=, completions=, "
+                      "completion_ids=, every dataset column, **kwargs)")
     reward_model: Optional[str] = arg(None, "a reward_model.py output folder (same tokenizer as the policy)")
     value_model: Optional[str] = arg(None, "initial value model: default the reward model, or with --reward "
                                      "verifiable the policy with a new scalar head")
@@ -59,6 +60,8 @@ class Args:
     dataset_config: Optional[str] = arg(None, "config (subset) name of Hub datasets")
     eval_split: Optional[str] = arg(None, "held-out split of the first dataset; default: hold out --eval_size rows")
     eval_size: int = arg(64, "held-out prompts answered greedily to measure accuracy with the verifiable grader; 0: off")
+    grader: str = arg("exact", "how answers are graded: exact (numbers exactly) or math_verify (also equal as "
+                      "mathematics, by the math-verify library: pip install math-verify)")
     eval_every: int = arg(5, "measure held-out accuracy every this many steps (and at start and end; 0: only those)")
     output_dir: str = arg("out/ppo", "where the final policy, args.json, metrics.jsonl and checkpoint.pt go")
     overwrite_output_dir: bool = arg(False, "replace the run an --output_dir already holds (without it: refused)")
@@ -96,6 +99,12 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping norm (policy and value together)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(50, "write checkpoint.pt every this many steps (0: only at the end)")
+    save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
+                                       "folder <output_dir>/checkpoint-<step>/")
+    report_to: str = arg("none", "also log the metrics to wandb, trackio or tensorboard (comma-separated); none")
+    log_completions_every: int = arg(10, "write the sampled completions of every this many steps to "
+                                     "<output_dir>/completions.jsonl (prompt, response, score, KL to the reference); 0: off")
+    num_completions_to_print: int = arg(1, "of those, how many to print in the log")
     stop_after_steps: int = arg(0, "stop with a checkpoint after this many steps; continue later with --resume")
     resume: bool = arg(False, "continue from <output_dir>/checkpoint.pt")
     seed: int = arg(0, "random seed (prompt order, sampling, minibatch order, a new value head)")
@@ -222,28 +231,26 @@ def load_value_model(path, args, rt):
     return model
 
 
-def response_scores(prompts, texts, answers, ids, args, tok, rt, rm=None, rm_tok=None, rule=None):
+def response_scores(prompts, texts, answers, ids, args, tok, rt, rm=None, rm_tok=None, rule=None, rule_kw=None):
     """The sequence score of each response, before the KL penalty: the reward model's (it reads prompt + response
-    in its own chat format, at the last real token), a user's rule's, or grpo.py's verifiable reward; minus
-    --missing_eos_penalty where a response never emitted EOS. Returns (N,) scores, the (N,) scores before that
-    penalty, and the (N,) bool "emitted EOS"."""
+    in its own chat format, at the last real token), a user's rule's (called as TRL calls a reward function, with
+    rule_kw: D.reward_kwargs), or grpo.py's verifiable reward; minus --missing_eos_penalty where a response never
+    emitted EOS. Returns (N,) scores, the (N,) scores before that penalty, the (N,) bool "emitted EOS" and how many
+    responses the rule failed on (scored 0: C.call_reward)."""
+    failed = 0
     if rm is not None:
         s = C.score_responses(rm, rm_tok, prompts, texts, rt)
         if not torch.isfinite(s).all():
             raise UserError(f"--reward_model {args.reward_model} scored a response nan or inf; check that model")
-    elif rule is not None:  # a user's rule: f(prompts=, completions=, completion_ids=, answer=) -> N numbers
-        try:
-            s = [float(v) for v in rule(prompts=prompts, completions=texts, completion_ids=ids, answer=answers)]
-        except Exception as e:
-            raise UserError(f"--reward {args.reward} failed: {type(e).__name__}: {e}") from None
-        if len(s) != len(texts):
-            raise UserError(f"--reward {args.reward} returned {len(s)} rewards for {len(texts)} responses")
+    elif rule is not None:
+        s, failed = C.call_reward(rule, args.reward, len(texts), **rule_kw)
         s = torch.tensor(s)
     else:
-        s = torch.tensor([float(c) + args.format_weight * float(b) for b, c in (T.grade(t, a) for t, a in zip(texts, answers))])
+        s = torch.tensor([float(c) + args.format_weight * float(b)
+                          for b, c in (T.grade(t, a, args.grader) for t, a in zip(texts, answers))])
     # [detail: EOS trick] A response that never emitted EOS (it hit --max_new_tokens) gets a penalty.
     eos = torch.tensor([tok.eos_token_id in r for r in ids])
-    return s - args.missing_eos_penalty * (~eos).float(), s, eos
+    return s - args.missing_eos_penalty * (~eos).float(), s, eos, failed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -289,12 +296,13 @@ def main():
         step, kl_ctl.value = state["step"], state["kl_coef"]
     ddp = DDP(model) if rt.world_size > 1 else model
     log = R.begin_log(args, rt, step)
+    samples = R.SampleLog(args.output_dir, rt, step, args.num_completions_to_print)
 
     def evaluate():
         if not graded:
             return {}
         out, texts = C.evaluate_answers(policy, tok, [p for p, _ in graded], [a for _, a in graded], rt,
-                                        args.max_new_tokens, args.generation_batch_size)
+                                        args.max_new_tokens, args.generation_batch_size, grader=args.grader)
         if rm is not None:  # the reward model's mean score of the same greedy held-out answers
             s = C.score_responses(rm, rm_tok, [p for p, _ in graded[rt.rank :: rt.world_size]], texts, rt)
             out["eval/score"] = C.all_reduce(s.sum().to(rt.device), rt).item() / len(graded)
@@ -311,8 +319,8 @@ def main():
     while step < last:
         # ---- [algorithm] Rollout: one response per prompt, with the KV cache; scores, KL-penalised rewards, GAE ----
         t0 = time.perf_counter()
-        mine = [sources[s][i] for s, i in order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]]
-        prompts, prompt_ids, answers = (list(x) for x in zip(*mine))
+        picked = order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]
+        prompts, prompt_ids, answers = (list(x) for x in zip(*[sources[s][i] for s, i in picked]))
         ids = C.generate_ids(policy, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
                              args.temperature, args.top_p)
         texts = [tok.decode(r, skip_special_tokens=True) for r in ids]
@@ -324,9 +332,14 @@ def main():
         mask = Y_mask.float()
         N = len(ids)
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, N, args.micro_batch_size)]
+        rule_kw, logged, extra = None, {}, {}  # logged, extra: what a user's rule logs with log_metric, log_extra
+        if rule is not None:  # what TRL passes a reward function: the prompts, completions, every dataset column...
+            rule_kw = D.reward_kwargs([sources[s].row(i) for s, i in picked], prompts, texts, ids, step, args.max_steps,
+                                      logged, extra)
         with torch.no_grad():
-            scores, raw_scores, eos = (t.to(dev) for t in response_scores(prompts, texts, answers, ids, args, tok,
-                                                                                  rt, rm, rm_tok, rule))
+            scores, raw_scores, eos, failed = response_scores(prompts, texts, answers, ids, args, tok, rt, rm, rm_tok,
+                                                              rule, rule_kw)
+            scores, raw_scores, eos = scores.to(dev), raw_scores.to(dev), eos.to(dev)
             old_logp, old_values = (torch.cat(x) for x in zip(*[model(P[mb], P_mask[mb], Y[mb], Y_mask[mb])[:2] for mb in micro]))
             ref_logp = torch.cat([C.completion_logprobs(ref, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt, args.temperature)[0]
                                   for mb in micro])  # [detail: temperature in the log-probs]
@@ -375,7 +388,7 @@ def main():
             sums.update({"entropy": entropy, "entropy_tokens": entropy_tokens, "scores": scores.sum(),
                          "raw_scores": raw_scores.sum(), "kl": kl.sum(), "eos": eos.float().sum(), "tokens": mask.sum(),
                          "responses": N, "returns": (returns * mask).sum(), "returns_sq": (returns ** 2 * mask).sum(),
-                         "errors": (err * mask).sum(), "errors_sq": (err ** 2 * mask).sum()})
+                         "errors": (err * mask).sum(), "errors_sq": (err ** 2 * mask).sum(), "failed": failed})
             sums = C.all_reduce_sums(sums, rt)
         updates, n, tokens = args.num_ppo_epochs * args.num_mini_batches, sums["responses"], sums["tokens"]
         var_returns = sums["returns_sq"] / tokens - (sums["returns"] / tokens) ** 2
@@ -390,18 +403,25 @@ def main():
                "val/explained_variance": 1 - var_errors / max(var_returns, 1e-8),
                "eos_fraction": sums["eos"] / n, "completions/mean_length": tokens / n,
                "kl_coef": kl_ctl.value, "learning_rate": lr, "time/generate_s": t_gen, "time/score_s": t1 - t0 - t_gen,
-               "time/train_s": t_train, "seconds_per_step": time.perf_counter() - t0}
+               "time/train_s": t_train, "seconds_per_step": time.perf_counter() - t0,
+               **({"reward_errors": int(sums["failed"])} if rule is not None else {}),
+               **{name: sum(v) / len(v) for name, v in logged.items()}}  # a rule's log_metric: this rank's
         kl_ctl.update(row["objective/kl"], n)
         if not math.isfinite(row["loss/policy"]) or not math.isfinite(row["loss/value"]):
             raise R.Diverged(f"the loss became {row['loss/policy']} (policy) / {row['loss/value']} (value) at step {step}")
         if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row.update(evaluate())
         log.log(row)
+        if args.log_completions_every and step % args.log_completions_every == 0:
+            extra = {k: v for k, v in extra.items() if len(v) == N}
+            samples.log(step, [{"prompt": p, "completion": t, "score": s, "kl": k, **{c: v[i] for c, v in extra.items()}}
+                               for i, (p, t, s, k) in enumerate(zip(prompts, texts, scores.tolist(), kl.sum(1).tolist()))])
         bar.update(1)
         bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}",
                         gen_s=f"{t_gen:.0f}", train_s=f"{t_train:.0f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
             R.save_state(ckpt_path, model, opt, sched, step, args, rt, kl_coef=kl_ctl.value)
+            R.save_checkpoint_model(policy, tok, args, step, rt)
     bar.close()
 
     if step == args.max_steps:

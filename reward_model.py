@@ -64,6 +64,9 @@ class Args:
     max_length: int = arg(1024, "tokens of prompt + response; longer pairs are dropped, not cut")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(100, "write checkpoint.pt every this many steps (0: only at the end)")
+    save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
+                                       "folder <output_dir>/checkpoint-<step>/")
+    report_to: str = arg("none", "also log the metrics to wandb, trackio or tensorboard (comma-separated); none")
     stop_after_steps: int = arg(0, "stop with a checkpoint after this many steps of this invocation; --resume later")
     resume: bool = arg(False, "continue from <output_dir>/checkpoint.pt")
     seed: int = arg(0, "random seed (data order, the new head's initialisation)")
@@ -249,6 +252,7 @@ def main():
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
             R.save_state(ckpt_path, model, opt, sched, step, args, rt)
+            R.save_checkpoint_model(model, tok, args, step, rt)
     bar.close()
 
     if step == args.max_steps:

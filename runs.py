@@ -1,13 +1,17 @@
 """A run's life: its arguments, its output folder, its logs and checkpoints, and how it ends.
 
-Arguments are a dataclass per script (arg gives each field its --help), range-checked before any work. --output_dir
-is claimed before any work (a folder holding another run is refused unless --resume or --overwrite_output_dir) and
-locked against a second run; args.json and metrics.jsonl are written once every check has passed; checkpoint.pt is
-written atomically and --resume continues from it. `run` turns a user's mistake into one line (exit 2), divergence
+Arguments are a dataclass per script (arg gives each field its --help), read from the command line and an optional
+--config YAML file, range-checked before any work. --output_dir is claimed before any work (a folder holding another
+run is refused unless --resume or --overwrite_output_dir) and locked against a second run; args.json and
+metrics.jsonl (and the trackers of --report_to) are written once every check has passed, the RL scripts' samples
+to completions.jsonl; checkpoint.pt is written atomically (with --save_model_checkpoints a loadable checkpoint-N/
+beside it) and --resume continues from it. `run` turns a user's mistake into one line (exit 2), divergence
 into a stop that names the last good checkpoint, Ctrl-C into a pointer to the last checkpoint (exit 130); `finish`
 leaves cleanly under torchrun.
 """
 import glob
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -16,7 +20,7 @@ import re
 import shutil
 import socket
 import sys
-from dataclasses import asdict, field
+from dataclasses import asdict, field, fields
 
 import torch
 import torch.distributed as dist
@@ -40,17 +44,44 @@ def arg(default, help):
 
 def parse_args(cls, argv=None):
     """Parse the command line into the script's argument dataclass (every field gets --name and its help); the
-    dataclass's __post_init__ checks the values (check_args)."""
+    dataclass's __post_init__ checks the values (check_args). --config run.yaml gives arguments as a YAML mapping
+    (name: value); the command line overrides them."""
     from transformers import HfArgumentParser
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(cls)
+    parser.add_argument("--config", help="a YAML file of arguments (learning_rate: 1.0e-5); the command line "
+                        "overrides them")
     for i in range(len(argv) - 1):  # argparse takes "--learning_rate -1e-3" for two flags: join them
         if argv[i].startswith("--") and "=" not in argv[i] and re.fullmatch(r"-[\d.]+(e[-+]?\d+)?", argv[i + 1]):
             argv[i], argv[i + 1] = f"{argv[i]}={argv[i + 1]}", None
-    args, rest = HfArgumentParser(cls).parse_args_into_dataclasses([a for a in argv if a is not None],
-                                                                   return_remaining_strings=True)
+    argv = [a for a in argv if a is not None]
+    config = parser.parse_known_args(argv)[0].config
+    if config:  # its arguments go first on the command line, so that the ones given there come later and win
+        argv = _config_args(config, {f.name for f in fields(cls)}) + argv
+    args, _, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if rest:  # argparse itself exits with 2 and a usage line for malformed values
         raise UserError(f"unknown arguments: {' '.join(rest)}; see --help")
     return args
+
+
+def _config_args(path, names):
+    """A YAML file of arguments -> ["--name=value", ...]. Refused: a file that is not a mapping of this script's
+    arguments. A value of null keeps the default."""
+    import yaml
+    try:
+        with open(os.path.expanduser(path)) as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"--config {path}: cannot read it ({str(e).splitlines()[0]})") from None
+    if config is None:
+        return []
+    if not isinstance(config, dict):
+        raise UserError(f"--config {path}: expected a mapping of arguments (learning_rate: 1.0e-5), got "
+                        f"{type(config).__name__}")
+    unknown = [k for k in config if k not in names]
+    if unknown:
+        raise UserError(f"--config {path}: {', '.join(map(str, unknown))} is not an argument of this script; see --help")
+    return [f"--{k}={v}" for k, v in config.items() if v is not None]
 
 
 def at_least(lo):
@@ -67,7 +98,8 @@ POSITIVE = (lambda v: v > 0, "above 0")
 RANGES = {**dict.fromkeys(("max_steps", "batch_size", "max_new_tokens", "max_prompt_length", "generation_batch_size",
                            "num_iterations", "num_ppo_epochs", "num_mini_batches"), at_least(1)),
           **dict.fromkeys(("micro_batch_size", "eval_size", "eval_every", "eval_generations", "warmup_steps",
-                           "weight_decay", "save_every", "stop_after_steps"), at_least(0)),
+                           "weight_decay", "save_every", "stop_after_steps", "log_completions_every",
+                           "num_completions_to_print"), at_least(0)),
           **dict.fromkeys(("learning_rate", "max_grad_norm", "temperature"), POSITIVE),
           "max_length": at_least(2), "top_p": between(0, 1, open_lo=True), "min_lr_ratio": between(0, 1),
           "adam_beta1": between(0, 1, open_hi=True), "adam_beta2": between(0, 1, open_hi=True)}
@@ -80,6 +112,14 @@ def check_args(args, **ranges):
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise UserError(f"--{name} {value}: must be {what}")
+    for name in report_to(args):
+        if name not in TRACKERS:
+            raise UserError(f"--report_to {name}: choose from {', '.join(TRACKERS)} (comma-separated), or none")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise UserError(f"--report_to {name} needs the {name} package: pip install {name}")
+    if getattr(args, "grader", None) is not None:
+        from tasks import check_grader  # tasks imports runs, so not at the top
+        check_grader(args.grader)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,7 +177,8 @@ _run = {}
 RUN_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json", "tokenizer.json",
              "tokenizer_config.json", "tokenizer.model",
              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-             "args.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.tmp", "heldout", ".saving")
+             "args.json", "metrics.jsonl", "completions.jsonl", "tensorboard", "checkpoint.pt", "checkpoint.pt.tmp",
+             "checkpoint-*", "heldout", ".saving")
 
 
 def claim_output_dir(args, rt):
@@ -202,7 +243,13 @@ def _alive(pid):
 
 
 def release_output_dir():
-    """Drop this process's lock and half-written files; the folder too if this run created it and left it empty."""
+    """Close the trackers; drop this process's lock and half-written files; the folder too if this run created it
+    and left it empty."""
+    for close in _run.pop("close", []):  # the trackers of --report_to
+        try:
+            close()
+        except Exception:
+            pass
     lock = _run.pop("lock", None)
     if lock is None:
         return
@@ -230,7 +277,7 @@ def begin_log(args, rt, step):
                     shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
-    return MetricsLog(args.output_dir, rt, resume_step=step)
+    return MetricsLog(args.output_dir, rt, step, trackers=report_to(args), config=asdict(args))
 
 def save_pretrained(model, tok, output_dir):
     """save_pretrained into output_dir so that the folder only looks complete (config.json present) once the
@@ -245,21 +292,79 @@ def save_pretrained(model, tok, output_dir):
     os.rmdir(tmp)
 
 
-class MetricsLog:
-    """Appends one JSON object per logged step to <output_dir>/metrics.jsonl (rank 0 only)."""
+def save_checkpoint_model(model, tok, args, step, rt):
+    """With --save_model_checkpoints, beside each checkpoint.pt: the model as a loadable folder
+    <output_dir>/checkpoint-<step>/, to evaluate a run mid-way (--model <that folder>). The last step's model is
+    --output_dir itself."""
+    if getattr(args, "save_model_checkpoints", False) and rt.is_main and step < args.max_steps:
+        save_pretrained(model, tok, os.path.join(args.output_dir, f"checkpoint-{step}"))
 
-    def __init__(self, output_dir, rt, resume_step=0):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
+
+# The trackers of --report_to, beside metrics.jsonl, and the module each needs
+TRACKERS = {"wandb": "wandb", "trackio": "trackio", "tensorboard": "tensorboard"}
+
+
+def report_to(args):
+    return [t.strip() for t in (getattr(args, "report_to", None) or "none").split(",") if t.strip() not in ("", "none")]
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to <output_dir>/<name> (rank 0 only); a resumed run keeps the lines
+    up to its checkpoint's step. With trackers (--report_to), each row goes to them too: wandb and trackio (project:
+    $WANDB_PROJECT or $TRACKIO_PROJECT, default "posttrain"; run name: the --output_dir), tensorboard (event files
+    in <output_dir>/tensorboard)."""
+
+    def __init__(self, output_dir, rt, resume_step=0, name="metrics.jsonl", trackers=(), config=None):
+        self.path = os.path.join(output_dir, name)
         self.rt = rt
-        if rt.is_main and os.path.exists(self.path):  # keep what a resumed run logged up to its checkpoint
+        if rt.is_main and os.path.exists(self.path):
             kept = [l for l in open(self.path) if resume_step and l.strip() and json.loads(l)["step"] <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(kept)
+        self.sinks = []  # (log(row, step), close())
+        for name in trackers if rt.is_main else ():
+            if name == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+                w = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+                self.sinks.append((lambda row, step, w=w: [w.add_scalar(k, v, step) for k, v in row.items()], w.close))
+            else:  # wandb and trackio share the API: init, log(row, step=), finish
+                lib = importlib.import_module(TRACKERS[name])
+                lib.init(project=os.environ.get(f"{name.upper()}_PROJECT", "posttrain"), config=config,
+                         name=os.path.basename(os.path.abspath(output_dir)))
+                self.sinks.append((lambda row, step, lib=lib: lib.log(row, step=step), lib.finish))
+        _run.setdefault("close", []).extend(close for _, close in self.sinks)
 
     def log(self, row):
         if self.rt.is_main:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(row, default=str) + "\n")
+            numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+            for log, _ in self.sinks:
+                log(numbers, row["step"])
+
+
+class SampleLog(MetricsLog):
+    """The RL scripts' sampled completions: every record of a step (prompt, completion, rewards, ...; a dict each),
+    gathered from every rank, as one JSON line each with its step in <output_dir>/completions.jsonl; the first
+    n_print are printed."""
+
+    def __init__(self, output_dir, rt, resume_step, n_print):
+        super().__init__(output_dir, rt, resume_step, "completions.jsonl")
+        self.n_print = n_print
+
+    def log(self, step, records):
+        if self.rt.world_size > 1:
+            parts = [None] * self.rt.world_size
+            dist.all_gather_object(parts, records)
+            records = [r for part in parts for r in part]
+        for r in records:
+            super().log({"step": step, **r})
+        if self.rt.is_main and self.n_print:
+            from tqdm import tqdm
+            for r in records[: self.n_print]:
+                p = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
+                numbers = " ".join(f"{k}={v:.3g}" for k, v in r.items() if isinstance(v, (int, float)))
+                tqdm.write(f"step {step} sample: {p!r} -> {r['completion']!r} {numbers}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

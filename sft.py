@@ -45,6 +45,8 @@ class Args:
     eval_split: Optional[str] = arg(None, "held-out split of the first dataset; default: hold out --eval_size "
                                     "training rows (the built-in task has its own disjoint held-out problems)")
     eval_size: int = arg(64, "held-out examples for eval_loss")
+    grader: str = arg("exact", "how answers are graded: exact (numbers exactly) or math_verify (also equal as "
+                      "mathematics, by the math-verify library: pip install math-verify)")
     eval_every: int = arg(50, "compute eval_loss every this many steps (and at the end; 0: only at the end)")
     eval_generations: int = arg(64, "held-out problems answered greedily at start and end to measure the share "
                                 "with a \\boxed{} answer and the share correct (needs an `answer` column; 0: off)")
@@ -65,6 +67,9 @@ class Args:
     max_length: int = arg(1024, "tokens per example; longer ones are cut, and dropped if no assistant token is left")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(100, "write checkpoint.pt every this many steps (0: only at the end)")
+    save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
+                                       "folder <output_dir>/checkpoint-<step>/")
+    report_to: str = arg("none", "also log the metrics to wandb, trackio or tensorboard (comma-separated); none")
     stop_after_steps: int = arg(0, "stop with a checkpoint after this many steps of this invocation (the schedule "
                                 "still follows --max_steps); continue later with --resume")
     resume: bool = arg(False, "continue from <output_dir>/checkpoint.pt")
@@ -183,7 +188,7 @@ def main():
         if eval_examples:
             row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
         if answerable:
-            row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens)[0])
+            row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens, grader=args.grader)[0])
         if len(row) > 1:
             log.log(row)
             rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
@@ -227,12 +232,13 @@ def main():
         if eval_examples and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
         if step == args.max_steps and answerable:
-            row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens)[0])
+            row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens, grader=args.grader)[0])
         log.log(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
             R.save_state(ckpt_path, model, opt, sched, step, args, rt, num_tokens=num_tokens)
+            R.save_checkpoint_model(model, tok, args, step, rt)
     bar.close()
 
     for (name, _), src in zip(mixture, sources):

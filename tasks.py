@@ -14,12 +14,16 @@ Splits: "train"; "test", the held-out problems; "reworded", the same held-out pr
 "train" never uses ("What is the sum of 23 and 45?" for "What is 23 + 45?"), which measures whether what was learned
 carries over to an unseen phrasing.
 
-The grader reads the last \\boxed{} of a completion and compares it with the answer as an exact number.
+The grader reads the last \\boxed{} of a completion and compares it with the answer as an exact number (or, with
+--grader math_verify, also as mathematics by the math-verify library).
 """
+import importlib.util
 import random
 import re
 import zlib
 from fractions import Fraction
+
+from runs import UserError
 
 BOX_INSTRUCTION = "Put the final answer in \\boxed{}."
 SPLITS = ("train", "test", "reworded")
@@ -220,7 +224,29 @@ def reference_answer(row):
     return None
 
 
-def grade(text, answer):
-    """(has a \\boxed{} answer, that answer equals the ground truth) for one completion."""
+GRADERS = ("exact", "math_verify")
+
+
+def grade(text, answer, grader="exact"):
+    """(has a \\boxed{} answer, that answer equals the ground truth) for one completion. grader: exact (numbers
+    exactly, anything else as a normalised string) or math_verify: exact, or else equal as mathematics by the
+    math-verify library (what TRL's accuracy_reward uses: \\dfrac{\\sqrt{3}}{2} = \\frac{\\sqrt{3}}{2}, \\pi/2 =
+    \\frac{\\pi}{2}, x^2+1 = 1+x^2), an optional import."""
     box = last_boxed(text)
-    return box is not None, box is not None and normalize_answer(box) == normalize_answer(answer)
+    if box is None:
+        return False, False
+    if normalize_answer(box) == normalize_answer(answer):
+        return True, True
+    if grader == "math_verify":
+        from math_verify import parse, verify  # checked by check_grader before any work
+        gold, pred = parse(f"${answer}$"), parse(f"${box}$")
+        return True, bool(gold and pred and verify(gold, pred))
+    return True, False
+
+
+def check_grader(grader):
+    """Refuse an unknown --grader, or math_verify where the library is not installed, before any work."""
+    if grader not in GRADERS:
+        raise UserError(f"--grader {grader}: choose {' or '.join(GRADERS)}")
+    if grader == "math_verify" and importlib.util.find_spec("math_verify") is None:
+        raise UserError("--grader math_verify needs the math-verify library: pip install math-verify")

@@ -193,6 +193,7 @@ def test_completion_logprobs_equal_a_direct_computation(tok, tiny_model_dir):
 def test_builtin_rewards_and_eq_5_7_weights():
     texts = ["so \\boxed{7}", "so \\boxed{8}", "seven"]
     assert grpo.accuracy_reward(texts, ["7"] * 3) == [1.0, 0.0, 0.0]
+    assert grpo.accuracy_reward(["\\boxed{\\pi/2}"] * 2, ["\\frac{\\pi}{2}"] * 2, grader="math_verify") == [1.0, 1.0]
     assert grpo.format_reward(texts) == [1.0, 1.0, 0.0]
     funcs = grpo.load_reward_funcs("accuracy,format", "")
     assert [(n, w) for n, _, w in funcs] == [("accuracy", 1.0), ("format", 0.2)]  # r = 1[correct] + 0.2 1[format]
@@ -205,24 +206,27 @@ def test_a_reward_function_that_raises_scores_zero_and_is_counted():
         if "x" in completions[0]:
             raise ValueError("no x")
         return [2.0]
-    out, failed = grpo.call_reward(picky, "picky", 3, completions=["a", "x", "b"], answer=[None] * 3)
+    out, failed = C.call_reward(picky, "picky", 3, completions=["a", "x", "b"], answer=[None] * 3)
     assert (out, failed) == ([2.0, 0.0, 2.0], 1)
     nan_for_b = lambda completions, **kw: [1.0 if c == "a" else float("nan") for c in completions]  # noqa: E731
-    assert grpo.call_reward(nan_for_b, "f", 2, completions=["a", "b"]) == ([1.0, 0.0], 1)
+    assert C.call_reward(nan_for_b, "f", 2, completions=["a", "b"]) == ([1.0, 0.0], 1)
+    # None: "does not apply to this completion" (as in TRL), 0 and not an error, even for every completion
+    assert C.call_reward(lambda completions, **kw: [None, 3], "f", 2, completions=["a", "b"]) == ([0.0, 3.0], 0)
+    assert C.call_reward(lambda completions, **kw: [None, None], "f", 2, completions=["a", "b"]) == ([0.0, 0.0], 0)
 
 
 def test_any_real_number_is_a_reward_and_a_broken_function_stops_the_run():
     import numpy as np
     kinds = lambda completions, **kw: [np.float32(0.5), True, torch.tensor(2.0), 3][: len(completions)]  # noqa: E731
-    assert grpo.call_reward(kinds, "kinds", 4, completions=list("abcd")) == ([0.5, 1.0, 2.0, 3.0], 0)
+    assert C.call_reward(kinds, "kinds", 4, completions=list("abcd")) == ([0.5, 1.0, 2.0, 3.0], 0)
     with pytest.raises(R.UserError, match="reward function short returned 1 values for 2 completions"):
-        grpo.call_reward(lambda completions, **kw: [1.0], "short", 2, completions=["a", "b"])
+        C.call_reward(lambda completions, **kw: [1.0], "short", 2, completions=["a", "b"])
 
     def broken(completions, solution, **kw):  # a signature that does not fit: fails on everything
         return [1.0] * len(completions)
     with pytest.raises(R.UserError, match="reward function broken failed on every completion of a step, the first "
                                           "with TypeError: .*solution"):
-        grpo.call_reward(broken, "broken", 2, completions=["a", "b"])
+        C.call_reward(broken, "broken", 2, completions=["a", "b"])
 
 
 def test_a_group_prompt_computed_once_gives_the_same_logprobs_and_gradients(tok, tiny_model_dir):
@@ -350,7 +354,7 @@ def test_resume_reproduces_an_uninterrupted_run(pets_model, tmp_path):
 
 MIXED_RULES = """
 def cats_on_pets(prompts, completions, **kw):  # the cats reward on the pets prompt, 0 on every other prompt
-    return [sum(w == "cat" for w in c.split()) / max(1, len(c.split())) if "pets" in p[-1]["content"] else 0.0
+    return [sum(w == "cat" for w in c.split()) / max(1, len(c.split())) if "pets" in p else 0.0
             for p, c in zip(prompts, completions)]
 """
 
