@@ -32,6 +32,9 @@ How this deviates from the equation as written, and from TRL:
   s_i = (π_θ(y_i|x) / π_old(y_i|x))^(1/|y_i|), clipped per sequence, in place of ρ_it (TRL's
   importance_sampling_level="sequence"). With μ = 1 both ratios are 1 and the two give the same gradient.
 - β defaults to 0.05 (DeepSeekMath: 0.04; TRL: 0, and then no reference model is loaded, as here with --beta 0).
+- DAPO's dynamic sampling (Yu et al. 2025, arXiv:2503.14476, §3.2) is on by default (TRL: off): a group whose
+  rewards are all equal has zero advantages and teaches nothing, so it is replaced by a freshly sampled one. On the
+  built-in arithmetic_mixed task it took GRPO from +7.8 to +12.7 held-out points (README, Results).
 - One step = one batch of --batch_size prompts x --num_generations completions, sampled once and then used for
   --num_iterations optimizer updates (μ in the GRPO paper) against the stored log-probs of the sampling policy.
 - Every log-prob (sampling policy, current policy, reference) is computed from logits / --temperature, the
@@ -106,10 +109,11 @@ class Args:
                          "dapo (over the batch's tokens), dr_grpo (sum / (completions x max_new_tokens))")
     scale_rewards: str = arg("group", "divide advantages by the std of the group, of the whole batch, or none "
                              "(Dr. GRPO)")
-    dynamic_sampling: bool = arg(False, "DAPO's dynamic sampling: drop groups whose rewards are all equal (their "
+    dynamic_sampling: bool = arg(True, "DAPO's dynamic sampling: drop groups whose rewards are all equal (their "
                                  "advantages are 0) and sample fresh prompts in their place, up to "
                                  "--max_resample_rounds more rounds per step; a batch still short is filled up with "
-                                 "dropped groups")
+                                 "dropped groups. On by default (TRL: off); --no_dynamic_sampling trains on every "
+                                 "group sampled once")
     max_resample_rounds: int = arg(3, "with --dynamic_sampling: extra sampling rounds per step, at most")
     mask_truncated_completions: bool = arg(False, "leave completions that hit --max_new_tokens without stopping "
                                            "out of the loss")

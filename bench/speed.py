@@ -62,7 +62,7 @@ def ours_command(method, model, data, out, steps):
                "--max_length", "512"],
         "grpo": ["grpo.py", *rl, "--batch_size", "2", "--num_generations", "8", "--generation_batch_size", "16",
                  "--micro_batch_size", "16", "--beta", "0", "--temperature", "1.0", "--top_p", "1.0",
-                 "--num_iterations", "1", "--reward_funcs", "accuracy,format"],
+                 "--num_iterations", "1", "--reward_funcs", "accuracy,format", "--no_dynamic_sampling"],
         "ppo": ["ppo.py", *rl, "--reward", "verifiable", "--batch_size", "16"],
         "opd": ["opd.py", *rl, "--teacher", model, "--batch_size", "16"],
     }[method]

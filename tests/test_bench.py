@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from bench import decode, heldout, pairs, plot
+from bench import decode, heldout, onpolicy_pairs, pairs, plot
 
 
 def test_wilson_interval_by_hand():
@@ -30,6 +30,22 @@ def test_pair_accuracy_by_hand():
     # Pair 3: both unchanged: a margin of exactly 0 is not counted right.
     lp = torch.tensor([[-4.0, -10.0], [-5.0, -4.0], [-6.0, -6.0]])
     assert pairs.ranked_right(lp, ref) == (2, 1)
+
+
+def test_onpolicy_pairs_take_a_right_and_a_wrong_answer_of_the_same_problem():
+    rows = [{"prompt": [{"role": "user", "content": f"What is {q}?"}], "answer": a} for q, a in
+            (("2 + 2", "4"), ("3 + 3", "6"), ("4 + 4", "8"), ("5 + 5", "10"))]
+    texts = ["\\boxed{5}", "\\boxed{4}", "\\boxed{4}",  # mixed: the first right one, the first wrong one
+             "\\boxed{6}", "\\boxed{6}", "6",            # no box is wrong too
+             "\\boxed{7}", "\\boxed{9}", "\\boxed{1}",  # all wrong: no pair
+             "\\boxed{10}", "\\boxed{10.0}", "\\boxed{10}"]  # all right: no pair
+    out, counts = onpolicy_pairs.pairs_from_samples(rows, texts, 3)
+    assert [(x["chosen"][0]["content"], x["rejected"][0]["content"]) for x in out] == [("\\boxed{4}", "\\boxed{5}"),
+                                                                                       ("\\boxed{6}", "6")]
+    assert [x["answer"] for x in out] == ["4", "6"] and out[0]["prompt"] == rows[0]["prompt"]
+    assert counts == {"all_right": 1, "all_wrong": 1}
+    import data as D
+    assert D.preference_pair(out[1]) == (rows[1]["prompt"], out[1]["chosen"], out[1]["rejected"])  # dpo.py reads it
 
 
 def test_plot_reads_resumed_runs_once_and_draws(tmp_path):

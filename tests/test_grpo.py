@@ -259,7 +259,7 @@ def grpo_run(model, out, tmp_path, *extra, nproc=1):
     rules.write_text(RULES)
     args = ["--model", model, "--output_dir", out, "--dataset", data, "--eval_size", "0", "--precision", "fp32",
             "--batch_size", "2", "--num_generations", "8", "--max_new_tokens", "12", "--learning_rate", "2e-3",
-            "--reward_funcs", f"{rules}:cats", "--save_every", "0", *map(str, extra)]
+            "--reward_funcs", f"{rules}:cats", "--save_every", "0", "--no_dynamic_sampling", *map(str, extra)]
     return run_script("grpo.py", *args, nproc=nproc)
 
 

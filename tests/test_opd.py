@@ -1,6 +1,8 @@
 """opd.py: the divergences against hand-computed values and their limits, zero signal when student == teacher, a
 run where a tiny student moves towards a tiny teacher, off-policy steps, and a teacher with another vocabulary."""
+import json
 import math
+import os
 import sys
 
 import pytest
@@ -96,11 +98,20 @@ def test_student_moves_towards_the_teacher(pets_model, cats_model, tmp_path, los
 
 def test_off_policy_steps_and_torchrun(pets_model, cats_model, tmp_path, tok):
     out = str(tmp_path / "out")
-    ok(opd_run(pets_model, cats_model, out, tmp_path, "--max_steps", "4", "--lmbda", "0.5", nproc=2))
+    ok(opd_run(pets_model, cats_model, out, tmp_path, "--max_steps", "4", "--lmbda", "0.5", "--log_completions_every",
+               "1", nproc=2))
     rows = read_metrics(out)
     assert {r["on_policy"] for r in rows} == {0, 1}  # both kinds of step occurred (seeded)
     answer = len(tok("cat dog cat dog cat dog", add_special_tokens=False)["input_ids"]) + 1  # and EOS
     assert all(r["completions/mean_length"] == answer for r in rows if not r["on_policy"])  # the dataset's answer
+    samples = [json.loads(l) for l in open(os.path.join(out, "completions.jsonl"))]  # both ranks' 8 each, per step
+    assert [s["step"] for s in samples] == [step for step in range(1, 5) for _ in range(16)]
+    for r in rows:
+        mine = [s for s in samples if s["step"] == r["step"]]
+        assert {s["on_policy"] for s in mine} == {r["on_policy"]}
+        assert r["on_policy"] or {s["completion"] for s in mine} == {"cat dog cat dog cat dog"}
+        assert all(s["prompt"][-1]["content"].startswith(PETS["prompt"]) and math.isfinite(s["kl_per_token"])
+                   for s in mine)
 
 
 def main_raises(monkeypatch, argv, match):
