@@ -299,6 +299,24 @@ def disable_dropout(model):
             m.p = 0.0
 
 
+def add_lora(model, args, task_type="CAUSAL_LM"):
+    """With --lora_r > 0, the model with LoRA adapters from peft (Hu et al. 2021, arXiv:2106.09685, Eq. 3:
+    h = W x + (alpha / r) B A x, B = 0 at the start) on --lora_target_modules ("all-linear": every linear layer but
+    the output one); the base weights are frozen, so the optimizer (which takes the parameters that require grad)
+    trains only A and B. Without --lora_r, the model unchanged."""
+    if not getattr(args, "lora_r", 0):
+        return model
+    from peft import LoraConfig, get_peft_model
+    names = args.lora_target_modules
+    targets = names if names == "all-linear" else [t.strip() for t in names.split(",") if t.strip()]
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, task_type=task_type)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # no module of that name
+        raise UserError(f"--lora_target_modules {names}: {str(e).splitlines()[0]}") from None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Users' reward functions (grpo.py --reward_funcs, ppo.py --reward), called as TRL calls them
 def load_function(spec, what):
@@ -417,6 +435,7 @@ def token_entropy(logits, temperature=1.0, chunk_size=256):
 def cache_kwarg(model):
     """The name under which this model's forward takes a KV cache (transformers 5 renames past_key_values)."""
     model = getattr(model, "module", model)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA (peft) passes it on
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

@@ -102,6 +102,7 @@ RANGES = {**dict.fromkeys(("max_steps", "batch_size", "max_new_tokens", "max_pro
                            "num_completions_to_print"), at_least(0)),
           **dict.fromkeys(("learning_rate", "max_grad_norm", "temperature"), POSITIVE),
           "max_length": at_least(2), "top_p": between(0, 1, open_lo=True), "min_lr_ratio": between(0, 1),
+          "lora_r": at_least(0), "lora_alpha": POSITIVE, "lora_dropout": between(0, 1, open_hi=True),
           "adam_beta1": between(0, 1, open_hi=True), "adam_beta2": between(0, 1, open_hi=True)}
 
 
@@ -117,6 +118,8 @@ def check_args(args, **ranges):
             raise UserError(f"--report_to {name}: choose from {', '.join(TRACKERS)} (comma-separated), or none")
         if importlib.util.find_spec(TRACKERS[name]) is None:
             raise UserError(f"--report_to {name} needs the {name} package: pip install {name}")
+    if getattr(args, "lora_r", 0) and importlib.util.find_spec("peft") is None:
+        raise UserError("--lora_r needs the peft library: pip install peft")
     if getattr(args, "grader", None) is not None:
         from tasks import check_grader  # tasks imports runs, so not at the top
         check_grader(args.grader)
@@ -178,7 +181,7 @@ RUN_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "ge
              "tokenizer_config.json", "tokenizer.model",
              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
              "args.json", "metrics.jsonl", "completions.jsonl", "tensorboard", "checkpoint.pt", "checkpoint.pt.tmp",
-             "checkpoint-*", "heldout", ".saving")
+             "checkpoint-*", "adapter", "heldout", ".saving")
 
 
 def claim_output_dir(args, rt):
@@ -284,6 +287,9 @@ def save_pretrained(model, tok, output_dir):
     weights are fully written: everything goes to a temporary folder first, config.json is moved in last."""
     tmp = os.path.join(output_dir, ".saving")
     model = getattr(model, "module", model)  # unwrap DDP
+    if hasattr(model, "peft_config"):  # LoRA: the adapter alone in adapter/, and the merged model (W + (alpha/r) BA)
+        model.save_pretrained(os.path.join(output_dir, "adapter"))
+        model = model.merge_and_unload()
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
@@ -295,9 +301,15 @@ def save_pretrained(model, tok, output_dir):
 def save_checkpoint_model(model, tok, args, step, rt):
     """With --save_model_checkpoints, beside each checkpoint.pt: the model as a loadable folder
     <output_dir>/checkpoint-<step>/, to evaluate a run mid-way (--model <that folder>). The last step's model is
-    --output_dir itself."""
+    --output_dir itself. With LoRA the folder holds the adapter, which transformers loads onto its base model when
+    peft is installed."""
     if getattr(args, "save_model_checkpoints", False) and rt.is_main and step < args.max_steps:
-        save_pretrained(model, tok, os.path.join(args.output_dir, f"checkpoint-{step}"))
+        out = os.path.join(args.output_dir, f"checkpoint-{step}")
+        if hasattr(model, "peft_config"):  # LoRA: the adapter (merging would change the model being trained)
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+        else:
+            save_pretrained(model, tok, out)
 
 
 # The trackers of --report_to, beside metrics.jsonl, and the module each needs
@@ -371,7 +383,7 @@ class SampleLog(MetricsLog):
 # Checkpoints
 # Arguments that fix the data stream and the schedule: a run can only resume with the same values.
 RESUME_ARGS = ("model", "dataset", "dataset_weights", "dataset_split", "dataset_config", "eval_size", "max_length",
-               "batch_size", "seed", "max_steps")
+               "batch_size", "seed", "max_steps", "lora_r", "lora_alpha", "lora_target_modules")
 
 
 def rng_state():
@@ -386,6 +398,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _weights(model):
+    """What a checkpoint holds of the model: every weight, or with LoRA (peft) only the adapter's."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+        return get_peft_model_state_dict(model)
+    return model.state_dict()
+
+
 def save_state(path, model, opt, sched, step, args, rt, **extra):
     """Write the checkpoint (model, optimizer, scheduler, step, RNG states, anything in extra; the data position is
     the step) to a temporary file and rename it, so a crash mid-write never leaves a torn checkpoint. Weights that
@@ -393,7 +413,7 @@ def save_state(path, model, opt, sched, step, args, rt, **extra):
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise Diverged(f"the weights became inf or nan by step {step}")
     if rt.is_main:
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        state = {"model": _weights(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "step": step, "rng": rng_state(), "args": asdict(args), **extra}
         try:
             torch.save(state, f"{path}.tmp")
@@ -426,10 +446,14 @@ def restore_state(path, model, opt, sched, args, rt, must_match=()):
         raise UserError(f"--resume: {path} is not a checkpoint these scripts wrote ({type(e).__name__}); not loading "
                         "it") from None
     for k in RESUME_ARGS + tuple(must_match):
-        if not _same_setting(state["args"].get(k), getattr(args, k, None)):
+        if not _same_setting(state["args"].get(k, getattr(args, k, None)), getattr(args, k, None)):
             raise UserError(f"--resume: the checkpoint was made with --{k} {state['args'].get(k)}, not {getattr(args, k)}")
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]  # from this run's arguments
-    model.load_state_dict(state["model"])
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, state["model"])
+    else:
+        model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     for g, h, f in zip(opt.param_groups, hyper, sched.lr_lambdas):

@@ -65,6 +65,12 @@ class Args:
     adam_beta2: float = arg(0.95, "AdamW β2 (0.95 as nanoGPT; TRL's default is 0.999)")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     max_length: int = arg(1024, "tokens per example; longer ones are cut, and dropped if no assistant token is left")
+    lora_r: int = arg(0, "LoRA rank (peft): train low-rank adapters on --lora_target_modules instead of every "
+                      "weight; the output folder gets the merged model, and adapter/ the adapter alone; 0: off")
+    lora_alpha: float = arg(32, "LoRA scale alpha: the update is (alpha / r) B A")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input")
+    lora_target_modules: str = arg("all-linear", "comma-separated module names (q_proj,v_proj), or all-linear: "
+                                   "every linear layer but the output one")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(100, "write checkpoint.pt every this many steps (0: only at the end)")
     save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
@@ -171,7 +177,7 @@ def main():
                             args.seed, unlimited={i for i, s in enumerate(sources) if s.unlimited})
 
     # Model, optimizer, schedule
-    model = C.load_model(path, rt, args.trust_remote_code)
+    model = C.add_lora(C.load_model(path, rt, args.trust_remote_code), args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
