@@ -1,10 +1,11 @@
 """Plumbing shared by every script: nothing in here changes what an algorithm does.
 
 Device / DDP / precision setup, model and tokenizer loading (Hub id, local folder, .gguf, or the embedded
-SmolLM2-135M-Instruct offline), log-prob gathering, reward-model scores, batched sampling with the KV cache, the
-optimizer and its schedule. If you want to change a loss, an advantage or a rollout, that code lives in the method's
+SmolLM2-135M-Instruct offline; LoRA adapters), log-prob gathering, reward-model scores, batched sampling with the KV
+cache, the optimizer and its schedule. If you want to change a loss, an advantage or a rollout, that code lives in the method's
 own script. Beside this file: data.py reads datasets in their formats and masks chat templates, runs.py owns a run's
-arguments, output folder, logs and checkpoints, tasks.py holds the built-in tasks and the answer grader.
+arguments, output folder, logs and checkpoints, tasks.py holds the built-in tasks, the answer grader and the
+calling of users' reward functions.
 """
 import glob
 import hashlib
@@ -300,78 +301,18 @@ def disable_dropout(model):
 
 
 def add_lora(model, args, task_type="CAUSAL_LM"):
-    """With --lora_r > 0, the model with LoRA adapters from peft (Hu et al. 2021, arXiv:2106.09685, Eq. 3:
-    h = W x + (alpha / r) B A x, B = 0 at the start) on --lora_target_modules ("all-linear": every linear layer but
-    the output one); the base weights are frozen, so the optimizer (which takes the parameters that require grad)
-    trains only A and B. Without --lora_r, the model unchanged."""
+    """With --lora_r > 0, the model with peft's LoRA adapters (Hu et al. 2021, arXiv:2106.09685: h = W x + (alpha/r)
+    B A x, B = 0 at first) on --lora_target_modules, W frozen: the optimizer trains only A and B."""
     if not getattr(args, "lora_r", 0):
         return model
     from peft import LoraConfig, get_peft_model
     names = args.lora_target_modules
     targets = names if names == "all-linear" else [t.strip() for t in names.split(",") if t.strip()]
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=targets, task_type=task_type)
     try:
-        return get_peft_model(model, config)
+        return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, task_type=task_type,
+                                                lora_dropout=args.lora_dropout, target_modules=targets))
     except ValueError as e:  # no module of that name
         raise UserError(f"--lora_target_modules {names}: {str(e).splitlines()[0]}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Users' reward functions (grpo.py --reward_funcs, ppo.py --reward), called as TRL calls them
-def load_function(spec, what):
-    """'path/to/file.py:function' -> the function (a user's reward rule). what: the start of the error message."""
-    path, _, name = spec.rpartition(":")
-    if not path or not os.path.isfile(path):
-        raise UserError(f"{what} path/to/file.py:function")
-    module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        raise UserError(f"{spec}: importing {path} failed: {type(e).__name__}: {e}") from None
-    if not callable(getattr(module, name, None)):
-        raise UserError(f"{spec}: {path} has no function {name!r}")
-    return getattr(module, name)
-
-
-def call_reward(fn, name, n, **kw):
-    """Rewards of n completions from one function, called with the keywords kw, and how many of them it failed on.
-    Any real number is a reward (int, float, bool, numpy or one-element torch values); None means "does not apply
-    to this completion" and scores 0 (TRL sums the rewards of a completion over functions ignoring None). If the
-    batch call raises, each completion is scored alone, and one that still fails (or scores nan or inf) scores 0
-    and is counted. A function that returns another count than n, or fails on every completion, stops the run with
-    its first error. Keywords that are lists of n values are cut to one value for the one-completion calls."""
-    def number(v):
-        if v is None:
-            return 0.0
-        v = float(v)  # a TypeError or ValueError for anything that is not a real number
-        if not math.isfinite(v):
-            raise ValueError(f"returned {v}")
-        return v
-    try:
-        out = list(fn(**kw))
-    except Exception:
-        out = None
-    if out is not None and len(out) != n:
-        raise UserError(f"reward function {name} returned {len(out)} values for {n} completions")
-    if out is not None:
-        try:
-            return [number(v) for v in out], 0
-        except (TypeError, ValueError):
-            pass
-    values, errors = [], []
-    for i in range(n):
-        try:
-            values.append(number(fn(**{k: v[i : i + 1] if isinstance(v, list) and len(v) == n else v
-                                        for k, v in kw.items()})[0]))
-        except Exception as e:
-            values.append(0.0)
-            errors.append(e)
-    if len(errors) == n:
-        raise UserError(f"reward function {name} failed on every completion of a step, the first with "
-                        f"{type(errors[0]).__name__}: {errors[0]}")
-    return values, len(errors)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -624,9 +565,8 @@ def generate(model, tok, prompts, rt, max_new_tokens=128, batch_size=32, tempera
 
 
 def evaluate_answers(model, tok, prompts, answers, rt, max_new_tokens=128, batch_size=32, grader="exact"):
-    """Greedy answers to held-out prompts (message lists) with known answers: {"eval/boxed": share with a
-    \\boxed{}, "eval/accuracy": share correct (tasks.grade with this grader)}. Under DDP each rank answers its share
-    and the counts are summed."""
+    """Greedy answers to held-out prompts (message lists) with known answers: {"eval/boxed": share with a \\boxed{},
+    "eval/accuracy": share correct by tasks.grade}. Under DDP each rank answers its share; the counts are summed."""
     mine = list(zip(prompts, answers))[rt.rank :: rt.world_size]
     _, texts = generate(model, tok, [p for p, _ in mine], rt, max_new_tokens, batch_size)
     graded = [grade(t, a, grader) for t, (_, a) in zip(texts, mine)]
@@ -642,7 +582,6 @@ def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.0):
         return (step + 1) / (warmup_steps + 1)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
 
 
 def optimizer_and_schedule(model, args, groups=None):

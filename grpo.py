@@ -233,7 +233,7 @@ def load_reward_funcs(spec, weights_spec):
         if name in BUILTIN_REWARDS:
             funcs.append(BUILTIN_REWARDS[name])
             continue
-        funcs.append(C.load_function(name, f"--reward_funcs {name}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}) nor"))
+        funcs.append(T.load_function(name, f"--reward_funcs {name}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}) nor"))
     if weights_spec:
         try:
             weights = [float(w) for w in weights_spec.split(",")]
@@ -324,7 +324,7 @@ def main():
                                       completion_ids, step, args.max_steps, logged, extra)
         columns, failed = [], 0
         for name, fn, _ in reward_funcs:
-            r, f = C.call_reward(fn, name, len(completions), **(builtin_kw if fn in BUILTIN_REWARDS.values() else user_kw))
+            r, f = T.call_reward(fn, name, len(completions), **(builtin_kw if fn in BUILTIN_REWARDS.values() else user_kw))
             columns.append(r)
             failed += f
         if rm is not None:

@@ -236,14 +236,14 @@ def response_scores(prompts, texts, answers, ids, args, tok, rt, rm=None, rm_tok
     in its own chat format, at the last real token), a user's rule's (called as TRL calls a reward function, with
     rule_kw: D.reward_kwargs), or grpo.py's verifiable reward; minus --missing_eos_penalty where a response never
     emitted EOS. Returns (N,) scores, the (N,) scores before that penalty, the (N,) bool "emitted EOS" and how many
-    responses the rule failed on (scored 0: C.call_reward)."""
+    responses the rule failed on (scored 0: tasks.call_reward)."""
     failed = 0
     if rm is not None:
         s = C.score_responses(rm, rm_tok, prompts, texts, rt)
         if not torch.isfinite(s).all():
             raise UserError(f"--reward_model {args.reward_model} scored a response nan or inf; check that model")
     elif rule is not None:
-        s, failed = C.call_reward(rule, args.reward, len(texts), **rule_kw)
+        s, failed = T.call_reward(rule, args.reward, len(texts), **rule_kw)
         s = torch.tensor(s)
     else:
         s = torch.tensor([float(c) + args.format_weight * float(b)
@@ -258,7 +258,7 @@ def main():
     args = R.parse_args(Args)
     rule = None
     if args.reward not in ("model", "verifiable"):
-        rule = C.load_function(args.reward, f"--reward {args.reward}: choose model (with --reward_model), verifiable or")
+        rule = T.load_function(args.reward, f"--reward {args.reward}: choose model (with --reward_model), verifiable or")
     rt = C.setup(args.seed, args.device, args.precision)
     if args.batch_size % (rt.world_size * args.num_mini_batches):
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of ranks x --num_mini_batches "

@@ -1,4 +1,4 @@
-"""The built-in tasks and the answer grader: the environment the RL scripts are rewarded by.
+"""The built-in tasks, the answer grader and users' reward functions: the environment the RL scripts are rewarded by.
 
 Procedurally generated arithmetic, in TRL's conversational formats, unlimited and seeded, each with a held-out tenth
 of all problems that training never sees:
@@ -18,6 +18,8 @@ The grader reads the last \\boxed{} of a completion and compares it with the ans
 --grader math_verify, also as mathematics by the math-verify library).
 """
 import importlib.util
+import math
+import os
 import random
 import re
 import zlib
@@ -250,3 +252,60 @@ def check_grader(grader):
         raise UserError(f"--grader {grader}: choose {' or '.join(GRADERS)}")
     if grader == "math_verify" and importlib.util.find_spec("math_verify") is None:
         raise UserError("--grader math_verify needs the math-verify library: pip install math-verify")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Users' reward functions (grpo.py --reward_funcs, ppo.py --reward), called as TRL calls them (data.reward_kwargs)
+def load_function(spec, what):
+    """'path/to/file.py:function' -> the function (a user's reward rule). what: the start of the error message."""
+    path, _, name = spec.rpartition(":")
+    if not path or not os.path.isfile(path):
+        raise UserError(f"{what} path/to/file.py:function")
+    module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise UserError(f"{spec}: importing {path} failed: {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, name, None)):
+        raise UserError(f"{spec}: {path} has no function {name!r}")
+    return getattr(module, name)
+
+
+def call_reward(fn, name, n, **kw):
+    """Rewards of n completions from one function, called with the keywords kw, and how many of them it failed on.
+    Any real number is a reward (int, float, bool, numpy or one-element torch values); None means "does not apply
+    to this completion" and scores 0 (TRL sums the rewards of a completion over functions ignoring None). If the
+    batch call raises, each completion is scored alone, and one that still fails (or scores nan or inf) scores 0
+    and is counted. A function that returns another count than n, or fails on every completion, stops the run with
+    its first error. Keywords that are lists of n values are cut to one value for the one-completion calls."""
+    def number(v):
+        if v is None:
+            return 0.0
+        v = float(v)  # a TypeError or ValueError for anything that is not a real number
+        if not math.isfinite(v):
+            raise ValueError(f"returned {v}")
+        return v
+    try:
+        out = list(fn(**kw))
+    except Exception:
+        out = None
+    if out is not None and len(out) != n:
+        raise UserError(f"reward function {name} returned {len(out)} values for {n} completions")
+    if out is not None:
+        try:
+            return [number(v) for v in out], 0
+        except (TypeError, ValueError):
+            pass
+    values, errors = [], []
+    for i in range(n):
+        try:
+            values.append(number(fn(**{k: v[i : i + 1] if isinstance(v, list) and len(v) == n else v
+                                        for k, v in kw.items()})[0]))
+        except Exception as e:
+            values.append(0.0)
+            errors.append(e)
+    if len(errors) == n:
+        raise UserError(f"reward function {name} failed on every completion of a step, the first with "
+                        f"{type(errors[0]).__name__}: {errors[0]}")
+    return values, len(errors)

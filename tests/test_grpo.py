@@ -11,6 +11,7 @@ import torch
 import common as C
 import runs as R
 import grpo
+import tasks as T
 from conftest import PETS, RULES, ok, read_metrics, run_script, write_jsonl
 
 
@@ -206,27 +207,27 @@ def test_a_reward_function_that_raises_scores_zero_and_is_counted():
         if "x" in completions[0]:
             raise ValueError("no x")
         return [2.0]
-    out, failed = C.call_reward(picky, "picky", 3, completions=["a", "x", "b"], answer=[None] * 3)
+    out, failed = T.call_reward(picky, "picky", 3, completions=["a", "x", "b"], answer=[None] * 3)
     assert (out, failed) == ([2.0, 0.0, 2.0], 1)
     nan_for_b = lambda completions, **kw: [1.0 if c == "a" else float("nan") for c in completions]  # noqa: E731
-    assert C.call_reward(nan_for_b, "f", 2, completions=["a", "b"]) == ([1.0, 0.0], 1)
+    assert T.call_reward(nan_for_b, "f", 2, completions=["a", "b"]) == ([1.0, 0.0], 1)
     # None: "does not apply to this completion" (as in TRL), 0 and not an error, even for every completion
-    assert C.call_reward(lambda completions, **kw: [None, 3], "f", 2, completions=["a", "b"]) == ([0.0, 3.0], 0)
-    assert C.call_reward(lambda completions, **kw: [None, None], "f", 2, completions=["a", "b"]) == ([0.0, 0.0], 0)
+    assert T.call_reward(lambda completions, **kw: [None, 3], "f", 2, completions=["a", "b"]) == ([0.0, 3.0], 0)
+    assert T.call_reward(lambda completions, **kw: [None, None], "f", 2, completions=["a", "b"]) == ([0.0, 0.0], 0)
 
 
 def test_any_real_number_is_a_reward_and_a_broken_function_stops_the_run():
     import numpy as np
     kinds = lambda completions, **kw: [np.float32(0.5), True, torch.tensor(2.0), 3][: len(completions)]  # noqa: E731
-    assert C.call_reward(kinds, "kinds", 4, completions=list("abcd")) == ([0.5, 1.0, 2.0, 3.0], 0)
+    assert T.call_reward(kinds, "kinds", 4, completions=list("abcd")) == ([0.5, 1.0, 2.0, 3.0], 0)
     with pytest.raises(R.UserError, match="reward function short returned 1 values for 2 completions"):
-        C.call_reward(lambda completions, **kw: [1.0], "short", 2, completions=["a", "b"])
+        T.call_reward(lambda completions, **kw: [1.0], "short", 2, completions=["a", "b"])
 
     def broken(completions, solution, **kw):  # a signature that does not fit: fails on everything
         return [1.0] * len(completions)
     with pytest.raises(R.UserError, match="reward function broken failed on every completion of a step, the first "
                                           "with TypeError: .*solution"):
-        C.call_reward(broken, "broken", 2, completions=["a", "b"])
+        T.call_reward(broken, "broken", 2, completions=["a", "b"])
 
 
 def test_a_group_prompt_computed_once_gives_the_same_logprobs_and_gradients(tok, tiny_model_dir):

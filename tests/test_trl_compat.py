@@ -80,15 +80,14 @@ def test_a_trl_reward_function_in_ppo(pets_model, tmp_path):
     ok(run_script("ppo.py", "--model", pets_model, "--output_dir", out, "--dataset", data, "--eval_size", "0",
                   "--precision", "fp32", "--batch_size", "4", "--max_new_tokens", "8", "--max_steps", "1",
                   "--reward", f"{tmp_path / 'trl_rules.py'}:cats_like_the_solution", "--save_every", "0",
-                  "--log_completions_every", "1"))
+                  "--log_completions_every", "1", "--missing_eos_penalty", "0"))
     row = read_metrics(out)[-1]
     assert row["reward_errors"] == 0 and row["custom/global_step"] == 0
     samples = [json.loads(l) for l in open(os.path.join(out, "completions.jsonl"))]
     assert len(samples) == 4
-    for s in samples:  # the score is the rule's, less --missing_eos_penalty where the response hit max_new_tokens
+    for s in samples:  # the score is the rule's (no --missing_eos_penalty here), with the column it logged
         words = s["completion"].split()
-        assert s["score"] in (pytest.approx(words.count("cat") / max(1, len(words))),
-                              pytest.approx(words.count("cat") / max(1, len(words)) - 1.0))
+        assert s["score"] == pytest.approx(words.count("cat") / max(1, len(words)))
         assert s["words"] == len(words)
 
 
