@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import torch
 
 import common as C
+import models as M
 import tasks
 from runs import UserError
 from tasks import BOX_INSTRUCTION, BUILTIN_TASKS, reference_answer
@@ -55,7 +56,7 @@ def load_data(spec, split="train", config=None, seed=0, flag="--dataset_split"):
         elif os.path.isdir(path):
             ds = datasets.load_from_disk(path) if os.path.exists(os.path.join(path, "dataset_info.json")) \
                 else datasets.load_dataset(path, config, split=split)
-        elif ext in LOCAL_FORMATS or C.looks_like_path(spec):
+        elif ext in LOCAL_FORMATS or M.looks_like_path(spec):
             raise UserError(f"--dataset {spec}: no such file")
         else:
             ds = datasets.load_dataset(spec, config, split=split)

@@ -49,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
+import models as M
 import data as D
 import runs as R
 from runs import UserError, arg
@@ -56,7 +57,7 @@ from runs import UserError, arg
 
 @dataclass
 class Args:
-    model: str = arg(C.DEFAULT_MODEL, "policy to train: Hub id, local folder (e.g. sft.py's --output_dir) or .gguf")
+    model: str = arg(M.DEFAULT_MODEL, "policy to train: Hub id, local folder (e.g. sft.py's --output_dir) or .gguf")
     ref_model: Optional[str] = arg(None, "reference model (default: a frozen copy of the starting policy)")
     dataset: str = arg("arithmetic_preferences", "built-in task, local .jsonl/.json/.parquet/.csv or Hub id with "
                        "prompt/chosen/rejected or implicit-prompt chosen/rejected; comma-separated for a mixture")
@@ -390,11 +391,11 @@ class Reference:
         if args.loss_type in REFERENCE_FREE:
             return
         if args.ref_model:
-            ref_path = C.resolve_model(args.ref_model, rt)
-            C.check_same_vocab(tok, ref_path, "--ref_model", args.trust_remote_code)
-            ref = C.freeze(C.load_model(ref_path, rt, args.trust_remote_code), rt)
+            ref_path = M.resolve_model(args.ref_model, rt)
+            M.check_same_vocab(tok, ref_path, "--ref_model", args.trust_remote_code)
+            ref = M.freeze(M.load_model(ref_path, rt, args.trust_remote_code), rt)
         else:  # the starting policy, used as it is when its log-probs are precomputed before it changes
-            ref = model if args.precompute_ref_log_probs else C.freeze(copy.deepcopy(model), rt)
+            ref = model if args.precompute_ref_log_probs else M.freeze(copy.deepcopy(model), rt)
         if not args.precompute_ref_log_probs:
             self.model = ref
             return
@@ -430,12 +431,12 @@ def main():
     else:
         for ds in raw:
             D.preference_pair(ds[0])  # checks the columns before any work
-    path = C.resolve_model(args.model, rt)
-    tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    path = M.resolve_model(args.model, rt)
+    tok = M.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     train = PairStream(args, mixture, raw, tok, rt)
     eval_pairs, prompts, answers = heldout_sets(args, heldout, tok, rt)
 
-    model = C.load_model(path, rt, args.trust_remote_code)
+    model = M.load_model(path, rt, args.trust_remote_code)
     ref = Reference(args, model, tok, rt, train, eval_pairs)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()

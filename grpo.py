@@ -57,6 +57,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
+import models as M
 import data as D
 import runs as R
 import tasks as T
@@ -65,7 +66,7 @@ from runs import UserError, arg
 
 @dataclass
 class Args:
-    model: str = arg(C.DEFAULT_MODEL, "Hub id, local checkpoint folder (e.g. sft.py's --output_dir) or .gguf file")
+    model: str = arg(M.DEFAULT_MODEL, "Hub id, local checkpoint folder (e.g. sft.py's --output_dir) or .gguf file")
     dataset: str = arg("arithmetic", "built-in task name, local .jsonl/.json/.parquet/.csv, or Hub id; comma-separated "
                        "for a mixture. Rows need a `prompt` or `question` and, for the accuracy reward, an `answer` "
                        "(GSM8K's '#### 42' is understood) or a `solution` with a \\boxed{}")
@@ -256,8 +257,8 @@ def main():
     ckpt_path = R.claim_output_dir(args, rt)
 
     # Data: prompts and answers; the held-out prompts with an answer are graded greedily (pass@1).
-    path = C.resolve_model(args.model, rt)
-    tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    path = M.resolve_model(args.model, rt)
+    tok = M.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     accuracy = any(f is accuracy_reward for _, f, _ in reward_funcs)
     # Each prompt: its messages (a plain-string question gets T.BOX_INSTRUCTION appended unless it mentions \boxed),
     # their token ids with the assistant header, and its ground truth; graded: held-out (prompt, answer) pairs.
@@ -265,17 +266,17 @@ def main():
                                             reads_per_step=1 + args.max_resample_rounds * args.dynamic_sampling)
 
     # Models: the policy (trained), the frozen reference (only if beta > 0), the reward model (if any)
-    model = C.load_model(path, rt, args.trust_remote_code)
+    model = M.load_model(path, rt, args.trust_remote_code)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     ref = None
     if args.beta > 0:
-        ref = C.freeze(C.load_model(path, rt, args.trust_remote_code), rt)
+        ref = M.freeze(M.load_model(path, rt, args.trust_remote_code), rt)
     rm = None
     if args.reward_model:
-        rm_path = C.resolve_model(args.reward_model, rt)
-        rm = C.load_reward_model(rm_path, rt, args.trust_remote_code)
-        rm_tok = C.load_tokenizer(rm_path, args.trust_remote_code)
+        rm_path = M.resolve_model(args.reward_model, rt)
+        rm = M.load_reward_model(rm_path, rt, args.trust_remote_code)
+        rm_tok = M.load_tokenizer(rm_path, args.trust_remote_code)
     opt, sched = C.optimizer_and_schedule(model, args)
     step, cursor = 0, 0  # cursor: how far the prompt stream has been read (further than step x batch_size with
     if args.resume:      # --dynamic_sampling)

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
+import models as M
 import data as D
 import runs as R
 from runs import UserError, arg
@@ -46,7 +47,7 @@ from runs import UserError, arg
 
 @dataclass
 class Args:
-    model: str = arg(C.DEFAULT_MODEL, "the student: Hub id, local folder or .gguf file")
+    model: str = arg(M.DEFAULT_MODEL, "the student: Hub id, local folder or .gguf file")
     teacher: Optional[str] = arg(None, "the frozen teacher: any causal LM with the student's tokenizer (required)")
     loss: str = arg("reverse_kl", "reverse_kl (per-token reward on the student's samples) or jsd (generalized JSD "
                     "over full distributions, GKD)")
@@ -150,16 +151,16 @@ def main():
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of the {rt.world_size} ranks")
     ckpt_path = R.claim_output_dir(args, rt)
 
-    path = C.resolve_model(args.model, rt)
-    tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
-    teacher_path = C.resolve_model(args.teacher, rt)
-    C.check_same_vocab(tok, teacher_path, "--teacher", args.trust_remote_code)  # TRL #3028: refuse, never guess
+    path = M.resolve_model(args.model, rt)
+    tok = M.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    teacher_path = M.resolve_model(args.teacher, rt)
+    M.check_same_vocab(tok, teacher_path, "--teacher", args.trust_remote_code)  # TRL #3028: refuse, never guess
     sources, graded, order = D.load_prompts(args, tok, rt)
     if args.lmbda > 0:
         dataset_completion(sources[0].row(0), tok)  # a clear error now rather than at the first off-policy step
 
-    student = C.load_model(path, rt, args.trust_remote_code)
-    teacher = C.freeze(C.load_model(teacher_path, rt, args.trust_remote_code), rt)
+    student = M.load_model(path, rt, args.trust_remote_code)
+    teacher = M.freeze(M.load_model(teacher_path, rt, args.trust_remote_code), rt)
     if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
         raise UserError(f"--teacher {args.teacher} has {teacher.get_output_embeddings().weight.shape[0]} output "
                         f"logits, the student {student.get_output_embeddings().weight.shape[0]}; they must match")

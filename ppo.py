@@ -36,6 +36,7 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
 import common as C
+import models as M
 import data as D
 import runs as R
 import tasks as T
@@ -44,7 +45,7 @@ from runs import UserError, arg
 
 @dataclass
 class Args:
-    model: str = arg(C.DEFAULT_MODEL, "the policy to train: Hub id, local folder (e.g. sft.py's output) or .gguf")
+    model: str = arg(M.DEFAULT_MODEL, "the policy to train: Hub id, local folder (e.g. sft.py's output) or .gguf")
     reward: str = arg("model", "model (score responses with --reward_model), verifiable ("
                       "1[correct \\boxed{} answer] + --format_weight x 1[a \\boxed{} answer]), or a rule "
                       "path/to/file.py:function, called as TRL calls a reward function (prompts=, completions=, "
@@ -220,7 +221,7 @@ class PolicyAndValue(torch.nn.Module):
 
 
 def load_value_model(path, args, rt):
-    model, info = C.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
+    model, info = M.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
                                num_labels=1, output_loading_info=True)
     head = model.score if hasattr(model, "score") else model.classifier
     if any(k.startswith(("score.", "classifier.")) for k in info["missing_keys"]):
@@ -265,22 +266,22 @@ def main():
                         f"({rt.world_size} x {args.num_mini_batches})")
     ckpt_path = R.claim_output_dir(args, rt)
 
-    path = C.resolve_model(args.model, rt)
-    tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    path = M.resolve_model(args.model, rt)
+    tok = M.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     sources, graded, order = D.load_prompts(args, tok, rt, need_answers="--reward verifiable"
                                             if args.reward == "verifiable" else None)
 
-    # The four models. Dropout is off in all of them ([detail: dropout disabled], C.load_model), the reference and
+    # The four models. Dropout is off in all of them ([detail: dropout disabled], M.load_model), the reference and
     # reward model are frozen in inference mode with no optimizer state; only the policy and value model are trained.
-    policy = C.load_model(path, rt, args.trust_remote_code)
-    ref = C.freeze(C.load_model(path, rt, args.trust_remote_code), rt)
+    policy = M.load_model(path, rt, args.trust_remote_code)
+    ref = M.freeze(M.load_model(path, rt, args.trust_remote_code), rt)
     rm = rm_tok = None
     if args.reward == "model":
-        rm_path = C.resolve_model(args.reward_model, rt)
-        C.check_same_vocab(tok, rm_path, "--reward_model", args.trust_remote_code)
-        rm = C.load_reward_model(rm_path, rt, args.trust_remote_code)
-        rm_tok = C.load_tokenizer(rm_path, args.trust_remote_code)
-    value_path = C.resolve_model(args.value_model, rt) if args.value_model else rm_path if rm is not None else path
+        rm_path = M.resolve_model(args.reward_model, rt)
+        M.check_same_vocab(tok, rm_path, "--reward_model", args.trust_remote_code)
+        rm = M.load_reward_model(rm_path, rt, args.trust_remote_code)
+        rm_tok = M.load_tokenizer(rm_path, args.trust_remote_code)
+    value_path = M.resolve_model(args.value_model, rt) if args.value_model else rm_path if rm is not None else path
     value = load_value_model(value_path, args, rt)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
+import models as M
 import data as D
 import runs as R
 from runs import UserError, arg
@@ -37,7 +38,7 @@ from runs import UserError, arg
 
 @dataclass
 class Args:
-    model: str = arg(C.DEFAULT_MODEL, "base model: Hub id, local folder (e.g. sft.py's --output_dir) or .gguf")
+    model: str = arg(M.DEFAULT_MODEL, "base model: Hub id, local folder (e.g. sft.py's --output_dir) or .gguf")
     dataset: str = arg("arithmetic_preferences", "built-in task, local .jsonl/.json/.parquet/.csv or Hub id with "
                        "prompt/chosen/rejected or implicit-prompt chosen/rejected (and optional `margin`); "
                        "comma-separated for a mixture")
@@ -158,8 +159,8 @@ def main():
     mixture, raw, heldout = D.load_splits(args, args.eval_size)
     for ds in raw:
         D.preference_pair(ds[0])  # checks the columns before any work
-    path = C.resolve_model(args.model, rt)
-    tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    path = M.resolve_model(args.model, rt)
+    tok = M.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     sources = [ds if getattr(ds, "unlimited", False) else tokenized_with_margin(ds, tok, args, name, rt)
                for (name, _), ds in zip(mixture, raw)]
     order = D.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
@@ -179,7 +180,7 @@ def main():
 
     # Model: one scalar head on the language model. A new head starts with std 1/sqrt(d_model + 1)
     # ("N implementation details of RLHF with PPO"), so initial rewards are O(1) whatever the width.
-    model, info = C.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
+    model, info = M.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
                                num_labels=1, output_loading_info=True)
     head = model.score if hasattr(model, "score") else model.classifier
     if any(k.startswith(("score.", "classifier.")) for k in info["missing_keys"]):

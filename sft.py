@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
+import models as M
 import data as D
 import runs as R
 from runs import UserError, arg
@@ -36,7 +37,7 @@ from runs import UserError, arg
 
 @dataclass
 class Args:
-    model: str = arg(C.DEFAULT_MODEL, "Hub id, local checkpoint folder (e.g. an earlier stage's --output_dir) or .gguf file")
+    model: str = arg(M.DEFAULT_MODEL, "Hub id, local checkpoint folder (e.g. an earlier stage's --output_dir) or .gguf file")
     dataset: str = arg("arithmetic", "built-in task name, local .jsonl/.json/.parquet/.csv, or Hub id; "
                        "comma-separated for a mixture")
     dataset_weights: str = arg("", "sampling weights of a mixture, comma-separated (default: equal)")
@@ -162,8 +163,8 @@ def main():
 
     # Data. Examples of the built-in task are generated; others are read, held-out rows split off, tokenized.
     mixture, raw, heldout = D.load_splits(args, max(args.eval_size, args.eval_generations))
-    path = C.resolve_model(args.model, rt)
-    tok = C.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    path = M.resolve_model(args.model, rt)
+    tok = M.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     sources = [Tokenized(s, ds, tok, args.max_length) for (s, _), ds in zip(mixture, raw)]
     eval_examples = [x for x in (D.tokenize_conversation(tok, D.conversation(heldout[i]), args.max_length)
                                  for i in range(min(args.eval_size, len(heldout)))) if x is not None]
@@ -177,7 +178,7 @@ def main():
                             args.seed, unlimited={i for i, s in enumerate(sources) if s.unlimited})
 
     # Model, optimizer, schedule
-    model = C.add_lora(C.load_model(path, rt, args.trust_remote_code), args)
+    model = M.add_lora(M.load_model(path, rt, args.trust_remote_code), args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import models as M  # noqa: E402
 
 
 @torch.no_grad()
@@ -46,14 +47,14 @@ def decode_ms(model, rt, x, steps, static=None):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default=C.DEFAULT_MODEL)
+    p.add_argument("--model", default=M.DEFAULT_MODEL)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt_length", type=int, default=40)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--no_compile", action="store_true")
     args = p.parse_args()
     rt = C.setup(0)
-    model = C.load_model(C.resolve_model(args.model, rt), rt).eval()  # weights fp32, requiring grad
+    model = M.load_model(M.resolve_model(args.model, rt), rt).eval()  # weights fp32, requiring grad
     x = torch.randint(100, 1000, (args.batch, args.prompt_length))
     print(f"# batch {args.batch}, prompt {args.prompt_length} tokens, {torch.get_num_threads()} threads, {rt.dtype}")
     print(f"DynamicCache (generate_ids): {decode_ms(model, rt, x, args.steps)[0]:.1f} ms per step", flush=True)

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import models as M  # noqa: E402
 import runs as R  # noqa: E402
 import tasks as T  # noqa: E402
 
@@ -47,8 +48,8 @@ def answers(model_dir, task, split, n, samples, max_new_tokens, rt, offset=0):
             return [json.loads(line) for line in f]
     data = T.BUILTIN_TASKS[task](split)
     rows = [data[i] for i in range(offset, offset + n)]
-    path = C.resolve_model(model_dir, rt)
-    tok, model = C.load_tokenizer(path), C.load_model(path, rt)
+    path = M.resolve_model(model_dir, rt)
+    tok, model = M.load_tokenizer(path), M.load_model(path, rt)
     prompts = [r["prompt"] for r in rows]
     _, greedy = C.generate(model, tok, prompts, rt, max_new_tokens, batch_size=64)
     out = [{"prompt": r["prompt"][0]["content"], "answer": r["answer"], "completion": g,

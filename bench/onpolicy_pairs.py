@@ -15,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import models as M  # noqa: E402
 import tasks as T  # noqa: E402
 
 
@@ -47,8 +48,8 @@ def main():
     rt = C.setup(args.seed)
     data = T.BUILTIN_TASKS[args.task]("train", args.seed)
     rows = [data[i] for i in range(args.n)]
-    path = C.resolve_model(args.model, rt)
-    tok, model = C.load_tokenizer(path), C.load_model(path, rt)
+    path = M.resolve_model(args.model, rt)
+    tok, model = M.load_tokenizer(path), M.load_model(path, rt)
     _, texts = C.generate(model, tok, [r["prompt"] for r in rows for _ in range(args.samples)], rt,
                           args.max_new_tokens, batch_size=64, temperature=1.0)
     pairs, counts = pairs_from_samples(rows, texts, args.samples)

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import models as M  # noqa: E402
 import data as D  # noqa: E402
 import dpo  # noqa: E402
 import tasks as T  # noqa: E402
@@ -30,9 +31,9 @@ from bench.heldout import wilson  # noqa: E402
 @torch.no_grad()
 def pair_logps(model_dir, pairs, rt, batch_size=16):
     """(N, 2) summed response log-probs [chosen, rejected] of every tokenized pair under a model."""
-    path = C.resolve_model(model_dir, rt)
-    model = C.load_model(path, rt)
-    tok = C.load_tokenizer(path)
+    path = M.resolve_model(model_dir, rt)
+    model = M.load_model(path, rt)
+    tok = M.load_tokenizer(path)
     return dpo.reference_logps(model, pairs, rt, tok.pad_token_id, batch_size)
 
 
@@ -53,7 +54,7 @@ def main():
     a = p.parse_args()
     rt = C.setup(0, "cpu")
     data = T.BUILTIN_TASKS[a.task](a.split)
-    tok = C.load_tokenizer(C.resolve_model(a.ref, rt))
+    tok = M.load_tokenizer(M.resolve_model(a.ref, rt))
     pairs = D.tokenize_preferences([data[i] for i in range(a.n)], tok, 10**6, f"{a.task}/{a.split}")
     ref = pair_logps(a.ref, pairs, rt)
     print(f"{'model':<28} {'implicit-reward accuracy':>36} {'policy accuracy':>30}")

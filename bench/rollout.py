@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import models as M  # noqa: E402
 import tasks as T  # noqa: E402
 
 
@@ -46,16 +47,16 @@ def matmul_gflops(dtype, n=2048, reps=10):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default=C.DEFAULT_MODEL)
+    p.add_argument("--model", default=M.DEFAULT_MODEL)
     p.add_argument("--shapes", default="2x8,8x8", help="prompts x completions per prompt, comma-separated")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     rt = C.setup(0)
-    path = C.resolve_model(args.model, rt)
-    tok = C.load_tokenizer(path)
-    model = C.load_model(path, rt).train()  # as in an RL script: the trained policy, weights fp32, requires grad
+    path = M.resolve_model(args.model, rt)
+    tok = M.load_tokenizer(path)
+    model = M.load_model(path, rt).train()  # as in an RL script: the trained policy, weights fp32, requires grad
     task = T.Arithmetic("train")
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"precision {rt.dtype}, {args.max_new_tokens} new tokens at most, temperature {args.temperature}; "

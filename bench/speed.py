@@ -266,9 +266,9 @@ def main():
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     if unknown := set(methods) - set(METHODS):
         p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    import common as C
+    import models as M
     import torch
-    model = C.resolve_model(C.DEFAULT_MODEL)
+    model = M.resolve_model(M.DEFAULT_MODEL)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     header = (f"CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; torch {version('torch')},"
               f" transformers {version('transformers')}, trl {version('trl')}; model {model}; bf16 autocast; "

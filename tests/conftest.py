@@ -13,17 +13,18 @@ import pytest
 import torch
 
 import common as C
+import models as M
 import data as D
 
 
 @pytest.fixture(scope="session")
 def default_model_dir():
-    return C.resolve_model(C.DEFAULT_MODEL)
+    return M.resolve_model(M.DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")
 def tok(default_model_dir):
-    return C.load_tokenizer(default_model_dir)
+    return M.load_tokenizer(default_model_dir)
 
 
 @pytest.fixture(scope="session")

@@ -74,8 +74,9 @@ def test_the_decode_benchmark_times_the_same_work_each_way(tiny_model_dir):
     # Growing and static caches must decode the same greedy tokens (fp32), or the timings compare different work.
     import torch
     import common as C
+    import models as M
     rt = C.Runtime(torch.device("cpu"), torch.float32)
-    model = C.load_model(tiny_model_dir, rt).eval()
+    model = M.load_model(tiny_model_dir, rt).eval()
     x = torch.randint(100, 1000, (3, 5), generator=torch.Generator().manual_seed(0))
     ms, dynamic = decode.decode_ms(model, rt, x, 6)
     _, static = decode.decode_ms(model, rt, x, 6, model.forward)

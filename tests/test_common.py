@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common as C
+import models as M
 import data as D
 import runs as R
 import tasks as T
@@ -308,13 +309,13 @@ def test_reference_answers_and_prompts():
 
 def test_load_errors(tmp_path, tiny_model_dir):
     with pytest.raises(R.UserError, match="no such file or folder"):
-        C.resolve_model("./no/such/model")
+        M.resolve_model("./no/such/model")
     with pytest.raises(R.UserError, match="no such file or folder"):
-        C.resolve_model(str(tmp_path / "missing.gguf"))
+        M.resolve_model(str(tmp_path / "missing.gguf"))
     bad = tmp_path / "bad.gguf"
     bad.write_text("not a gguf")
     with pytest.raises(R.UserError, match="cannot read .* as a GGUF model"):
-        C.resolve_model(str(bad))
+        M.resolve_model(str(bad))
     with pytest.raises(R.UserError, match="no such file"):
         D.load_data(str(tmp_path / "missing.jsonl"))
     (tmp_path / "empty.jsonl").write_text("")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common as C
+import models as M
 from conftest import PETS
 
 FP32 = C.Runtime(torch.device("cpu"), torch.float32)
@@ -124,7 +125,7 @@ def test_frozen_model_gives_the_autocast_outputs(tiny_model_dir):
     from transformers import AutoModelForCausalLM
     bf16 = C.Runtime(torch.device("cpu"), torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    frozen = C.freeze(AutoModelForCausalLM.from_pretrained(tiny_model_dir), bf16)
+    frozen = M.freeze(AutoModelForCausalLM.from_pretrained(tiny_model_dir), bf16)
     assert frozen.lm_head.weight.dtype == torch.bfloat16 and frozen.model.embed_tokens.weight.dtype == torch.float32
     assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
     x = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])

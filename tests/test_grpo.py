@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common as C
+import models as M
 import runs as R
 import grpo
 import tasks as T
@@ -332,7 +333,7 @@ def test_reward_model_as_the_only_reward(pets_model, tmp_path):
     from transformers import AutoModelForSequenceClassification
     rm_dir = str(tmp_path / "rm")
     AutoModelForSequenceClassification.from_pretrained(pets_model, num_labels=1).save_pretrained(rm_dir)
-    C.load_tokenizer(pets_model).save_pretrained(rm_dir)
+    M.load_tokenizer(pets_model).save_pretrained(rm_dir)
     out = str(tmp_path / "out")
     ok(grpo_run(pets_model, out, tmp_path, "--max_steps", "1", "--reward_funcs", "", "--reward_model", rm_dir,
                 "--reward_model_weight", "2"))

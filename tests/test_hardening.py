@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import common as C
+import models as M
 import data as D
 import runs as R
 from conftest import ROOT, ok, read_metrics, run_script, write_jsonl
@@ -222,16 +223,16 @@ def test_a_diverged_run_names_its_last_good_checkpoint(monkeypatch):
 def test_a_language_model_is_no_reward_model_and_a_reward_model_no_language_model(tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
     with pytest.raises(R.UserError, match="has no trained score head: it is not a reward model"):
-        C.load_reward_model(tiny_model_dir, CPU)
+        M.load_reward_model(tiny_model_dir, CPU)
     for labels in (1, 2):
         AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=labels).save_pretrained(
             tmp_path / f"rm{labels}")
     with pytest.raises(R.UserError, match="has 2 labels: it is not a reward model"):
-        C.load_reward_model(str(tmp_path / "rm2"), CPU)
-    rm = C.load_reward_model(str(tmp_path / "rm1"), CPU)
+        M.load_reward_model(str(tmp_path / "rm2"), CPU)
+    rm = M.load_reward_model(str(tmp_path / "rm1"), CPU)
     assert not rm.training and not any(p.requires_grad for p in rm.parameters())
     with pytest.raises(R.UserError, match="is a LlamaForSequenceClassification .*not a language model"):
-        C.load_model(str(tmp_path / "rm1"), CPU)  # e.g. given as opd.py's --teacher
+        M.load_model(str(tmp_path / "rm1"), CPU)  # e.g. given as opd.py's --teacher
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common as C
+import models as M
 import runs as R
 from conftest import PETS, ok, read_metrics, run_script, write_jsonl
 
@@ -24,7 +25,7 @@ def lora_sft(model, out, tmp_path, *extra):
 
 def greedy(model_dir):
     rt = C.setup(0, "cpu", "fp32")
-    return C.generate(C.load_model(model_dir, rt), C.load_tokenizer(model_dir), [[{"role": "user", "content":
+    return C.generate(M.load_model(model_dir, rt), M.load_tokenizer(model_dir), [[{"role": "user", "content":
                       PETS["prompt"]}]], rt, 10)[1][0]
 
 

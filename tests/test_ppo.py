@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common as C
+import models as M
 import runs as R
 import ppo
 from conftest import PETS, RULES, ok, read_metrics, run_script, write_jsonl
@@ -161,7 +162,7 @@ def test_reward_model_value_from_it_verifiable_eval_and_torchrun(pets_model, tmp
     from transformers import AutoModelForSequenceClassification
     rm_dir = str(tmp_path / "rm")
     AutoModelForSequenceClassification.from_pretrained(pets_model, num_labels=1).save_pretrained(rm_dir)
-    C.load_tokenizer(pets_model).save_pretrained(rm_dir)
+    M.load_tokenizer(pets_model).save_pretrained(rm_dir)
     out = str(tmp_path / "out")
     ok(run_script("ppo.py", "--model", pets_model, "--reward_model", rm_dir, "--output_dir", out, "--precision", "fp32",
                   "--max_steps", "2", "--batch_size", "4", "--max_new_tokens", "6", "--eval_size", "2", "--eval_every", "1",
