@@ -29,7 +29,8 @@ reward often fall during training, and that is fine: the margin between them is 
 
 How this deviates from the paper: the reference log-probs are computed once, before training, with the starting
 policy (or --ref_model), so a single model is held while training (TRL's precompute_ref_log_probs); chosen and
-rejected go through the model in one concatenated forward pass.
+rejected go through the model in one concatenated forward pass. With LoRA (--lora_r) the reference is the policy with
+its adapter switched off: the same weights, one model in memory, also with --precompute_ref_log_probs false.
 
     python dpo.py                                     # embedded SmolLM2-135M-Instruct, built-in arithmetic pairs
     python dpo.py --model out/sft                     # after sft.py
@@ -95,6 +96,14 @@ class Args:
     adam_beta2: float = arg(0.95, "AdamW β2 (0.95 as nanoGPT; TRL's default is 0.999)")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     max_length: int = arg(1024, "tokens of prompt + response; longer pairs are dropped, not cut")
+    lora_r: int = arg(0, "LoRA rank (peft): train low-rank adapters on --lora_target_modules instead of every "
+                      "weight; the output folder gets the merged model, and adapter/ the adapter alone; 0: off")
+    lora_alpha: float = arg(32, "LoRA scale alpha: the update is (alpha / r) B A")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input")
+    lora_target_modules: str = arg("all-linear", "comma-separated module names (q_proj,v_proj), or all-linear: "
+                                   "every linear layer but the output one")
+    load_in_4bit: bool = arg(False, "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the "
+                             "--lora_r adapter")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(100, "write checkpoint.pt every this many steps (0: only at the end)")
     save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
@@ -216,12 +225,15 @@ def response_logps(model, pairs, rt, pad_id):
 
 @torch.no_grad()
 def reference_logps(model, pairs, rt, pad_id, batch_size):
-    """Summed response log-probs of the reference for every pair -> (N, 2) tensor [chosen, rejected] on the CPU."""
+    """Summed response log-probs of the reference for every pair -> (N, 2) tensor [chosen, rejected] on the CPU. A
+    LoRA policy is its own reference with the adapter off."""
+    was_training, out = model.training, []
     model.eval()
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        lp, _ = response_logps(model, pairs[i : i + batch_size], rt, pad_id)
-        out.append(lp.view(2, -1).t().float().cpu())
+    with M.adapter_off(model):
+        for i in range(0, len(pairs), batch_size):
+            lp, _ = response_logps(model, pairs[i : i + batch_size], rt, pad_id)
+            out.append(lp.view(2, -1).t().float().cpu())
+    model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
@@ -384,7 +396,7 @@ class Reference:
     """log π_ref of the pairs, (B, 2) [chosen, rejected]; None for simpo and orpo, which have no reference. The
     reference is --ref_model or the starting policy. With --precompute_ref_log_probs (the default) they are computed
     once, before the first update, for every pair this rank will see and every held-out pair, so that no second model
-    is held while training; otherwise a frozen copy scores each batch."""
+    is held while training; otherwise a frozen copy scores each batch (with LoRA: the policy, its adapter off)."""
 
     def __init__(self, args, model, tok, rt, train, eval_pairs):
         self.rt, self.pad_id, self.table, self.eval_table, self.model = rt, tok.pad_token_id, None, None, None
@@ -394,8 +406,10 @@ class Reference:
             ref_path = M.resolve_model(args.ref_model, rt)
             M.check_same_vocab(tok, ref_path, "--ref_model", args.trust_remote_code)
             ref = M.freeze(M.load_model(ref_path, rt, args.trust_remote_code), rt)
-        else:  # the starting policy, used as it is when its log-probs are precomputed before it changes
-            ref = model if args.precompute_ref_log_probs else M.freeze(copy.deepcopy(model), rt)
+        else:  # the starting policy: as it is when its log-probs are precomputed before it changes, or with LoRA
+            # the policy with its adapter off (M.adapter_off); otherwise a frozen copy
+            lora = hasattr(model, "peft_config")
+            ref = model if args.precompute_ref_log_probs or lora else M.freeze(copy.deepcopy(model), rt)
         if not args.precompute_ref_log_probs:
             self.model = ref
             return
@@ -436,7 +450,7 @@ def main():
     train = PairStream(args, mixture, raw, tok, rt)
     eval_pairs, prompts, answers = heldout_sets(args, heldout, tok, rt)
 
-    model = M.load_model(path, rt, args.trust_remote_code)
+    model = M.add_lora(M.load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit), args)
     ref = Reference(args, model, tok, rt, train, eval_pairs)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -126,6 +126,14 @@ class Args:
                               "λ_fmt)")
     reward_model: Optional[str] = arg(None, "a reward_model.py output folder, added as one more reward")
     reward_model_weight: float = arg(1.0, "weight of --reward_model's score")
+    lora_r: int = arg(0, "LoRA rank (peft): train low-rank adapters on --lora_target_modules instead of every "
+                      "weight; the output folder gets the merged model, and adapter/ the adapter alone; 0: off")
+    lora_alpha: float = arg(32, "LoRA scale alpha: the update is (alpha / r) B A")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input")
+    lora_target_modules: str = arg("all-linear", "comma-separated module names (q_proj,v_proj), or all-linear: "
+                                   "every linear layer but the output one")
+    load_in_4bit: bool = arg(False, "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the "
+                             "--lora_r adapter")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(50, "write checkpoint.pt every this many steps (0: only at the end)")
     save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
@@ -265,13 +273,14 @@ def main():
     sources, graded, order = D.load_prompts(args, tok, rt, need_answers="the accuracy reward" if accuracy else None,
                                             reads_per_step=1 + args.max_resample_rounds * args.dynamic_sampling)
 
-    # Models: the policy (trained), the frozen reference (only if beta > 0), the reward model (if any)
-    model = M.load_model(path, rt, args.trust_remote_code)
+    # Models: the policy (trained), the frozen reference (only if beta > 0; with LoRA the policy with its adapter off,
+    # M.adapter_off), the reward model (if any)
+    model = M.add_lora(M.load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit), args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     ref = None
     if args.beta > 0:
-        ref = M.freeze(M.load_model(path, rt, args.trust_remote_code), rt)
+        ref = model if args.lora_r else M.freeze(M.load_model(path, rt, args.trust_remote_code), rt)
     rm = None
     if args.reward_model:
         rm_path = M.resolve_model(args.reward_model, rt)
@@ -393,7 +402,8 @@ def main():
         t1 = time.perf_counter()
         with torch.no_grad():  # log-probs of the sampling policy (only needed when a batch is reused) and reference
             old_logp = torch.cat([logps(model, mb)[0] for mb in micro]) if args.num_iterations > 1 else None
-            ref_logp = torch.cat([logps(ref, mb)[0] for mb in micro]) if ref is not None else None
+            with M.adapter_off(ref):
+                ref_logp = torch.cat([logps(ref, mb)[0] for mb in micro]) if ref is not None else None
 
         # ---- [algorithm] μ optimizer updates on the batch ----------------------------------------------------------
         # Sums for the metrics: loss and clip counts over every update (averaged over the μ updates, as TRL logs

@@ -79,6 +79,14 @@ class Args:
     adam_beta1: float = arg(0.9, "AdamW β1")
     adam_beta2: float = arg(0.95, "AdamW β2 (0.95 as nanoGPT; TRL's default is 0.999)")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    lora_r: int = arg(0, "LoRA rank (peft): train low-rank adapters on --lora_target_modules instead of every "
+                      "weight; the output folder gets the merged model, and adapter/ the adapter alone; 0: off")
+    lora_alpha: float = arg(32, "LoRA scale alpha: the update is (alpha / r) B A")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input")
+    lora_target_modules: str = arg("all-linear", "comma-separated module names (q_proj,v_proj), or all-linear: "
+                                   "every linear layer but the output one")
+    load_in_4bit: bool = arg(False, "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the "
+                             "--lora_r adapter")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(50, "write checkpoint.pt every this many steps (0: only at the end)")
     save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
@@ -159,7 +167,7 @@ def main():
     if args.lmbda > 0:
         dataset_completion(sources[0].row(0), tok)  # a clear error now rather than at the first off-policy step
 
-    student = M.load_model(path, rt, args.trust_remote_code)
+    student = M.add_lora(M.load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit), args)
     teacher = M.freeze(M.load_model(teacher_path, rt, args.trust_remote_code), rt)
     if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
         raise UserError(f"--teacher {args.teacher} has {teacher.get_output_embeddings().weight.shape[0]} output "

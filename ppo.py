@@ -98,6 +98,14 @@ class Args:
     adam_beta1: float = arg(0.9, "AdamW β1")
     adam_beta2: float = arg(0.95, "AdamW β2 (0.95 as nanoGPT; TRL's default is 0.999)")
     max_grad_norm: float = arg(1.0, "gradient clipping norm (policy and value together)")
+    lora_r: int = arg(0, "LoRA rank (peft): train low-rank adapters on --lora_target_modules instead of every "
+                      "weight; the output folder gets the merged model, and adapter/ the adapter alone; 0: off")
+    lora_alpha: float = arg(32, "LoRA scale alpha: the update is (alpha / r) B A")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input")
+    lora_target_modules: str = arg("all-linear", "comma-separated module names (q_proj,v_proj), or all-linear: "
+                                   "every linear layer but the output one")
+    load_in_4bit: bool = arg(False, "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the "
+                             "--lora_r adapter")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(50, "write checkpoint.pt every this many steps (0: only at the end)")
     save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
@@ -201,6 +209,7 @@ def token_values(value_model, prompt_ids, prompt_mask, response_ids, response_ma
     position that predicts token t (the prompt is left-padded, so position ids come from the mask)."""
     x, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
     T = response_ids.shape[1]
+    value_model = M.unwrap(value_model)  # LoRA (peft): its layers stay in the model unwrapped
     with rt.autocast():
         hidden = value_model.base_model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                                         use_cache=False).last_hidden_state[:, -T - 1 : -1]  # (N, T, d)
@@ -222,7 +231,7 @@ class PolicyAndValue(torch.nn.Module):
 
 def load_value_model(path, args, rt):
     model, info = M.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
-                               num_labels=1, output_loading_info=True)
+                               load_in_4bit=args.load_in_4bit, num_labels=1, output_loading_info=True)
     head = model.score if hasattr(model, "score") else model.classifier
     if any(k.startswith(("score.", "classifier.")) for k in info["missing_keys"]):
         # [detail: scalar head initialisation] std 1/sqrt(d_model + 1), so values are O(1) at any width.
@@ -273,8 +282,9 @@ def main():
 
     # The four models. Dropout is off in all of them ([detail: dropout disabled], M.load_model), the reference and
     # reward model are frozen in inference mode with no optimizer state; only the policy and value model are trained.
-    policy = M.load_model(path, rt, args.trust_remote_code)
-    ref = M.freeze(M.load_model(path, rt, args.trust_remote_code), rt)
+    # With LoRA (--lora_r) the reference is the policy with its adapter off (M.adapter_off): one model in memory.
+    policy = M.add_lora(M.load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit), args)
+    ref = policy if args.lora_r else M.freeze(M.load_model(path, rt, args.trust_remote_code), rt)
     rm = rm_tok = None
     if args.reward == "model":
         rm_path = M.resolve_model(args.reward_model, rt)
@@ -282,7 +292,7 @@ def main():
         rm = M.load_reward_model(rm_path, rt, args.trust_remote_code)
         rm_tok = M.load_tokenizer(rm_path, args.trust_remote_code)
     value_path = M.resolve_model(args.value_model, rt) if args.value_model else rm_path if rm is not None else path
-    value = load_value_model(value_path, args, rt)
+    value = M.add_lora(load_value_model(value_path, args, rt), args, task_type="SEQ_CLS")  # SEQ_CLS: the head trains
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         value.gradient_checkpointing_enable()
@@ -342,8 +352,9 @@ def main():
                                                               rule, rule_kw)
             scores, raw_scores, eos = scores.to(dev), raw_scores.to(dev), eos.to(dev)
             old_logp, old_values = (torch.cat(x) for x in zip(*[model(P[mb], P_mask[mb], Y[mb], Y_mask[mb])[:2] for mb in micro]))
-            ref_logp = torch.cat([C.completion_logprobs(ref, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt, args.temperature)[0]
-                                  for mb in micro])  # [detail: temperature in the log-probs]
+            with M.adapter_off(ref):  # [detail: temperature in the log-probs]
+                ref_logp = torch.cat([C.completion_logprobs(ref, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt,
+                                                            args.temperature)[0] for mb in micro])
             rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, kl_ctl.value)
             if args.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False)

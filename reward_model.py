@@ -63,6 +63,14 @@ class Args:
     adam_beta2: float = arg(0.95, "AdamW β2 (0.95 as nanoGPT; TRL's default is 0.999)")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     max_length: int = arg(1024, "tokens of prompt + response; longer pairs are dropped, not cut")
+    lora_r: int = arg(0, "LoRA rank (peft): train low-rank adapters on --lora_target_modules instead of every "
+                      "weight; the output folder gets the merged model, and adapter/ the adapter alone; 0: off")
+    lora_alpha: float = arg(32, "LoRA scale alpha: the update is (alpha / r) B A")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input")
+    lora_target_modules: str = arg("all-linear", "comma-separated module names (q_proj,v_proj), or all-linear: "
+                                   "every linear layer but the output one")
+    load_in_4bit: bool = arg(False, "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the "
+                             "--lora_r adapter")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(100, "write checkpoint.pt every this many steps (0: only at the end)")
     save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
@@ -181,13 +189,14 @@ def main():
     # Model: one scalar head on the language model. A new head starts with std 1/sqrt(d_model + 1)
     # ("N implementation details of RLHF with PPO"), so initial rewards are O(1) whatever the width.
     model, info = M.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
-                               num_labels=1, output_loading_info=True)
+                               load_in_4bit=args.load_in_4bit, num_labels=1, output_loading_info=True)
     head = model.score if hasattr(model, "score") else model.classifier
     if any(k.startswith(("score.", "classifier.")) for k in info["missing_keys"]):
         torch.nn.init.normal_(head.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
         if getattr(head, "bias", None) is not None:
             torch.nn.init.zeros_(head.bias)
     model.config.pad_token_id = tok.pad_token_id
+    model = M.add_lora(model, args, task_type="SEQ_CLS")  # with --lora_r: adapters, and the whole head trains
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

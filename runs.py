@@ -120,6 +120,13 @@ def check_args(args, **ranges):
             raise UserError(f"--report_to {name} needs the {name} package: pip install {name}")
     if getattr(args, "lora_r", 0) and importlib.util.find_spec("peft") is None:
         raise UserError("--lora_r needs the peft library: pip install peft")
+    if getattr(args, "load_in_4bit", False):
+        if not args.lora_r:
+            raise UserError("--load_in_4bit (QLoRA) freezes the 4-bit weights: train an adapter with --lora_r, e.g. 16")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--load_in_4bit needs the bitsandbytes library (CUDA, or a CPU): pip install bitsandbytes")
+        if args.device == "mps":
+            raise UserError("--load_in_4bit: bitsandbytes does not run on mps; use --device cpu or cuda, or drop it")
     if getattr(args, "grader", None) is not None:
         from tasks import check_grader  # tasks imports runs, so not at the top
         check_grader(args.grader)
@@ -288,7 +295,13 @@ def save_pretrained(model, tok, output_dir):
     tmp = os.path.join(output_dir, ".saving")
     model = getattr(model, "module", model)  # unwrap DDP
     if hasattr(model, "peft_config"):  # LoRA: the adapter alone in adapter/, and the merged model (W + (alpha/r) BA)
-        model.save_pretrained(os.path.join(output_dir, "adapter"))
+        adapter = os.path.join(output_dir, "adapter")
+        model.save_pretrained(adapter)
+        base = model.get_base_model()
+        if getattr(base, "is_loaded_in_4bit", False):  # QLoRA: merged into the base model's fp32 weights, not NF4 ones
+            from peft import PeftModel
+            fp32 = type(base).from_pretrained(model.peft_config["default"].base_model_name_or_path, dtype=torch.float32)
+            model = PeftModel.from_pretrained(fp32, adapter)
         model = model.merge_and_unload()
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -399,11 +412,11 @@ def set_rng_state(state):
 
 
 def _weights(model):
-    """What a checkpoint holds of the model: every weight, or with LoRA (peft) only the adapter's."""
-    if hasattr(model, "peft_config"):
-        from peft import get_peft_model_state_dict
-        return get_peft_model_state_dict(model)
-    return model.state_dict()
+    """What a checkpoint holds of the model: its state dict, or where weights are frozen (LoRA's base model) only the
+    trained parameters (the adapters, a new score head); --resume has the frozen ones from --model again."""
+    if all(p.requires_grad for p in model.parameters()):
+        return model.state_dict()
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_state(path, model, opt, sched, step, args, rt, **extra):
@@ -449,11 +462,9 @@ def restore_state(path, model, opt, sched, args, rt, must_match=()):
         if not _same_setting(state["args"].get(k, getattr(args, k, None)), getattr(args, k, None)):
             raise UserError(f"--resume: the checkpoint was made with --{k} {state['args'].get(k)}, not {getattr(args, k)}")
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]  # from this run's arguments
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(model, state["model"])
-    else:
-        model.load_state_dict(state["model"])
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if unexpected or {n for n, p in model.named_parameters() if p.requires_grad} & set(missing):
+        raise UserError(f"--resume: the weights in {path} do not fit this model ({(unexpected or missing)[0]}...)")
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     for g, h, f in zip(opt.param_groups, hyper, sched.lr_lambdas):
