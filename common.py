@@ -10,11 +10,13 @@ import inspect
 import math
 import os
 import random
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import models as M
 from runs import Diverged, UserError
@@ -92,6 +94,77 @@ def split_batch(args, rt, cap):
     elif share % args.micro_batch_size:
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size x ranks "
                         f"({args.micro_batch_size} x {rt.world_size})")
+
+
+def distribute(model, args, rt):
+    """The model as the ranks train it: itself in one process; under torchrun DDP, a whole copy per rank whose
+    gradients are all-reduced; or with --fsdp FSDP2 (torch's fully_shard; Zhao et al. 2023, arXiv:2304.11277, with
+    per-parameter sharding): every decoder layer, then the rest (model), sharded over the ranks, so that each rank
+    holds 1/N of the weights, gradients and AdamW state and gathers a layer's weights only while it runs. Under bf16
+    the weights are gathered in bf16 and the gradients reduced in fp32 (MixedPrecisionPolicy); autocast runs the ops
+    as under DDP. Call it before building the optimizer: fully_shard replaces the parameters by sharded DTensors."""
+    if not getattr(args, "fsdp", False):
+        return DDP(model) if rt.world_size > 1 else model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+    layers = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or ()}  # e.g. LlamaDecoderLayer
+    for m in list(model.modules()):
+        if type(m).__name__ in layers:
+            fully_shard(m, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model._get_fsdp_state()._lazy_init()  # the root is this module, whichever runs first (ppo.py samples with a part)
+    return model
+
+
+def no_sync(model, skip):
+    """Gradient accumulation: with skip, this backward leaves its gradients on the rank (DDP's no_sync, FSDP2's
+    set_requires_gradient_sync(False)); the backward of the last micro-batch reduces the sum over ranks."""
+    if not skip or not isinstance(model, (DDP, FSDPModule)):
+        return nullcontext()
+    if isinstance(model, DDP):
+        return model.no_sync()
+    return _fsdp_setting(model.set_requires_gradient_sync, False, True)
+
+
+@contextmanager
+def _fsdp_setting(set_to, value, back):
+    set_to(value)
+    try:
+        yield
+    finally:
+        set_to(back)
+
+
+@contextmanager
+def unsharded(model):
+    """Under FSDP: every weight gathered whole on each rank for the duration (sampling, evaluation), so that forward
+    passes need no collective and ranks may run different numbers of them; sharded again after. Otherwise nothing."""
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for i, m in enumerate(fsdp):  # the defaults again: layers reshard after forward, the root (first) keeps its
+            m.set_reshard_after_forward(i > 0, recurse=False)  # weights for the backward
+            m.reshard()
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip the gradients' global norm to max_norm; returns the norm before clipping (a float, whole over shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+
+
+def memory_report(model):
+    """What this rank holds for training, from the tensors themselves: the weights, the gradients of those that train
+    and AdamW's two fp32 moments of each (under FSDP the rank's shards only)."""
+    local = [(p.to_local() if hasattr(p, "to_local") else p, p.requires_grad) for p in model.parameters()]
+    weights = sum(t.nbytes for t, _ in local)
+    trained = sum(t.nbytes for t, g in local if g)
+    return (f"memory per rank: weights {weights / 2**20:.1f} MiB, gradients {trained / 2**20:.1f} MiB, AdamW state "
+            f"{2 * trained / 2**20:.1f} MiB")
 
 
 def set_seed(seed):
@@ -179,8 +252,11 @@ def cache_kwarg(model):
 
 
 def can_share_prefix(model):
-    """Gradient checkpointing keeps no KV cache, so a shared prefix cannot be passed on under it."""
-    return not any(getattr(m, "gradient_checkpointing", False) for m in getattr(model, "module", model).modules())
+    """Gradient checkpointing keeps no KV cache, so a shared prefix cannot be passed on under it. Nor under FSDP: the
+    gradient that reaches a layer through the prefix's keys and values comes outside FSDP's backward hooks, which may
+    have freed the layer's gathered weights by then (reward_model.py's backward fails so)."""
+    return not any(getattr(m, "gradient_checkpointing", False) or isinstance(m, FSDPModule)
+                   for m in getattr(model, "module", model).modules())
 
 
 def shared_prefix_logits(model, prefix_ids, prefix_mask, index, rest_ids, rest_mask, rt):

@@ -40,13 +40,11 @@ its adapter switched off: the same weights, one model in memory, also with --pre
 import copy
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
@@ -104,6 +102,8 @@ class Args:
                                    "every linear layer but the output one")
     load_in_4bit: bool = arg(False, "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the "
                              "--lora_r adapter")
+    fsdp: bool = arg(False, "under torchrun, shard the weights, gradients and optimizer state over the ranks (FSDP2) "
+                     "instead of a whole copy on each (DDP)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(100, "write checkpoint.pt every this many steps (0: only at the end)")
     save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
@@ -455,14 +455,16 @@ def main():
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    ddp = C.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
     opt, sched = C.optimizer_and_schedule(model, args)
+    rt.print(C.memory_report(model))
     step = 0
     if args.resume:
         step = R.restore_state(ckpt_path, model, opt, sched, args, rt, must_match=("loss_type", "beta"))["step"]
-    ddp = DDP(model) if rt.world_size > 1 else model
     log = R.begin_log(args, rt, step)
 
     @torch.no_grad()
+    @C.unsharded(model)  # FSDP: whole weights on each rank while evaluating, which needs no collective
     def evaluate(generate):
         row = {}
         if eval_pairs:
@@ -498,7 +500,7 @@ def main():
         for k in range(0, per_rank, args.micro_batch_size):
             keys_mb = batch_keys[k : k + args.micro_batch_size]
             pairs = [train[key] for key in keys_mb]
-            with ddp.no_sync() if rt.world_size > 1 and k + args.micro_batch_size < per_rank else nullcontext():
+            with C.no_sync(ddp, k + args.micro_batch_size < per_rank):
                 loss_sum, sums = batch_metrics(ddp, pairs, ref(pairs, keys=keys_mb), args, rt, tok.pad_token_id)
                 # Mean over the pairs of the whole batch; DDP averages over ranks, so scale by world_size.
                 (loss_sum * rt.world_size / args.batch_size).backward()
@@ -506,7 +508,7 @@ def main():
         row = reduce_metrics(totals, args.batch_size, rt, args.loss_type)
         if not math.isfinite(row["loss"]):
             raise R.Diverged(f"the loss became {row['loss']} at step {step + 1}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        grad_norm = C.clip_grad_norm(model, args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
@@ -527,8 +529,7 @@ def main():
     bar.close()
 
     if step == args.max_steps:
-        if rt.is_main:
-            R.save_pretrained(model, tok, args.output_dir)
+        R.save_pretrained(model, tok, args.output_dir, rt)
         rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the model to {args.output_dir}")
     else:

@@ -48,12 +48,10 @@ How this deviates from the equation as written, and from TRL:
 """
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
@@ -134,6 +132,8 @@ class Args:
                                    "every linear layer but the output one")
     load_in_4bit: bool = arg(False, "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the "
                              "--lora_r adapter")
+    fsdp: bool = arg(False, "under torchrun, shard the weights, gradients and optimizer state over the ranks (FSDP2) "
+                     "instead of a whole copy on each (DDP)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(50, "write checkpoint.pt every this many steps (0: only at the end)")
     save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
@@ -286,17 +286,19 @@ def main():
         rm_path = M.resolve_model(args.reward_model, rt)
         rm = M.load_reward_model(rm_path, rt, args.trust_remote_code)
         rm_tok = M.load_tokenizer(rm_path, args.trust_remote_code)
+    ddp = C.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
     opt, sched = C.optimizer_and_schedule(model, args)
+    rt.print(C.memory_report(model))
     step, cursor = 0, 0  # cursor: how far the prompt stream has been read (further than step x batch_size with
     if args.resume:      # --dynamic_sampling)
         state = R.restore_state(ckpt_path, model, opt, sched, args, rt,  # these change the loss or the prompt stream
                                 must_match=("loss_type", "beta", "dynamic_sampling", "max_resample_rounds",
                                             "importance_sampling_level"))
         step, cursor = state["step"], state.get("cursor", state["step"] * args.batch_size)
-    ddp = DDP(model) if rt.world_size > 1 else model
     log = R.begin_log(args, rt, step)
     samples = R.SampleLog(args.output_dir, rt, step, args.num_completions_to_print)
 
+    @C.unsharded(model)  # FSDP: whole weights on each rank while sampling, which needs no collective
     def evaluate():
         return C.evaluate_answers(model, tok, [p for p, _ in graded], [a for _, a in graded], rt,
                                   args.max_new_tokens, args.generation_batch_size, grader=args.grader)[0] if graded else {}
@@ -320,9 +322,10 @@ def main():
         prompts = [m for m, _, _ in mine for _ in range(G)]  # each group is contiguous: rows g*G .. g*G+G-1
         prompt_ids = [ids for _, ids, _ in mine for _ in range(G)]
         answers = [a for _, _, a in mine for _ in range(G)]
-        completion_ids, sampled_logp = C.generate_ids(model, tok, prompt_ids, rt, args.max_new_tokens,
-                                                      args.generation_batch_size, args.temperature, args.top_p,
-                                                      return_logprobs=True)
+        with C.unsharded(model):  # FSDP: whole weights on each rank while sampling, which needs no collective
+            completion_ids, sampled_logp = C.generate_ids(model, tok, prompt_ids, rt, args.max_new_tokens,
+                                                          args.generation_batch_size, args.temperature, args.top_p,
+                                                          return_logprobs=True)
         completions = [tok.decode(c, skip_special_tokens=True) for c in completion_ids]
         t = time.perf_counter()
         # The built-in rewards read the texts and the ground truth; a user's function gets what TRL's GRPOTrainer
@@ -414,7 +417,7 @@ def main():
         grad_norms = []
         for it in range(args.num_iterations):
             for k, mb in enumerate(micro):
-                with ddp.no_sync() if rt.world_size > 1 and k < len(micro) - 1 else nullcontext():
+                with C.no_sync(ddp, k < len(micro) - 1):
                     logp, ent = logps(ddp, mb, entropy=it == 0)
                     # With μ = 1 the sampling policy IS the current one: π_old = π_θ detached, the ratio is exactly 1.
                     old = old_logp[mb] if old_logp is not None else logp.detach()
@@ -436,7 +439,7 @@ def main():
                     sums["entropy"] += (ent * m).sum()
                     sums["tokens"] += m.sum()
                     sums["sampler_gap"] += gap.sum()
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
+            grad_norms.append(C.clip_grad_norm(model, args.max_grad_norm))
             opt.step()
             opt.zero_grad(set_to_none=True)
         lr = sched.get_last_lr()[0]
@@ -492,8 +495,7 @@ def main():
     bar.close()
 
     if step == args.max_steps:
-        if rt.is_main:
-            R.save_pretrained(model, tok, args.output_dir)
+        R.save_pretrained(model, tok, args.output_dir, rt)
         if any(k.startswith("eval") for k in row):
             rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the model to {args.output_dir}")

@@ -30,12 +30,10 @@ The teacher must share the student's tokenizer; one that does not is refused (TR
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
@@ -87,6 +85,8 @@ class Args:
                                    "every linear layer but the output one")
     load_in_4bit: bool = arg(False, "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the "
                              "--lora_r adapter")
+    fsdp: bool = arg(False, "under torchrun, shard the weights, gradients and optimizer state over the ranks (FSDP2) "
+                     "instead of a whole copy on each (DDP)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(50, "write checkpoint.pt every this many steps (0: only at the end)")
     save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
@@ -174,14 +174,16 @@ def main():
                         f"logits, the student {student.get_output_embeddings().weight.shape[0]}; they must match")
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
+    ddp = C.distribute(student, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
     opt, sched = C.optimizer_and_schedule(student, args)
+    rt.print(C.memory_report(student))
     step = 0
     if args.resume:
         step = R.restore_state(ckpt_path, student, opt, sched, args, rt)["step"]
-    ddp = DDP(student) if rt.world_size > 1 else student
     log = R.begin_log(args, rt, step)
     samples = R.SampleLog(args.output_dir, rt, step, args.num_completions_to_print)
 
+    @C.unsharded(student)  # FSDP: whole weights on each rank while sampling, which needs no collective
     def evaluate():
         return C.evaluate_answers(student, tok, [p for p, _ in graded], [a for _, a in graded], rt,
                                   args.max_new_tokens, args.generation_batch_size, grader=args.grader)[0] if graded else {}
@@ -204,8 +206,9 @@ def main():
         if off_policy:
             ids = [dataset_completion(sources[s].row(i), tok)[: args.max_new_tokens] for s, i in rows]
         else:
-            ids = C.generate_ids(student, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
-                                 args.temperature)
+            with C.unsharded(student):  # FSDP: whole weights on each rank while sampling: no collective
+                ids = C.generate_ids(student, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
+                                     args.temperature)
         t_gen = time.perf_counter() - t0
 
         P, P_mask = (t.to(dev) for t in C.pad(prompt_ids, tok.pad_token_id, side="left"))
@@ -216,7 +219,7 @@ def main():
         t1 = time.perf_counter()
         sums, kls = {"loss": 0.0}, []  # the loss; Σ (log π_θ - log π_T) over each completion's tokens
         for k, mb in enumerate(micro):
-            with ddp.no_sync() if rt.world_size > 1 and k < len(micro) - 1 else nullcontext():
+            with C.no_sync(ddp, k < len(micro) - 1):
                 s_logits = completion_logits(ddp, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt)  # (n, T, V)
                 with torch.no_grad():
                     t_logits = completion_logits(teacher, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt)
@@ -229,7 +232,7 @@ def main():
                 (loss * rt.world_size).backward()  # DDP averages over ranks; num_tokens is the global count
             sums["loss"] += loss.detach()
             kls.append(((s_logp - t_logp).detach() * mask[mb]).sum(1))
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm).item()
+        grad_norm = C.clip_grad_norm(student, args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
@@ -264,8 +267,7 @@ def main():
     bar.close()
 
     if step == args.max_steps:
-        if rt.is_main:
-            R.save_pretrained(student, tok, args.output_dir)
+        R.save_pretrained(student, tok, args.output_dir, rt)
         if any(k.startswith("eval") for k in row):
             rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the student to {args.output_dir}")

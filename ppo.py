@@ -26,12 +26,10 @@ entropy of the policy's distribution (TRL logs the NLL of the sampled tokens und
 """
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
@@ -106,6 +104,8 @@ class Args:
                                    "every linear layer but the output one")
     load_in_4bit: bool = arg(False, "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the "
                              "--lora_r adapter")
+    fsdp: bool = arg(False, "under torchrun, shard the weights, gradients and optimizer state over the ranks (FSDP2) "
+                     "instead of a whole copy on each (DDP)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(50, "write checkpoint.pt every this many steps (0: only at the end)")
     save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
@@ -297,18 +297,20 @@ def main():
         policy.gradient_checkpointing_enable()
         value.gradient_checkpointing_enable()
     model = PolicyAndValue(policy, value, rt, args.temperature)
+    ddp = C.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
     value_lr = args.value_learning_rate or args.learning_rate
     opt, sched = C.optimizer_and_schedule(model, args, [(policy.parameters(), args.learning_rate),
                                                         (value.parameters(), value_lr)])
+    rt.print(C.memory_report(model))
     kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
     step = 0
     if args.resume:
         state = R.restore_state(ckpt_path, model, opt, sched, args, rt)
         step, kl_ctl.value = state["step"], state["kl_coef"]
-    ddp = DDP(model) if rt.world_size > 1 else model
     log = R.begin_log(args, rt, step)
     samples = R.SampleLog(args.output_dir, rt, step, args.num_completions_to_print)
 
+    @C.unsharded(model)  # FSDP: whole weights on each rank while sampling, which needs no collective
     def evaluate():
         if not graded:
             return {}
@@ -332,8 +334,9 @@ def main():
         t0 = time.perf_counter()
         picked = order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]
         prompts, prompt_ids, answers = (list(x) for x in zip(*[sources[s][i] for s, i in picked]))
-        ids = C.generate_ids(policy, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
-                             args.temperature, args.top_p)
+        with C.unsharded(model):  # FSDP: whole weights on each rank while sampling, which needs no collective
+            ids = C.generate_ids(policy, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
+                                 args.temperature, args.top_p)
         texts = [tok.decode(r, skip_special_tokens=True) for r in ids]
         t_gen = time.perf_counter() - t0
 
@@ -374,7 +377,7 @@ def main():
                 parts = [idx[i : i + args.micro_batch_size] for i in range(0, len(idx), args.micro_batch_size)]
                 n_tok = C.all_reduce(mask[idx].sum(), rt).clamp(min=1)  # the minibatch's tokens, over all ranks
                 for k, j in enumerate(parts):
-                    with ddp.no_sync() if rt.world_size > 1 and k < len(parts) - 1 else nullcontext():
+                    with C.no_sync(ddp, k < len(parts) - 1):
                         logp, values, ent = ddp(P[j], P_mask[j], Y[j], Y_mask[j], with_entropy=epoch == 0)
                         w = mask[j].sum() / n_tok * rt.world_size  # this micro-batch's share of the token mean
                         pg, pg_clip, approxkl = policy_loss(logp, old_logp[j], advantages[j], mask[j], args.cliprange)
@@ -386,7 +389,7 @@ def main():
                             sums[name] += v * w / rt.world_size
                         if ent is not None:  # the first epoch sees every token once
                             entropy, entropy_tokens = entropy + (ent * mask[j]).sum(), entropy_tokens + mask[j].sum()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # [detail: gradient clipping]
+                C.clip_grad_norm(model, args.max_grad_norm)  # [detail: gradient clipping]
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         lr = sched.get_last_lr()[0]
@@ -437,8 +440,7 @@ def main():
     bar.close()
 
     if step == args.max_steps:
-        if rt.is_main:
-            R.save_pretrained(policy, tok, args.output_dir)
+        R.save_pretrained(policy, tok, args.output_dir, rt)
         if any(k.startswith("eval") for k in row):
             rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the policy to {args.output_dir}")

@@ -20,13 +20,11 @@ with from_pretrained; common.score_responses is the batched scorer that ppo.py a
 """
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
@@ -71,6 +69,8 @@ class Args:
                                    "every linear layer but the output one")
     load_in_4bit: bool = arg(False, "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the "
                              "--lora_r adapter")
+    fsdp: bool = arg(False, "under torchrun, shard the weights, gradients and optimizer state over the ranks (FSDP2) "
+                     "instead of a whole copy on each (DDP)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(100, "write checkpoint.pt every this many steps (0: only at the end)")
     save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
@@ -200,15 +200,17 @@ def main():
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    scorer = Scorer(model)
+    ddp = C.distribute(scorer, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
     opt, sched = C.optimizer_and_schedule(model, args)
+    rt.print(C.memory_report(model))
     step = 0
     if args.resume:
         step = R.restore_state(ckpt_path, model, opt, sched, args, rt)["step"]
-    scorer = Scorer(model)
-    ddp = DDP(scorer) if rt.world_size > 1 else scorer
     log = R.begin_log(args, rt, step)
 
     @torch.no_grad()
+    @C.unsharded(scorer)  # FSDP: whole weights on each rank while evaluating, which needs no collective
     def evaluate():
         if not eval_items:
             return {}
@@ -238,7 +240,7 @@ def main():
         batch = [item(key) for key in mine[step * per_rank : (step + 1) * per_rank]]
         totals = {}
         for k in range(0, per_rank, args.micro_batch_size):
-            with ddp.no_sync() if rt.world_size > 1 and k + args.micro_batch_size < per_rank else nullcontext():
+            with C.no_sync(ddp, k + args.micro_batch_size < per_rank):
                 loss_sum, sums = batch_metrics(ddp, batch[k : k + args.micro_batch_size], args, rt, tok.pad_token_id)
                 # Mean over the pairs of the whole batch; DDP averages over ranks, so scale by world_size.
                 (loss_sum * rt.world_size / args.batch_size).backward()
@@ -246,7 +248,7 @@ def main():
         row = {n: (C.all_reduce(v, rt) / args.batch_size).item() for n, v in totals.items()}
         if not math.isfinite(row["loss"]):
             raise R.Diverged(f"the loss became {row['loss']} at step {step + 1}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        grad_norm = C.clip_grad_norm(model, args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
@@ -266,8 +268,7 @@ def main():
     bar.close()
 
     if step == args.max_steps:
-        if rt.is_main:
-            R.save_pretrained(model, tok, args.output_dir)
+        R.save_pretrained(model, tok, args.output_dir, rt)
         rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the reward model to {args.output_dir}")
     else:

@@ -120,6 +120,13 @@ def check_args(args, **ranges):
             raise UserError(f"--report_to {name} needs the {name} package: pip install {name}")
     if getattr(args, "lora_r", 0) and importlib.util.find_spec("peft") is None:
         raise UserError("--lora_r needs the peft library: pip install peft")
+    if getattr(args, "fsdp", False):
+        if "RANK" not in os.environ:
+            raise UserError("--fsdp shards the model over the processes of torchrun: launch with torchrun "
+                            "--nproc_per_node=N, or drop --fsdp")
+        if args.lora_r:
+            raise UserError("--fsdp with --lora_r: not supported; LoRA trains under DDP (its gradients and optimizer "
+                            "state are small), or drop --lora_r to shard the full model")
     if getattr(args, "load_in_4bit", False):
         if not args.lora_r:
             raise UserError("--load_in_4bit (QLoRA) freezes the 4-bit weights: train an adapter with --lora_r, e.g. 16")
@@ -289,11 +296,20 @@ def begin_log(args, rt, step):
             json.dump(asdict(args), f, indent=2)
     return MetricsLog(args.output_dir, rt, step, trackers=report_to(args), config=asdict(args))
 
-def save_pretrained(model, tok, output_dir):
-    """save_pretrained into output_dir so that the folder only looks complete (config.json present) once the
-    weights are fully written: everything goes to a temporary folder first, config.json is moved in last."""
+def save_pretrained(model, tok, output_dir, rt):
+    """save_pretrained into output_dir (by rank 0; every rank calls it) so that the folder only looks complete
+    (config.json present) once the weights are fully written: everything goes to a temporary folder first,
+    config.json is moved in last. Under FSDP the ranks first gather the whole weights onto rank 0's CPU."""
     tmp = os.path.join(output_dir, ".saving")
     model = getattr(model, "module", model)  # unwrap DDP
+    full = None
+    if _sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        full = {k: v for k, v in full.items() if k in names}  # a tied weight once (named_parameters lists it once)
+    if not rt.is_main:
+        return
     if hasattr(model, "peft_config"):  # LoRA: the adapter alone in adapter/, and the merged model (W + (alpha/r) BA)
         adapter = os.path.join(output_dir, "adapter")
         model.save_pretrained(adapter)
@@ -303,7 +319,7 @@ def save_pretrained(model, tok, output_dir):
             fp32 = type(base).from_pretrained(model.peft_config["default"].base_model_name_or_path, dtype=torch.float32)
             model = PeftModel.from_pretrained(fp32, adapter)
         model = model.merge_and_unload()
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=full)
     tok.save_pretrained(tmp)
     names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
     for n in names:
@@ -316,13 +332,13 @@ def save_checkpoint_model(model, tok, args, step, rt):
     <output_dir>/checkpoint-<step>/, to evaluate a run mid-way (--model <that folder>). The last step's model is
     --output_dir itself. With LoRA the folder holds the adapter, which transformers loads onto its base model when
     peft is installed."""
-    if getattr(args, "save_model_checkpoints", False) and rt.is_main and step < args.max_steps:
+    if getattr(args, "save_model_checkpoints", False) and step < args.max_steps:
         out = os.path.join(args.output_dir, f"checkpoint-{step}")
-        if hasattr(model, "peft_config"):  # LoRA: the adapter (merging would change the model being trained)
+        if not hasattr(model, "peft_config"):
+            save_pretrained(model, tok, out, rt)
+        elif rt.is_main:  # LoRA: the adapter (merging would change the model being trained)
             model.save_pretrained(out)
             tok.save_pretrained(out)
-        else:
-            save_pretrained(model, tok, out)
 
 
 # The trackers of --report_to, beside metrics.jsonl, and the module each needs
@@ -396,7 +412,7 @@ class SampleLog(MetricsLog):
 # Checkpoints
 # Arguments that fix the data stream and the schedule: a run can only resume with the same values.
 RESUME_ARGS = ("model", "dataset", "dataset_weights", "dataset_split", "dataset_config", "eval_size", "max_length",
-               "batch_size", "seed", "max_steps", "lora_r", "lora_alpha", "lora_target_modules")
+               "batch_size", "seed", "max_steps", "lora_r", "lora_alpha", "lora_target_modules", "fsdp")
 
 
 def rng_state():
@@ -419,15 +435,34 @@ def _weights(model):
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def save_state(path, model, opt, sched, step, args, rt, **extra):
     """Write the checkpoint (model, optimizer, scheduler, step, RNG states, anything in extra; the data position is
     the step) to a temporary file and rename it, so a crash mid-write never leaves a torn checkpoint. Weights that
-    are no longer finite never replace the last good checkpoint."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    are no longer finite never replace the last good checkpoint. Under FSDP each rank writes its shards of the model
+    and optimizer (torch.distributed.checkpoint) into checkpoint-<step>.dcp/, complete before checkpoint.pt names it;
+    the older shard folders go after."""
+    bad = torch.tensor(float(sum(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+                                 for p in model.parameters())))
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    if bad:
         raise Diverged(f"the weights became inf or nan by step {step}")
+    state = {"scheduler": sched.state_dict(), "step": step, "rng": rng_state(), "args": asdict(args), **extra}
+    if _sharded(model):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        state["shards"] = f"checkpoint-{step}.dcp"
+        weights, optimizer = get_state_dict(model, opt)
+        dcp.save({"model": weights, "optimizer": optimizer}, checkpoint_id=os.path.join(os.path.dirname(path),
+                                                                                          state["shards"]))
+    else:
+        state.update(model=_weights(model), optimizer=opt.state_dict())
     if rt.is_main:
-        state = {"model": _weights(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "step": step, "rng": rng_state(), "args": asdict(args), **extra}
         try:
             torch.save(state, f"{path}.tmp")
         except (OSError, RuntimeError) as e:  # a full disk comes as either
@@ -437,6 +472,9 @@ def save_state(path, model, opt, sched, step, args, rt, **extra):
             raise UserError(f"cannot write the checkpoint {path}: " + ("the disk is full; free some space and "
                             "continue with --resume" if full else str(e).splitlines()[0])) from None
         os.replace(f"{path}.tmp", path)
+        for old in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), "checkpoint-*.dcp")):
+            if os.path.basename(old) != state.get("shards"):
+                shutil.rmtree(old)
     _run["checkpoint"] = (path, step)
 
 
@@ -462,10 +500,18 @@ def restore_state(path, model, opt, sched, args, rt, must_match=()):
         if not _same_setting(state["args"].get(k, getattr(args, k, None)), getattr(args, k, None)):
             raise UserError(f"--resume: the checkpoint was made with --{k} {state['args'].get(k)}, not {getattr(args, k)}")
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]  # from this run's arguments
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if unexpected or {n for n, p in model.named_parameters() if p.requires_grad} & set(missing):
-        raise UserError(f"--resume: the weights in {path} do not fit this model ({(unexpected or missing)[0]}...)")
-    opt.load_state_dict(state["optimizer"])
+    if "shards" in state:  # FSDP: each rank reads its shards (of any number of ranks before)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        weights, optimizer = get_state_dict(model, opt)
+        shards = {"model": weights, "optimizer": optimizer}
+        dcp.load(shards, checkpoint_id=os.path.join(os.path.dirname(path), state["shards"]))
+        set_state_dict(model, opt, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+    else:
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        if unexpected or {n for n, p in model.named_parameters() if p.requires_grad} & set(missing):
+            raise UserError(f"--resume: the weights in {path} do not fit this model ({(unexpected or missing)[0]}...)")
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     for g, h, f in zip(opt.param_groups, hyper, sched.lr_lambdas):
         g.update(h, lr=h["initial_lr"] * f(sched.last_epoch))

@@ -19,13 +19,11 @@ long answers weigh in proportion to their tokens and the loss does not depend on
 """
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
@@ -74,6 +72,8 @@ class Args:
                                    "every linear layer but the output one")
     load_in_4bit: bool = arg(False, "QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes) under the "
                              "--lora_r adapter")
+    fsdp: bool = arg(False, "under torchrun, shard the weights, gradients and optimizer state over the ranks (FSDP2) "
+                     "instead of a whole copy on each (DDP)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     save_every: int = arg(100, "write checkpoint.pt every this many steps (0: only at the end)")
     save_model_checkpoints: bool = arg(False, "with each --save_every checkpoint, also write a loadable model "
@@ -184,20 +184,23 @@ def main():
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    ddp = C.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
     opt, sched = C.optimizer_and_schedule(model, args)
+    rt.print(C.memory_report(model))
     step, num_tokens = 0, 0
     if args.resume:
         state = R.restore_state(ckpt_path, model, opt, sched, args, rt)
         step, num_tokens = state["step"], state["num_tokens"]
-    ddp = DDP(model) if rt.world_size > 1 else model
     log = R.begin_log(args, rt, step)
 
     row = {"step": step}
     if step == 0:
-        if eval_examples:
-            row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
-        if answerable:
-            row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens, grader=args.grader)[0])
+        with C.unsharded(model):  # FSDP: whole weights on each rank while evaluating, which needs no collective
+            if eval_examples:
+                row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
+            if answerable:
+                row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens,
+                                              grader=args.grader)[0])
         if len(row) > 1:
             log.log(row)
             rt.print("before training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
@@ -217,7 +220,7 @@ def main():
         micro = list(batches(examples, args.micro_batch_size, tok.pad_token_id))
         for k, (x, mask, y) in enumerate(micro):
             # Gradients are all-reduced over ranks once per step, on the last micro-batch.
-            with ddp.no_sync() if rt.world_size > 1 and k < len(micro) - 1 else nullcontext():
+            with C.no_sync(ddp, k < len(micro) - 1):
                 nll, _ = token_nll(ddp, x, mask, y, rt)
                 # DDP averages gradients over ranks; scaling by world_size turns that average into the global sum.
                 (nll * rt.world_size / n_target).backward()
@@ -225,7 +228,7 @@ def main():
         loss = C.all_reduce(nll_sum, rt).item() / n_target
         if not math.isfinite(loss):
             raise R.Diverged(f"the loss became {loss} at step {step + 1}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        grad_norm = C.clip_grad_norm(model, args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
@@ -238,10 +241,12 @@ def main():
         tps = tokens / seconds
         row = {"step": step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm, "num_tokens": num_tokens,
                "tokens_per_second": tps, "seconds_per_step": seconds}
-        if eval_examples and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
-            row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
-        if step == args.max_steps and answerable:
-            row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens, grader=args.grader)[0])
+        with C.unsharded(model):
+            if eval_examples and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
+                row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
+            if step == args.max_steps and answerable:
+                row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens,
+                                              grader=args.grader)[0])
         log.log(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
@@ -254,8 +259,7 @@ def main():
         if src.unlimited and src.dropped:  # finite sources were counted up front
             rt.print(f"data: {name}: {src.dropped} generated examples dropped (no assistant token within --max_length)")
     if step == args.max_steps:
-        if rt.is_main:
-            R.save_pretrained(model, tok, args.output_dir)
+        R.save_pretrained(model, tok, args.output_dir, rt)
         if any(k.startswith("eval") for k in row):
             rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the model to {args.output_dir}")
