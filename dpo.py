@@ -36,6 +36,7 @@ its adapter switched off: the same weights, one model in memory, also with --pre
     python dpo.py --model out/sft                     # after sft.py
     python dpo.py --dataset Anthropic/hh-rlhf --max_length 512 --loss_type ipo
     torchrun --nproc_per_node=2 dpo.py ...           # DDP, same code path
+    torchrun --nproc_per_node=2 dpo.py ... --fsdp    # FSDP2: weights, gradients, AdamW state sharded
 """
 import copy
 import math

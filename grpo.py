@@ -32,6 +32,7 @@ How this deviates from the equation as written, and from TRL:
   s_i = (π_θ(y_i|x) / π_old(y_i|x))^(1/|y_i|), clipped per sequence, in place of ρ_it (TRL's
   importance_sampling_level="sequence"). With μ = 1 both ratios are 1 and the two give the same gradient.
 - β defaults to 0.05 (DeepSeekMath: 0.04; TRL: 0, and then no reference model is loaded, as here with --beta 0).
+  With LoRA (--lora_r) the reference is the policy with its adapter switched off: one model in memory, not two.
 - DAPO's dynamic sampling (Yu et al. 2025, arXiv:2503.14476, §3.2) is on by default (TRL: off): a group whose
   rewards are all equal has zero advantages and teaches nothing, so it is replaced by a freshly sampled one. On the
   built-in arithmetic_mixed task it took GRPO from +7.8 to +12.7 held-out points (README, Results).
@@ -45,6 +46,7 @@ How this deviates from the equation as written, and from TRL:
     python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k --dataset_config main \\
         --eval_split test --max_new_tokens 512
     torchrun --nproc_per_node=2 grpo.py ...          # DDP, same code path
+    torchrun --nproc_per_node=2 grpo.py ... --fsdp   # FSDP2: weights, gradients, AdamW state sharded
 """
 import math
 import time

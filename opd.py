@@ -26,6 +26,7 @@ The teacher must share the student's tokenizer; one that does not is refused (TR
 
     python opd.py --teacher out/grpo          # student: the embedded SmolLM2-135M-Instruct; built-in task
     torchrun --nproc_per_node=2 opd.py ...    # DDP, same code path
+    torchrun --nproc_per_node=2 opd.py ... --fsdp# FSDP2: weights, gradients, AdamW state sharded
 """
 import math
 import random

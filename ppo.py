@@ -15,7 +15,8 @@ a comment where they happen, tagged [detail: its name].
 
 The reward is a model trained by reward_model.py (--reward_model) or the verifiable math reward of grpo.py
 (--reward verifiable: 1[correct \\boxed{} answer] + 0.2 x 1[a \\boxed{} answer]). The value model starts as the reward model (its head predicts the final score) or, with the
-verifiable reward, as the policy with a new scalar head.
+verifiable reward, as the policy with a new scalar head. With LoRA (--lora_r) the reference is the policy with its
+adapter switched off (one model in memory, not two), and the value model trains an adapter and its whole head.
 
 How this deviates from TRL's PPOTrainer: the KL and entropy are logged per token, and `objective/entropy` is the
 entropy of the policy's distribution (TRL logs the NLL of the sampled tokens under that name).
@@ -23,6 +24,7 @@ entropy of the policy's distribution (TRL logs the NLL of the sampled tokens und
     python ppo.py --model out/sft --reward_model out/reward_model   # after sft.py and reward_model.py
     python ppo.py --model out/sft --reward verifiable                # the built-in task's exact reward
     torchrun --nproc_per_node=2 ppo.py ...                           # DDP, same code path
+    torchrun --nproc_per_node=2 ppo.py ... --fsdp                    # FSDP2: weights, gradients, AdamW state sharded
 """
 import math
 import time

@@ -17,6 +17,7 @@ with from_pretrained; common.score_responses is the batched scorer that ppo.py a
     python reward_model.py                            # embedded SmolLM2-135M-Instruct, built-in arithmetic pairs
     python reward_model.py --model out/sft --dataset Anthropic/hh-rlhf --dataset_config harmless-base --max_length 512
     torchrun --nproc_per_node=2 reward_model.py ...  # DDP, same code path
+    torchrun --nproc_per_node=2 reward_model.py ... --fsdp# FSDP2: weights, gradients, AdamW state sharded
 """
 import math
 import time

@@ -16,6 +16,7 @@ long answers weigh in proportion to their tokens and the loss does not depend on
     python sft.py --model HuggingFaceTB/SmolLM2-360M-Instruct --dataset HuggingFaceH4/ultrachat_200k \\
         --dataset_split train_sft --max_length 1024
     torchrun --nproc_per_node=2 sft.py ...          # DDP, same code path
+    torchrun --nproc_per_node=2 sft.py ... --fsdp   # FSDP2: weights, gradients, AdamW state sharded
 """
 import math
 import time
