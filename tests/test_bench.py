@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from bench import decode, heldout, onpolicy_pairs, pairs, plot
+from bench import decode, heldout, memory, onpolicy_pairs, pairs, plot
 
 
 def test_wilson_interval_by_hand():
@@ -84,3 +84,23 @@ def test_the_decode_benchmark_times_the_same_work_each_way(tiny_model_dir):
     with torch.no_grad():  # and they are the greedy continuation of the whole sequence
         full = torch.cat([x, dynamic], 1)
         assert torch.equal(model(full).logits[:, 4:-1].argmax(-1), dynamic)
+
+
+def test_the_memory_benchmark_counts_what_each_mode_holds(tiny_model_dir):
+    # Full training holds 16 bytes per parameter (fp32 weight, gradient, two AdamW moments) and AdamW's 4-byte step
+    # count per tensor; a rank-4 adapter: 4 bytes per frozen base parameter, 16 per adapter parameter, r (d_in + d_out)
+    # of them in each layer's two tensors A and B.
+    import torch
+    import common as C
+    import models as M
+    rt = C.Runtime(torch.device("cpu"), torch.float32)
+    named = dict(M.load_model(tiny_model_dir, rt).named_parameters())
+    linear = {n: p for n, p in named.items() if memory.linear(n)}
+    n_linear, n_other = sum(p.numel() for p in linear.values()), sum(p.numel() for n, p in named.items() if n not in linear)
+    full = memory.held(tiny_model_dir, rt, "full", 4)
+    assert full == {"linear": 16 * n_linear + 4 * len(linear), "other": 16 * n_other + 4 * (len(named) - len(linear))}
+    adapter = sum(4 * sum(p.shape) for p in linear.values())
+    assert memory.held(tiny_model_dir, rt, "lora", 4) == {"linear": 4 * n_linear + 16 * adapter + 4 * 2 * len(linear),
+                                                          "other": 4 * n_other}
+    ref = memory.reference(tiny_model_dir)  # bf16 linear layers, fp32 embeddings and norms, and a bf16 output layer
+    assert ref == {"linear": 2 * n_linear, "other": 4 * n_other + 2 * named["model.embed_tokens.weight"].numel()}

@@ -221,3 +221,15 @@ def test_qlora_trains_an_adapter_on_4bit_weights_and_saves_a_full_precision_mode
     assert "quantization_config" not in config  # merged into the fp32 base weights, not into NF4 ones
     only_the_adapter_moved(pets_model, out)
     assert greedy(out) == "dog dog dog dog dog dog"
+
+
+def test_lora_under_torchrun_computes_the_steps_of_one_process(pets_model, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    ok(lora_sft(pets_model, one, tmp_path, "--max_steps", "3", "--save_every", "0"))
+    data = write_jsonl(tmp_path / "dogs.jsonl", DOGS * 16)
+    ok(run_script("sft.py", "--model", pets_model, "--output_dir", two, "--dataset", data, "--precision", "fp32",
+                  "--eval_generations", "0", "--eval_size", "0", "--warmup_steps", "0", "--batch_size", "4",
+                  "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "1e-2", "--max_steps", "3",
+                  "--save_every", "0", nproc=2))
+    a, b = ([r["loss"] for r in read_metrics(d) if "loss" in r] for d in (one, two))
+    assert b == pytest.approx(a, abs=1e-5)
