@@ -117,22 +117,11 @@ def distribute(model, args, rt):
 
 
 def no_sync(model, skip):
-    """Gradient accumulation: with skip, this backward leaves its gradients on the rank (DDP's no_sync, FSDP2's
-    set_requires_gradient_sync(False)); the backward of the last micro-batch reduces the sum over ranks."""
-    if not skip or not isinstance(model, (DDP, FSDPModule)):
-        return nullcontext()
-    if isinstance(model, DDP):
-        return model.no_sync()
-    return _fsdp_setting(model.set_requires_gradient_sync, False, True)
-
-
-@contextmanager
-def _fsdp_setting(set_to, value, back):
-    set_to(value)
-    try:
-        yield
-    finally:
-        set_to(back)
+    """Gradient accumulation under DDP: with skip, this backward leaves its gradients on the rank (DDP's no_sync);
+    the backward of the last micro-batch all-reduces their sum. Under FSDP every backward reduce-scatters its
+    gradients into the rank's shards: skipping would hold the whole unsharded gradient on each rank between
+    micro-batches (4 bytes per parameter), the memory FSDP is there to save."""
+    return model.no_sync() if skip and isinstance(model, DDP) else nullcontext()
 
 
 @contextmanager
@@ -157,14 +146,21 @@ def clip_grad_norm(model, max_norm):
     return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
 
 
-def memory_report(model):
-    """What this rank holds for training, from the tensors themselves: the weights, the gradients of those that train
-    and AdamW's two fp32 moments of each (under FSDP the rank's shards only)."""
-    local = [(p.to_local() if hasattr(p, "to_local") else p, p.requires_grad) for p in model.parameters()]
-    weights = sum(t.nbytes for t, _ in local)
-    trained = sum(t.nbytes for t, g in local if g)
-    return (f"memory per rank: weights {weights / 2**20:.1f} MiB, gradients {trained / 2**20:.1f} MiB, AdamW state "
-            f"{2 * trained / 2**20:.1f} MiB")
+_memory_reported = []
+
+
+def report_memory(model, opt, rt):
+    """Print, once and after the first optimizer step, what this rank holds for training, counted from the tensors:
+    weights, gradients and AdamW's state (under FSDP the rank's shards of them)."""
+    if _memory_reported:
+        return
+    _memory_reported.append(True)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    weights = sum(local(p).nbytes for p in model.parameters())
+    grads = sum(local(p.grad).nbytes for p in model.parameters() if p.grad is not None)
+    state = sum(local(v).nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    rt.print(f"memory per rank: weights {weights / 2**20:.1f} MiB, gradients {grads / 2**20:.1f} MiB, AdamW state "
+             f"{state / 2**20:.1f} MiB")
 
 
 def set_seed(seed):

@@ -38,7 +38,6 @@ its adapter switched off: the same weights, one model in memory, also with --pre
     torchrun --nproc_per_node=2 dpo.py ...           # DDP, same code path
     torchrun --nproc_per_node=2 dpo.py ... --fsdp    # FSDP2: weights, gradients, AdamW state sharded
 """
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -399,18 +398,18 @@ class Reference:
     once, before the first update, for every pair this rank will see and every held-out pair, so that no second model
     is held while training; otherwise a frozen copy scores each batch (with LoRA: the policy, its adapter off)."""
 
-    def __init__(self, args, model, tok, rt, train, eval_pairs):
+    def __init__(self, args, model, path, tok, rt, train, eval_pairs):
         self.rt, self.pad_id, self.table, self.eval_table, self.model = rt, tok.pad_token_id, None, None, None
         if args.loss_type in REFERENCE_FREE:
             return
         if args.ref_model:
             ref_path = M.resolve_model(args.ref_model, rt)
             M.check_same_vocab(tok, ref_path, "--ref_model", args.trust_remote_code)
-            ref = M.freeze(M.load_model(ref_path, rt, args.trust_remote_code), rt)
+            ref = M.load_frozen(ref_path, rt, args.trust_remote_code)
         else:  # the starting policy: as it is when its log-probs are precomputed before it changes, or with LoRA
-            # the policy with its adapter off (M.adapter_off); otherwise a frozen copy
+            # the policy with its adapter off (M.adapter_off); otherwise a frozen copy, loaded from `path` again
             lora = hasattr(model, "peft_config")
-            ref = model if args.precompute_ref_log_probs or lora else M.freeze(copy.deepcopy(model), rt)
+            ref = model if args.precompute_ref_log_probs or lora else M.load_frozen(path, rt, args.trust_remote_code)
         if not args.precompute_ref_log_probs:
             self.model = ref
             return
@@ -451,14 +450,14 @@ def main():
     train = PairStream(args, mixture, raw, tok, rt)
     eval_pairs, prompts, answers = heldout_sets(args, heldout, tok, rt)
 
-    model = M.add_lora(M.load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit), args)
-    ref = Reference(args, model, tok, rt, train, eval_pairs)
+    model = M.load_trained(path, rt, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     ddp = C.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
+    with C.unsharded(model):  # FSDP: whole weights on each rank for the reference log-probs (ranks' shares differ)
+        ref = Reference(args, model, path, tok, rt, train, eval_pairs)
     opt, sched = C.optimizer_and_schedule(model, args)
-    rt.print(C.memory_report(model))
     step = 0
     if args.resume:
         step = R.restore_state(ckpt_path, model, opt, sched, args, rt, must_match=("loss_type", "beta"))["step"]
@@ -512,6 +511,7 @@ def main():
         grad_norm = C.clip_grad_norm(model, args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
+        C.report_memory(model, opt, rt)  # once: what a rank holds
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1

@@ -277,12 +277,12 @@ def main():
 
     # Models: the policy (trained), the frozen reference (only if beta > 0; with LoRA the policy with its adapter off,
     # M.adapter_off), the reward model (if any)
-    model = M.add_lora(M.load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit), args)
+    model = M.load_trained(path, rt, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     ref = None
     if args.beta > 0:
-        ref = model if args.lora_r else M.freeze(M.load_model(path, rt, args.trust_remote_code), rt)
+        ref = model if args.lora_r else M.load_frozen(path, rt, args.trust_remote_code)
     rm = None
     if args.reward_model:
         rm_path = M.resolve_model(args.reward_model, rt)
@@ -290,7 +290,6 @@ def main():
         rm_tok = M.load_tokenizer(rm_path, args.trust_remote_code)
     ddp = C.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
     opt, sched = C.optimizer_and_schedule(model, args)
-    rt.print(C.memory_report(model))
     step, cursor = 0, 0  # cursor: how far the prompt stream has been read (further than step x batch_size with
     if args.resume:      # --dynamic_sampling)
         state = R.restore_state(ckpt_path, model, opt, sched, args, rt,  # these change the loss or the prompt stream
@@ -443,6 +442,7 @@ def main():
                     sums["sampler_gap"] += gap.sum()
             grad_norms.append(C.clip_grad_norm(model, args.max_grad_norm))
             opt.step()
+            C.report_memory(model, opt, rt)  # once: what a rank holds
             opt.zero_grad(set_to_none=True)
         lr = sched.get_last_lr()[0]
         sched.step()

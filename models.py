@@ -106,7 +106,7 @@ def resolve_model(name, rt=None):
 
 def _convert_once(gguf, out, rt, message):
     if not os.path.isfile(os.path.join(out, "config.json")):
-        if rt is None or rt.is_main:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # once per machine: each has its own cache
             if message:
                 print(f"notice: {message}", flush=True)
             gguf_to_checkpoint(gguf, out)
@@ -148,8 +148,10 @@ def check_same_vocab(tok, other_path, name, trust_remote_code=False):
                         f"{len(tok)} tokens); use a model with the same tokenizer")
 
 
-def load_model(path, rt, trust_remote_code=False, cls=None, load_in_4bit=False, **kwargs):
-    """A model in fp32 (autocast does the low-precision compute) on the runtime device, dropout off. With
+def load_model(path, rt, trust_remote_code=False, cls=None, load_in_4bit=False, device=None, **kwargs):
+    """A model in fp32 (autocast does the low-precision compute) on `device` (default: the runtime's), dropout off.
+    Under --fsdp the trained model is loaded on the CPU: fully_shard moves each layer's shard to the device as it
+    shards it, so the device never holds the whole fp32 model. With
     load_in_4bit (QLoRA, Dettmers et al. 2023, arXiv:2305.14314) its linear layers hold NF4 weights with double
     quantization (bitsandbytes), computed in the autocast dtype; the rest stays fp32."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -167,20 +169,32 @@ def load_model(path, rt, trust_remote_code=False, cls=None, load_in_4bit=False, 
         raise UserError(f"{path} is a {saved_as[0]} (a reward model?), not a language model; give a causal LM")
     disable_dropout(model)
     if not load_in_4bit:  # a quantized model is placed by device_map
-        model.to(rt.device)
+        model.to(device or rt.device)
     return loaded
+
+
+def load_trained(path, rt, args):
+    """The language model a script trains, as its arguments ask: fp32 weights (the frozen ones in 4-bit under
+    --load_in_4bit), on the CPU under --fsdp (see load_model), with LoRA adapters under --lora_r."""
+    return add_lora(load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit,
+                               device="cpu" if args.fsdp else None), args)
+
+
+def load_frozen(path, rt, trust_remote_code=False, **kwargs):
+    """A model that is only read, frozen (freeze) on the CPU before it moves to the device in its smaller form."""
+    return freeze(load_model(path, rt, trust_remote_code, device="cpu", **kwargs), rt).to(rt.device)
 
 
 def load_reward_model(path, rt, trust_remote_code=False):
     """A reward_model.py output (a sequence classifier with one label), frozen. Anything else is refused: a causal LM
     would get a new, random score head and reward noise."""
     from transformers import AutoModelForSequenceClassification
-    model, info = load_model(path, rt, trust_remote_code, cls=AutoModelForSequenceClassification,
+    model, info = load_model(path, rt, trust_remote_code, cls=AutoModelForSequenceClassification, device="cpu",
                              output_loading_info=True)
     if info["missing_keys"] or model.config.num_labels != 1:
         what = "no trained score head" if info["missing_keys"] else f"{model.config.num_labels} labels"
         raise UserError(f"--reward_model {path} has {what}: it is not a reward model; train one with reward_model.py")
-    return freeze(model, rt)
+    return freeze(model, rt).to(rt.device)
 
 
 def freeze(model, rt):

@@ -168,8 +168,8 @@ def main():
     if args.lmbda > 0:
         dataset_completion(sources[0].row(0), tok)  # a clear error now rather than at the first off-policy step
 
-    student = M.add_lora(M.load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit), args)
-    teacher = M.freeze(M.load_model(teacher_path, rt, args.trust_remote_code), rt)
+    student = M.load_trained(path, rt, args)
+    teacher = M.load_frozen(teacher_path, rt, args.trust_remote_code)
     if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
         raise UserError(f"--teacher {args.teacher} has {teacher.get_output_embeddings().weight.shape[0]} output "
                         f"logits, the student {student.get_output_embeddings().weight.shape[0]}; they must match")
@@ -177,7 +177,6 @@ def main():
         student.gradient_checkpointing_enable()
     ddp = C.distribute(student, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
     opt, sched = C.optimizer_and_schedule(student, args)
-    rt.print(C.memory_report(student))
     step = 0
     if args.resume:
         step = R.restore_state(ckpt_path, student, opt, sched, args, rt)["step"]
@@ -236,6 +235,7 @@ def main():
         grad_norm = C.clip_grad_norm(student, args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
+        C.report_memory(student, opt, rt)  # once: what a rank holds
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1

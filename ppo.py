@@ -233,7 +233,8 @@ class PolicyAndValue(torch.nn.Module):
 
 def load_value_model(path, args, rt):
     model, info = M.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
-                               load_in_4bit=args.load_in_4bit, num_labels=1, output_loading_info=True)
+                               load_in_4bit=args.load_in_4bit, device="cpu" if args.fsdp else None, num_labels=1,
+                               output_loading_info=True)
     head = model.score if hasattr(model, "score") else model.classifier
     if any(k.startswith(("score.", "classifier.")) for k in info["missing_keys"]):
         # [detail: scalar head initialisation] std 1/sqrt(d_model + 1), so values are O(1) at any width.
@@ -285,8 +286,8 @@ def main():
     # The four models. Dropout is off in all of them ([detail: dropout disabled], M.load_model), the reference and
     # reward model are frozen in inference mode with no optimizer state; only the policy and value model are trained.
     # With LoRA (--lora_r) the reference is the policy with its adapter off (M.adapter_off): one model in memory.
-    policy = M.add_lora(M.load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit), args)
-    ref = policy if args.lora_r else M.freeze(M.load_model(path, rt, args.trust_remote_code), rt)
+    policy = M.load_trained(path, rt, args)
+    ref = policy if args.lora_r else M.load_frozen(path, rt, args.trust_remote_code)
     rm = rm_tok = None
     if args.reward == "model":
         rm_path = M.resolve_model(args.reward_model, rt)
@@ -303,7 +304,6 @@ def main():
     value_lr = args.value_learning_rate or args.learning_rate
     opt, sched = C.optimizer_and_schedule(model, args, [(policy.parameters(), args.learning_rate),
                                                         (value.parameters(), value_lr)])
-    rt.print(C.memory_report(model))
     kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
     step = 0
     if args.resume:
@@ -393,6 +393,7 @@ def main():
                             entropy, entropy_tokens = entropy + (ent * mask[j]).sum(), entropy_tokens + mask[j].sum()
                 C.clip_grad_norm(model, args.max_grad_norm)  # [detail: gradient clipping]
                 opt.step()
+                C.report_memory(model, opt, rt)  # once: what a rank holds
                 opt.zero_grad(set_to_none=True)
         lr = sched.get_last_lr()[0]
         sched.step()

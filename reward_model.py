@@ -190,7 +190,8 @@ def main():
     # Model: one scalar head on the language model. A new head starts with std 1/sqrt(d_model + 1)
     # ("N implementation details of RLHF with PPO"), so initial rewards are O(1) whatever the width.
     model, info = M.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
-                               load_in_4bit=args.load_in_4bit, num_labels=1, output_loading_info=True)
+                               load_in_4bit=args.load_in_4bit, device="cpu" if args.fsdp else None, num_labels=1,
+                               output_loading_info=True)
     head = model.score if hasattr(model, "score") else model.classifier
     if any(k.startswith(("score.", "classifier.")) for k in info["missing_keys"]):
         torch.nn.init.normal_(head.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
@@ -204,7 +205,6 @@ def main():
     scorer = Scorer(model)
     ddp = C.distribute(scorer, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
     opt, sched = C.optimizer_and_schedule(model, args)
-    rt.print(C.memory_report(model))
     step = 0
     if args.resume:
         step = R.restore_state(ckpt_path, model, opt, sched, args, rt)["step"]
@@ -252,6 +252,7 @@ def main():
         grad_norm = C.clip_grad_norm(model, args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
+        C.report_memory(model, opt, rt)  # once: what a rank holds
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1

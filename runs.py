@@ -9,6 +9,7 @@ beside it) and --resume continues from it. `run` turns a user's mistake into one
 into a stop that names the last good checkpoint, Ctrl-C into a pointer to the last checkpoint (exit 130); `finish`
 leaves cleanly under torchrun.
 """
+import copy
 import glob
 import importlib
 import importlib.util
@@ -316,7 +317,10 @@ def save_pretrained(model, tok, output_dir, rt):
         base = model.get_base_model()
         if getattr(base, "is_loaded_in_4bit", False):  # QLoRA: merged into the base model's fp32 weights, not NF4 ones
             from peft import PeftModel
-            fp32 = type(base).from_pretrained(model.peft_config["default"].base_model_name_or_path, dtype=torch.float32)
+            config = copy.deepcopy(base.config)  # a reward model's one label and pad id, without the 4-bit setting
+            del config.quantization_config
+            fp32 = type(base).from_pretrained(model.peft_config["default"].base_model_name_or_path, config=config,
+                                              dtype=torch.float32)
             model = PeftModel.from_pretrained(fp32, adapter)
         model = model.merge_and_unload()
     model.save_pretrained(tmp, state_dict=full)

@@ -181,13 +181,12 @@ def main():
                             args.seed, unlimited={i for i, s in enumerate(sources) if s.unlimited})
 
     # Model, optimizer, schedule
-    model = M.add_lora(M.load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit), args)
+    model = M.load_trained(path, rt, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     ddp = C.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
     opt, sched = C.optimizer_and_schedule(model, args)
-    rt.print(C.memory_report(model))
     step, num_tokens = 0, 0
     if args.resume:
         state = R.restore_state(ckpt_path, model, opt, sched, args, rt)
@@ -219,19 +218,24 @@ def main():
         n_target = C.all_reduce(float(n_local), rt).item()
         nll_sum, tokens = 0.0, sum(len(ids) for ids, _ in examples)
         micro = list(batches(examples, args.micro_batch_size, tok.pad_token_id))
-        for k, (x, mask, y) in enumerate(micro):
-            # Gradients are all-reduced over ranks once per step, on the last micro-batch.
+        # Under FSDP each micro-batch is a collective step: a rank short of them (generated examples dropped for
+        # length) repeats its last one with weight 0, so that every rank runs as many.
+        n_micro = int(C.all_reduce(len(micro), rt, op="max").item())
+        weights, micro = [1.0] * len(micro) + [0.0] * (n_micro - len(micro)), micro + micro[-1:] * (n_micro - len(micro))
+        for k, ((x, mask, y), w) in enumerate(zip(micro, weights)):
+            # Under DDP gradients are all-reduced over ranks once per step, on the last micro-batch.
             with C.no_sync(ddp, k < len(micro) - 1):
                 nll, _ = token_nll(ddp, x, mask, y, rt)
                 # DDP averages gradients over ranks; scaling by world_size turns that average into the global sum.
-                (nll * rt.world_size / n_target).backward()
-            nll_sum += nll.item()
+                (w * nll * rt.world_size / n_target).backward()
+            nll_sum += w * nll.item()
         loss = C.all_reduce(nll_sum, rt).item() / n_target
         if not math.isfinite(loss):
             raise R.Diverged(f"the loss became {loss} at step {step + 1}")
         grad_norm = C.clip_grad_norm(model, args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
+        C.report_memory(model, opt, rt)  # once: what a rank holds
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -242,12 +246,14 @@ def main():
         tps = tokens / seconds
         row = {"step": step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm, "num_tokens": num_tokens,
                "tokens_per_second": tps, "seconds_per_step": seconds}
-        with C.unsharded(model):
-            if eval_examples and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
-                row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
-            if step == args.max_steps and answerable:
-                row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens,
-                                              grader=args.grader)[0])
+        due = eval_examples and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps)
+        if due or (step == args.max_steps and answerable):
+            with C.unsharded(model):
+                if due:
+                    row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
+                if step == args.max_steps and answerable:
+                    row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens,
+                                                  grader=args.grader)[0])
         log.log(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")

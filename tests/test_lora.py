@@ -2,6 +2,7 @@
 DPO, GRPO and PPO is the base model with the adapter off, a LoRA run learns what it is shown, the output is the merged
 model (it loads with plain from_pretrained and generates) with the adapter beside it, checkpoints hold the adapter
 and resume exactly, and bad LoRA settings are refused."""
+import importlib.util
 import json
 import math
 import os
@@ -195,6 +196,15 @@ def test_reward_model_and_opd_with_lora(tiny_model_dir, pets_model, cats_model, 
                   write_jsonl(tmp_path / "p.jsonl", PAIRS),
                   "--eval_size", "0", "--max_steps", "3", "--batch_size", "8", "--precision", "fp32", "--lora_r", "4"))
     only_the_adapter_moved(tiny_model_dir, out, "AutoModelForSequenceClassification")
+    if importlib.util.find_spec("bitsandbytes"):  # QLoRA: the adapter merged into the fp32 reward model, its one label kept
+        out = str(tmp_path / "rm4")
+        ok(run_script("reward_model.py", "--model", tiny_model_dir, "--output_dir", out, "--dataset",
+                      write_jsonl(tmp_path / "p.jsonl", PAIRS), "--eval_size", "0", "--max_steps", "2",
+                      "--batch_size", "8", "--precision", "fp32", "--lora_r", "4", "--load_in_4bit"))
+        only_the_adapter_moved(tiny_model_dir, out, "AutoModelForSequenceClassification")
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(out)
+        assert config.num_labels == 1 and not hasattr(config, "quantization_config")
     out = str(tmp_path / "opd")
     ok(run_script("opd.py", "--model", pets_model, "--teacher", cats_model, "--output_dir", out, "--dataset",
                   write_jsonl(tmp_path / "pets.jsonl", [PETS] * 8), "--eval_size", "0", "--precision", "fp32",
