@@ -101,8 +101,9 @@ def distribute(model, args, rt):
     gradients are all-reduced; or with --fsdp FSDP2 (torch's fully_shard; Zhao et al. 2023, arXiv:2304.11277, with
     per-parameter sharding): every decoder layer, then the rest (model), sharded over the ranks, so that each rank
     holds 1/N of the weights, gradients and AdamW state and gathers a layer's weights only while it runs. Under bf16
-    the weights are gathered in bf16 and the gradients reduced in fp32 (MixedPrecisionPolicy); autocast runs the ops
-    as under DDP. Call it before building the optimizer: fully_shard replaces the parameters by sharded DTensors."""
+    the weights are gathered in bf16 and the gradients reduced in fp32 (MixedPrecisionPolicy, as torchtitan): the
+    whole forward runs in bf16, where DDP's autocast keeps embeddings, norms and the residual stream in fp32. Call it
+    before building the optimizer: fully_shard replaces the parameters by sharded DTensors."""
     if not getattr(args, "fsdp", False):
         return DDP(model) if rt.world_size > 1 else model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -57,8 +57,8 @@ import torch
 from tqdm import tqdm
 
 import common as C
-import models as M
 import data as D
+import models as M
 import runs as R
 import tasks as T
 from runs import UserError, arg

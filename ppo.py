@@ -36,8 +36,8 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
 import common as C
-import models as M
 import data as D
+import models as M
 import runs as R
 import tasks as T
 from runs import UserError, arg

@@ -504,7 +504,7 @@ def restore_state(path, model, opt, sched, args, rt, must_match=()):
         if not _same_setting(state["args"].get(k, getattr(args, k, None)), getattr(args, k, None)):
             raise UserError(f"--resume: the checkpoint was made with --{k} {state['args'].get(k)}, not {getattr(args, k)}")
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]  # from this run's arguments
-    if "shards" in state:  # FSDP: each rank reads its shards (of any number of ranks before)
+    if "shards" in state:  # FSDP: each rank reads its shards back
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         weights, optimizer = get_state_dict(model, opt)

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common as C
-import models as M
 import data as D
+import models as M
 import runs as R
 from runs import UserError, arg
 

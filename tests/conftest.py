@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import common as C
-import models as M
 import data as D
+import models as M
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import common as C
-import models as M
 import data as D
+import models as M
 import runs as R
 import tasks as T
 from conftest import ROOT

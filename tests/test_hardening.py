@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import common as C
-import models as M
 import data as D
+import models as M
 import runs as R
 from conftest import ROOT, ok, read_metrics, run_script, write_jsonl
 
