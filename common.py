@@ -379,7 +379,7 @@ def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, 
     (repetition_penalty, no_repeat_ngram_size, min_p, top_k...), which the training forward knows nothing about.
     It is also faster: identical prompts (a GRPO group) are prefilled once and their cache copied; a row that has
     emitted EOS leaves the batch; one autocast region covers the whole loop, so autocast casts each weight to bf16
-    once per call (it caches casts of weights that require grad; frozen models come pre-cast, see `freeze`)."""
+    once per call (it caches casts of weights that require grad; frozen models come pre-cast, see `models.freeze`)."""
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()

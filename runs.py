@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 from dataclasses import asdict, field, fields
 
 import torch
@@ -168,8 +169,10 @@ def _leave(code, message):
     for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line before the message
         bar.close()
     release_output_dir()
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(message, file=sys.stderr, flush=True)
+    rank = int(os.environ.get("RANK", 0))
+    if rank:  # under torchrun rank 0 says it (a mistake in the arguments stops every rank), and torchrun then stops
+        time.sleep(3)  # the others; a rank whose error is its own says it, after waiting for rank 0 to go first
+    print(f"[rank {rank}] {message}" if rank else message, file=sys.stderr, flush=True)
     os._exit(code)  # skip interpreter teardown: under torchrun it can abort after the work is done
 
 
