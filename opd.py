@@ -24,9 +24,9 @@ which tends to β KL(P_T || P_θ) as β → 0 and to (1-β) KL(P_θ || P_T) as �
 distillation; the jsd loss is used on those steps, since the sampled-token reward needs samples of π_θ).
 The teacher must share the student's tokenizer; one that does not is refused (TRL #3028).
 
-    python opd.py --teacher out/grpo          # student: the embedded SmolLM2-135M-Instruct; built-in task
-    torchrun --nproc_per_node=2 opd.py ...    # DDP, same code path
-    torchrun --nproc_per_node=2 opd.py ... --fsdp# FSDP2: weights, gradients, AdamW state sharded
+    python opd.py --teacher out/grpo                # student: the embedded SmolLM2-135M-Instruct; built-in task
+    torchrun --nproc_per_node=2 opd.py ...          # DDP, same code path
+    torchrun --nproc_per_node=2 opd.py ... --fsdp   # FSDP2: weights, gradients, AdamW state sharded
 """
 import math
 import random

@@ -88,7 +88,6 @@ def main():
     n = sum(count.values())
     ref = reference(path)
     modes = {m: held(path, rt, m, a.lora_r) for m in ("full", "lora", "qlora")}
-    sampling = {k: 2 * v for k, v in count.items()}  # FSDP: the whole policy gathered in bf16 while sampling
     modes[f"FSDP on {a.fsdp}"] = {k: v / a.fsdp for k, v in modes["full"].items()}
     gibs = [float(x) for x in a.memory_gib.split(",")]
     print(f"{a.model}: {n / 1e6:.1f}M parameters, {100 * count['linear'] / n:.0f}% of them in the decoder's linear "
@@ -97,11 +96,10 @@ def main():
           "linear layers | " + " | ".join(f"largest model, SFT / GRPO, in {x:g} GiB" for x in gibs) + " |")
     print("|---" * (4 + len(gibs)) + "|")
     for mode, b in modes.items():
-        extra = {k: ref[k] if mode == "full" else 0 for k in ref}  # the reference: none with an adapter
-        if mode.startswith("FSDP"):
-            extra = {k: ref[k] + sampling[k] for k in ref}
+        # GRPO adds the reference (none with an adapter) and under FSDP the bf16 policy gathered while sampling
+        extra = 0 if mode in ("lora", "qlora") else ref["linear"] + (2 * count["linear"] if mode != "full" else 0)
         sft_all = sum(b.values()) / n
-        sft, grpo = b["linear"] / count["linear"], (b["linear"] + extra["linear"]) / count["linear"]
+        sft, grpo = b["linear"] / count["linear"], (b["linear"] + extra) / count["linear"]
         fits = [f"{x * 2**30 / sft / 1e9:.1f}B / {x * 2**30 / grpo / 1e9:.1f}B" for x in gibs]
         print(f"| {mode} | {sft_all:.2f} | {sft:.2f} | {grpo:.2f} | " + " | ".join(fits) + " |")
 
