@@ -1,13 +1,13 @@
-"""Plumbing shared by every script: nothing in here changes what an algorithm does.
+"""What every method shares and what defines the policy's numbers: the one shared module to read.
 
-Device / DDP / precision setup, log-prob gathering, reward-model scores, batched sampling with the KV cache, the
-optimizer and its schedule. If you want to change a loss, an advantage or a rollout, that code lives in the method's
-own script. Beside this file: models.py loads models (and their LoRA adapters), data.py reads datasets in their
-formats and masks chat templates, runs.py owns a run's arguments, output folder, logs and checkpoints, tasks.py holds
-the built-in tasks, the answer grader and the calling of users' reward functions.
+Setup (device, DDP/FSDP, precision, seeds), padding, chat-template masking (which tokens are trained),
+log-prob gathering (from logits / temperature, with the KV cache shared by a GRPO group's prompt), the sampler
+(batched, with the KV cache: the exact distribution every log-prob of RL is computed against) and reward-model
+scores. A loss, an advantage or a rollout lives in its method's script; the environment (tasks, prompts,
+grader, rewards) in tasks.py; loading, data formats, arguments, logs and checkpoints in plumbing/, which no
+method needs you to read.
 """
 import inspect
-import math
 import os
 import random
 from contextlib import contextmanager, nullcontext
@@ -18,9 +18,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import models as M
-from runs import Diverged, UserError
-from tasks import grade
+from plumbing.errors import Diverged, UserError
+from plumbing.models import unwrap
 
 IGNORE_INDEX = -100  # label of a token that is not trained (cross_entropy's ignore_index)
 
@@ -147,23 +146,6 @@ def clip_grad_norm(model, max_norm):
     return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
 
 
-_memory_reported = []
-
-
-def report_memory(model, opt, rt):
-    """Print, once and after the first optimizer step, what this rank holds for training, counted from the tensors:
-    weights, gradients and AdamW's state (under FSDP the rank's shards of them)."""
-    if _memory_reported:
-        return
-    _memory_reported.append(True)
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
-    weights = sum(local(p).nbytes for p in model.parameters())
-    grads = sum(local(p.grad).nbytes for p in model.parameters() if p.grad is not None)
-    state = sum(local(v).nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    rt.print(f"memory per rank: weights {weights / 2**20:.1f} MiB, gradients {grads / 2**20:.1f} MiB, AdamW state "
-             f"{state / 2**20:.1f} MiB")
-
-
 def set_seed(seed):
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA
@@ -198,6 +180,48 @@ def pad(seqs, value, side="right"):
         out[i, sl] = torch.tensor(s, dtype=dtype)
         mask[i, sl] = 1
     return out, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat-template masking: which tokens are trained
+MARKER = "\x00MARKER\x00"  # stands in for an assistant message's content to find where the content starts
+
+
+def tokenize_conversation(tok, messages, max_length, train_from=0):
+    """Tokens of a chat-templated conversation and their labels: the token id where the model is trained (every
+    assistant content token and the assistant's end-of-turn token) and IGNORE_INDEX everywhere else (system, user
+    and tool turns, assistant headers, template whitespace after end-of-turn).
+
+    Works without `{% generation %}` markers: the assistant spans are found by rendering the conversation up to
+    each assistant turn with and without it and comparing character offsets. Only assistant messages at index
+    >= train_from are trained (preference pairs score their last response, not the assistant turns of the
+    prompt). Returns (input_ids, labels) cut to max_length, or None when no trained token is left."""
+    text = tok.apply_chat_template(messages, tokenize=False)
+    marker = MARKER
+    while marker in text:  # a marker that the conversation itself never contains
+        marker += "\x00"
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or i < train_from:
+            continue
+        # Where the content starts: render the conversation up to this turn with a marker as its content.
+        marked = tok.apply_chat_template(messages[:i] + [{"role": "assistant", "content": marker}], tokenize=False)
+        start = marked.find(marker)
+        turn = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        if start < 0 or not text.startswith(turn) or turn[:start] != marked[:start]:
+            raise UserError("the chat template renders earlier turns differently once later turns are added; "
+                            "pass a prefix-consistent template with --chat_template")
+        end = start + len(turn[start:].rstrip())  # the newline after <|im_end|> is formatting, not output
+        spans.append((start, end))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"][:max_length]
+    labels = [IGNORE_INDEX] * len(ids)
+    for j, (a, b) in enumerate(enc["offset_mapping"][: len(ids)]):
+        if any(a < e and b > s for s, e in spans):  # the token overlaps an assistant span
+            labels[j] = ids[j]
+    if all(l == IGNORE_INDEX for l in labels):
+        return None
+    return ids, labels
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,7 +268,7 @@ def token_entropy(logits, temperature=1.0, chunk_size=256):
 
 def cache_kwarg(model):
     """The name under which this model's forward takes a KV cache (transformers 5 renames past_key_values)."""
-    model = M.unwrap(model)
+    model = unwrap(model)
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -302,48 +326,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reward-model scores
-def sequence_scores(model, input_ids, attention_mask, prefix=None):
-    """(B,) scalar scores of an AutoModelForSequenceClassification with one label, read at each row's last real
-    token as the attention mask says, whatever the padding side. transformers' own pooling finds the last token
-    that is not the pad id, which misreads rows when pad == EOS or the padding is on the left (TRL #3750, #2778).
-    With prefix = (prefix_ids (U, P) left-padded, prefix_mask, index (B,)), row i of input_ids (right-padded, at
-    least one token) continues prefix index[i], which goes through the model once, as in shared_prefix_logits."""
-    T, model = input_ids.shape[1], M.unwrap(model)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # position ids that ignore left padding
-    mask, kv = attention_mask, {}
-    if prefix is not None:
-        from transformers import DynamicCache
-        prefix_ids, prefix_mask, index = prefix
-        cache = DynamicCache(config=model.config)
-        kv = {cache_kwarg(model): cache}
-        model.base_model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True,
-                         position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), **kv)
-        cache.batch_select_indices(index)  # U prefixes -> B rows
-        positions, mask = positions + prefix_mask.sum(-1)[index, None], torch.cat([prefix_mask[index], mask], 1)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=bool(kv),
-                              **kv).last_hidden_state
-    last = (attention_mask * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
-    head = model.score if hasattr(model, "score") else model.classifier
-    return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
-
-
-@torch.no_grad()
-def score_responses(model, tok, prompts, responses, rt, batch_size=16):
-    """Reward-model scores of (prompt, response) pairs, batched: prompts are message lists, responses strings.
-    This is how ppo.py and grpo.py call a model trained by reward_model.py. Returns a (N,) fp32 tensor on the CPU."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = [tok(tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False),
-                   add_special_tokens=False)["input_ids"] for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
-        x, mask = pad(ids, tok.pad_token_id)
-        with rt.autocast():
-            out.append(sequence_scores(model, x.to(rt.device), mask.to(rt.device)).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Generation and the answer grader
+# The sampler: batched generation with the KV cache
 def encode_prompts(tok, prompts):
     """Message-list prompts -> token id lists of the chat template with the assistant header (generation prompt)."""
     return [tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
@@ -435,37 +418,42 @@ def generate(model, tok, prompts, rt, max_new_tokens=128, batch_size=32, tempera
     return ids, [tok.decode(row, skip_special_tokens=True) for row in ids]
 
 
-def evaluate_answers(model, tok, prompts, answers, rt, max_new_tokens=128, batch_size=32, grader="exact"):
-    """Greedy answers to held-out prompts (message lists) with known answers: {"eval/boxed": share with a \\boxed{},
-    "eval/accuracy": share correct by tasks.grade}. Under DDP each rank answers its share; the counts are summed."""
-    mine = list(zip(prompts, answers))[rt.rank :: rt.world_size]
-    _, texts = generate(model, tok, [p for p, _ in mine], rt, max_new_tokens, batch_size)
-    graded = [grade(t, a, grader) for t, (_, a) in zip(texts, mine)]
-    boxed, correct = (all_reduce(float(sum(g[k] for g in graded)), rt).item() for k in (0, 1))
-    return {"eval/boxed": boxed / len(prompts), "eval/accuracy": correct / len(prompts)}, texts
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Learning-rate schedule, logging, checkpoints
-def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.0):
-    """Multiplier of the peak learning rate: linear warmup, then cosine decay to min_ratio at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+# Reward-model scores
+def sequence_scores(model, input_ids, attention_mask, prefix=None):
+    """(B,) scalar scores of an AutoModelForSequenceClassification with one label, read at each row's last real
+    token as the attention mask says, whatever the padding side. transformers' own pooling finds the last token
+    that is not the pad id, which misreads rows when pad == EOS or the padding is on the left (TRL #3750, #2778).
+    With prefix = (prefix_ids (U, P) left-padded, prefix_mask, index (B,)), row i of input_ids (right-padded, at
+    least one token) continues prefix index[i], which goes through the model once, as in shared_prefix_logits."""
+    T, model = input_ids.shape[1], unwrap(model)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # position ids that ignore left padding
+    mask, kv = attention_mask, {}
+    if prefix is not None:
+        from transformers import DynamicCache
+        prefix_ids, prefix_mask, index = prefix
+        cache = DynamicCache(config=model.config)
+        kv = {cache_kwarg(model): cache}
+        model.base_model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True,
+                         position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), **kv)
+        cache.batch_select_indices(index)  # U prefixes -> B rows
+        positions, mask = positions + prefix_mask.sum(-1)[index, None], torch.cat([prefix_mask[index], mask], 1)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=bool(kv),
+                              **kv).last_hidden_state
+    last = (attention_mask * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
+    head = model.score if hasattr(model, "score") else model.classifier
+    return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
 
-def optimizer_and_schedule(model, args, groups=None):
-    """AdamW over the trainable parameters, linear warmup then cosine decay (--learning_rate, --warmup_steps,
-    --min_lr_ratio, --weight_decay, --adam_beta1, --adam_beta2, --max_steps). groups: [(parameters, peak learning rate)] to give parts of the
-    model their own rate (the schedule scales each)."""
-    groups = [{"params": [p for p in ps if p.requires_grad], "lr": lr}
-              for ps, lr in (groups or [(model.parameters(), args.learning_rate)])]
-    # The fused kernel updates all parameters in one pass over memory (~2x faster than the default on a CPU).
-    fused = groups[0]["params"][0].device.type in ("cpu", "cuda")
-    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
-    return opt, sched
-
-
+@torch.no_grad()
+def score_responses(model, tok, prompts, responses, rt, batch_size=16):
+    """Reward-model scores of (prompt, response) pairs, batched: prompts are message lists, responses strings.
+    This is how ppo.py and grpo.py call a model trained by reward_model.py. Returns a (N,) fp32 tensor on the CPU."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [tok(tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False),
+                   add_special_tokens=False)["input_ids"] for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
+        x, mask = pad(ids, tok.pad_token_id)
+        with rt.autocast():
+            out.append(sequence_scores(model, x.to(rt.device), mask.to(rt.device)).cpu())
+    return torch.cat(out) if out else torch.zeros(0)

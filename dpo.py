@@ -47,16 +47,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import common as C
-import data as D
-import models as M
-import runs as R
-from runs import UserError, arg
+import common
+import tasks
+from plumbing import data, formats, models, runs
+from plumbing.args import arg, at_least, check_args, parse_args, POSITIVE
+from plumbing.errors import Diverged, UserError
 
 
 @dataclass
 class Args:
-    model: str = arg(M.DEFAULT_MODEL, "policy to train: Hub id, local folder (e.g. sft.py's --output_dir) or .gguf")
+    model: str = arg(models.DEFAULT_MODEL, "policy to train: Hub id, local folder (e.g. sft.py's --output_dir) or .gguf")
     ref_model: Optional[str] = arg(None, "reference model (default: a frozen copy of the starting policy)")
     dataset: str = arg("arithmetic_preferences", "built-in task, local .jsonl/.json/.parquet/.csv or Hub id with "
                        "prompt/chosen/rejected or implicit-prompt chosen/rejected; comma-separated for a mixture")
@@ -125,8 +125,8 @@ class Args:
             raise UserError("--label_smoothing must be in [0, 0.5), and above 0 for --loss_type robust")
         if self.label_smoothing and self.loss_type in ("ipo", "simpo", "orpo", "kto"):
             raise UserError(f"--label_smoothing applies to sigmoid and robust, not to --loss_type {self.loss_type}")
-        R.check_args(self, beta=R.POSITIVE, simpo_gamma=R.at_least(0), desirable_weight=R.at_least(0),
-                     undesirable_weight=R.at_least(0))
+        check_args(self, beta=POSITIVE, simpo_gamma=at_least(0), desirable_weight=at_least(0),
+                     undesirable_weight=at_least(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,33 +193,33 @@ def preference_loss(chosen, rejected, ref_chosen, ref_rejected, args):
 def response_logps(model, pairs, rt, pad_id):
     """Chosen and rejected of `pairs` in one pass -> per-sequence summed response log-probs and response lengths,
     each (2B,): the B chosen first, then the B rejected. The prompt a pair's responses share goes through the model
-    once, its KV cache feeding both (C.shared_prefix_logits); with gradient checkpointing, which keeps no cache,
+    once, its KV cache feeding both (common.shared_prefix_logits); with gradient checkpointing, which keeps no cache,
     the 2B whole sequences go through one concatenated forward."""
     chosen, rejected = [p[0] for p in pairs], [p[1] for p in pairs]  # KTO's items carry a label third
     seqs, dev = chosen + rejected, rt.device  # (ids, labels) of the 2B sequences
 
     def start(labels):  # the first labelled token
-        return next(j for j, l in enumerate(labels) if l != C.IGNORE_INDEX)
+        return next(j for j, l in enumerate(labels) if l != common.IGNORE_INDEX)
 
-    def common(a, b):  # the length of the common prefix
+    def shared(a, b):  # the length of the common prefix
         return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
     # n: where a pair's sequences part; before it (prompt, assistant header) both are the same tokens.
-    n = [min(start(cl), start(rl), common(c, r)) for (c, cl), (r, rl) in zip(chosen, rejected)]
-    if C.can_share_prefix(model) and min(n) > 0:
-        prefix, prefix_mask = C.pad([c[:k] for (c, _), k in zip(chosen, n)], pad_id, side="left")
-        x, mask = C.pad([ids[k:] for (ids, _), k in zip(seqs, n + n)], pad_id)
-        targets, _ = C.pad([labels[k:] for (_, labels), k in zip(seqs, n + n)], C.IGNORE_INDEX)  # (2B, Tr)
+    n = [min(start(cl), start(rl), shared(c, r)) for (c, cl), (r, rl) in zip(chosen, rejected)]
+    if common.can_share_prefix(model) and min(n) > 0:
+        prefix, prefix_mask = common.pad([c[:k] for (c, _), k in zip(chosen, n)], pad_id, side="left")
+        x, mask = common.pad([ids[k:] for (ids, _), k in zip(seqs, n + n)], pad_id)
+        targets, _ = common.pad([labels[k:] for (_, labels), k in zip(seqs, n + n)], common.IGNORE_INDEX)  # (2B, Tr)
         index = torch.arange(len(pairs)).repeat(2)  # row i continues pair i mod B
-        logits = C.shared_prefix_logits(model, prefix.to(dev), prefix_mask.to(dev), index.to(dev), x.to(dev),
+        logits = common.shared_prefix_logits(model, prefix.to(dev), prefix_mask.to(dev), index.to(dev), x.to(dev),
                                         mask.to(dev), rt)  # (2B, Tr, V): position t predicts targets[:, t]
         targets = targets.to(dev)
     else:
-        x, mask = C.pad([ids for ids, _ in seqs], pad_id)
-        y, _ = C.pad([labels for _, labels in seqs], C.IGNORE_INDEX)
-        logits, targets = C.label_logits(model, x.to(dev), mask.to(dev), y.to(dev), rt)  # prompt positions skipped
-    keep = targets != C.IGNORE_INDEX
-    logps = C.gather_logprobs(logits, targets.clamp(min=0)) * keep
+        x, mask = common.pad([ids for ids, _ in seqs], pad_id)
+        y, _ = common.pad([labels for _, labels in seqs], common.IGNORE_INDEX)
+        logits, targets = common.label_logits(model, x.to(dev), mask.to(dev), y.to(dev), rt)  # prompt positions skipped
+    keep = targets != common.IGNORE_INDEX
+    logps = common.gather_logprobs(logits, targets.clamp(min=0)) * keep
     return logps.sum(-1), keep.sum(-1)
 
 
@@ -229,7 +229,7 @@ def reference_logps(model, pairs, rt, pad_id, batch_size):
     LoRA policy is its own reference with the adapter off."""
     was_training, out = model.training, []
     model.eval()
-    with M.adapter_off(model):
+    with models.adapter_off(model):
         for i in range(0, len(pairs), batch_size):
             lp, _ = response_logps(model, pairs[i : i + batch_size], rt, pad_id)
             out.append(lp.view(2, -1).t().float().cpu())
@@ -283,7 +283,7 @@ def batch_metrics(model, pairs, ref, args, rt, pad_id):
 def reduce_metrics(totals, n, rt, loss_type):
     """Metric sums of the micro-batches -> means over the n examples of all ranks. KTO's rewards and log-probs are
     means over the desirable (chosen) and the undesirable (rejected) examples, as TRL logs them."""
-    row = {k: (C.all_reduce(v, rt) / n).item() for k, v in totals.items()}
+    row = {k: (common.all_reduce(v, rt) / n).item() for k, v in totals.items()}
     if loss_type == "kto":
         count = {side: row.pop(f"count/{side}") for side in ("chosen", "rejected")}
         for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
@@ -318,7 +318,7 @@ class Unpaired:
 
     def example(self, i):
         if self.paired:
-            prompt, chosen, rejected = D.preference_pair(self.ds[i // 2])
+            prompt, chosen, rejected = formats.preference_pair(self.ds[i // 2])
             return prompt, chosen if i % 2 == 0 else rejected, i % 2 == 0
         row = self.ds[i]
         if "prompt" not in row or "completion" not in row:
@@ -326,12 +326,12 @@ class Unpaired:
         label = str(row["label"]).lower()
         if label not in ("true", "false", "1", "0"):
             raise UserError(f"`label` {row['label']!r}: use true (desirable) or false")
-        return D.as_messages(row["prompt"], "user"), D.as_messages(row["completion"], "assistant"), label in ("true", "1")
+        return formats.as_messages(row["prompt"], "user"), formats.as_messages(row["completion"], "assistant"), label in ("true", "1")
 
     def encode(self, i, tok, max_length):
         """(prompt + completion, prompt + the completion two rows on, desirable) tokenized; None when too long."""
         prompt, completion, desirable = self.example(i)
-        x = D.tokenize_pair(tok, prompt, completion, self.example((i + 2) % self.n)[1], max_length)
+        x = formats.tokenize_pair(tok, prompt, completion, self.example((i + 2) % self.n)[1], max_length)
         return None if x is None else (*x, desirable)
 
 
@@ -355,10 +355,10 @@ class PairStream:
         self.args, self.tok, self.kto, self.cache = args, tok, args.loss_type == "kto", {}
         self.sources = [ds if getattr(ds, "unlimited", False)
                         else unpaired_items(ds, tok, args.max_length, name, rt) if self.kto
-                        else D.tokenize_preferences(ds, tok, args.max_length, name, rt)
+                        else formats.tokenize_preferences(ds, tok, args.max_length, name, rt)
                         for (name, _), ds in zip(mixture, raw)]
         self.names = [name for name, _ in mixture]
-        order = D.mixture_order([len(s) for s in self.sources], [w for _, w in mixture],
+        order = data.mixture_order([len(s) for s in self.sources], [w for _, w in mixture],
                                 args.max_steps * args.batch_size, args.seed,
                                 unlimited={i for i, s in enumerate(self.sources) if not isinstance(s, list)})
         self.mine = [order[k] for k in range(len(order)) if (k % args.batch_size) % rt.world_size == rt.rank]
@@ -372,7 +372,7 @@ class PairStream:
         if key not in self.cache:
             src, a = self.sources[s], self.args
             self.cache[key] = (src[i] if isinstance(src, list) else src.encode(i, self.tok, a.max_length) if self.kto
-                               else D.tokenize_pair(self.tok, *D.preference_pair(src[i]), a.max_length))
+                               else formats.tokenize_pair(self.tok, *formats.preference_pair(src[i]), a.max_length))
             if self.cache[key] is None:
                 raise UserError(f"a generated pair of {self.names[s]} exceeds --max_length {a.max_length}; raise it")
         return self.cache[key]
@@ -386,9 +386,9 @@ def heldout_sets(args, heldout, tok, rt):
     elif args.loss_type == "kto":
         pairs = unpaired_items(Unpaired(rows), tok, args.max_length, "held-out", rt)
     else:
-        pairs = D.tokenize_preferences(rows, tok, args.max_length, "held-out", rt)
+        pairs = formats.tokenize_preferences(rows, tok, args.max_length, "held-out", rt)
     answerable = [heldout[i] for i in range(min(args.eval_generations, len(heldout))) if "answer" in heldout[i]]
-    prompts = [D.as_messages(r["prompt"], "user") if "label" in r else D.preference_pair(r)[0] for r in answerable]
+    prompts = [formats.as_messages(r["prompt"], "user") if "label" in r else formats.preference_pair(r)[0] for r in answerable]
     return pairs, prompts, [r["answer"] for r in answerable]
 
 
@@ -403,13 +403,13 @@ class Reference:
         if args.loss_type in REFERENCE_FREE:
             return
         if args.ref_model:
-            ref_path = M.resolve_model(args.ref_model, rt)
-            M.check_same_vocab(tok, ref_path, "--ref_model", args.trust_remote_code)
-            ref = M.load_frozen(ref_path, rt, args.trust_remote_code)
+            ref_path = models.resolve_model(args.ref_model, rt)
+            models.check_same_vocab(tok, ref_path, "--ref_model", args.trust_remote_code)
+            ref = models.load_frozen(ref_path, rt, args.trust_remote_code)
         else:  # the starting policy: as it is when its log-probs are precomputed before it changes, or with LoRA
-            # the policy with its adapter off (M.adapter_off); otherwise a frozen copy, loaded from `path` again
+            # the policy with its adapter off (models.adapter_off); otherwise a frozen copy, loaded from `path` again
             lora = hasattr(model, "peft_config")
-            ref = model if args.precompute_ref_log_probs or lora else M.load_frozen(path, rt, args.trust_remote_code)
+            ref = model if args.precompute_ref_log_probs or lora else models.load_frozen(path, rt, args.trust_remote_code)
         if not args.precompute_ref_log_probs:
             self.model = ref
             return
@@ -434,37 +434,37 @@ class Reference:
 
 # ----------------------------------------------------------------------------------------------------------------
 def main():
-    args = R.parse_args(Args)
-    rt = C.setup(args.seed, args.device, args.precision)
-    C.split_batch(args, rt, cap=8)
-    ckpt_path = R.claim_output_dir(args, rt)
+    args = parse_args(Args)
+    rt = common.setup(args.seed, args.device, args.precision)
+    common.split_batch(args, rt, cap=8)
+    ckpt_path = runs.claim_output_dir(args, rt)
 
-    mixture, raw, heldout = D.load_splits(args, max(args.eval_size, args.eval_generations))
+    mixture, raw, heldout = data.load_splits(args, max(args.eval_size, args.eval_generations))
     if args.loss_type == "kto":
         raw = [Unpaired(ds) for ds in raw]  # single completions with a label; this checks the columns
     else:
         for ds in raw:
-            D.preference_pair(ds[0])  # checks the columns before any work
-    path = M.resolve_model(args.model, rt)
-    tok = M.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+            formats.preference_pair(ds[0])  # checks the columns before any work
+    path = models.resolve_model(args.model, rt)
+    tok = models.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     train = PairStream(args, mixture, raw, tok, rt)
     eval_pairs, prompts, answers = heldout_sets(args, heldout, tok, rt)
 
-    model = M.load_trained(path, rt, args)
+    model = models.load_trained(path, rt, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    ddp = C.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
-    with C.unsharded(model):  # FSDP: whole weights on each rank for the reference log-probs (ranks' shares differ)
+    ddp = common.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
+    with common.unsharded(model):  # FSDP: whole weights on each rank for the reference log-probs (ranks' shares differ)
         ref = Reference(args, model, path, tok, rt, train, eval_pairs)
-    opt, sched = C.optimizer_and_schedule(model, args)
+    opt, sched = runs.optimizer_and_schedule(model, args)
     step = 0
     if args.resume:
-        step = R.restore_state(ckpt_path, model, opt, sched, args, rt, must_match=("loss_type", "beta"))["step"]
-    log = R.begin_log(args, rt, step)
+        step = runs.restore_state(ckpt_path, model, opt, sched, args, rt, must_match=("loss_type", "beta"))["step"]
+    log = runs.begin_log(args, rt, step)
 
     @torch.no_grad()
-    @C.unsharded(model)  # FSDP: whole weights on each rank while evaluating, which needs no collective
+    @common.unsharded(model)  # FSDP: whole weights on each rank while evaluating, which needs no collective
     def evaluate(generate):
         row = {}
         if eval_pairs:
@@ -478,7 +478,7 @@ def main():
             row = {f"eval_{k}": v for k, v in reduce_metrics(totals, len(eval_pairs), rt, args.loss_type).items()}
             model.train()
         if generate and prompts:
-            row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens, grader=args.grader)[0])
+            row.update(tasks.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens, grader=args.grader)[0])
         return row
 
     row = {"step": step}
@@ -500,18 +500,18 @@ def main():
         for k in range(0, per_rank, args.micro_batch_size):
             keys_mb = batch_keys[k : k + args.micro_batch_size]
             pairs = [train[key] for key in keys_mb]
-            with C.no_sync(ddp, k + args.micro_batch_size < per_rank):
+            with common.no_sync(ddp, k + args.micro_batch_size < per_rank):
                 loss_sum, sums = batch_metrics(ddp, pairs, ref(pairs, keys=keys_mb), args, rt, tok.pad_token_id)
                 # Mean over the pairs of the whole batch; DDP averages over ranks, so scale by world_size.
                 (loss_sum * rt.world_size / args.batch_size).backward()
             totals = {n: totals.get(n, 0) + v for n, v in sums.items()}
         row = reduce_metrics(totals, args.batch_size, rt, args.loss_type)
         if not math.isfinite(row["loss"]):
-            raise R.Diverged(f"the loss became {row['loss']} at step {step + 1}")
-        grad_norm = C.clip_grad_norm(model, args.max_grad_norm)
+            raise Diverged(f"the loss became {row['loss']} at step {step + 1}")
+        grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
-        C.report_memory(model, opt, rt)  # once: what a rank holds
+        runs.report_memory(model, opt, rt)  # once: what a rank holds
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -525,18 +525,18 @@ def main():
         bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row.get('rewards/margins', math.nan):.3f}",
                         acc=f"{row.get('rewards/accuracies', math.nan):.2f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
-            R.save_state(ckpt_path, model, opt, sched, step, args, rt)
-            R.save_checkpoint_model(model, tok, args, step, rt)
+            runs.save_state(ckpt_path, model, opt, sched, step, args, rt)
+            runs.save_checkpoint_model(model, tok, args, step, rt)
     bar.close()
 
     if step == args.max_steps:
-        R.save_pretrained(model, tok, args.output_dir, rt)
+        runs.save_pretrained(model, tok, args.output_dir, rt)
         rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the model to {args.output_dir}")
     else:
         rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
-    R.finish(rt)
+    runs.finish(rt)
 
 
 if __name__ == "__main__":
-    R.run(main)
+    runs.run(main)

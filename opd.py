@@ -37,16 +37,16 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-import common as C
-import data as D
-import models as M
-import runs as R
-from runs import UserError, arg
+import common
+import tasks
+from plumbing import data, formats, models, runs
+from plumbing.args import arg, at_least, between, check_args, parse_args
+from plumbing.errors import Diverged, UserError
 
 
 @dataclass
 class Args:
-    model: str = arg(M.DEFAULT_MODEL, "the student: Hub id, local folder or .gguf file")
+    model: str = arg(models.DEFAULT_MODEL, "the student: Hub id, local folder or .gguf file")
     teacher: Optional[str] = arg(None, "the frozen teacher: any causal LM with the student's tokenizer (required)")
     loss: str = arg("reverse_kl", "reverse_kl (per-token reward on the student's samples) or jsd (generalized JSD "
                     "over full distributions, GKD)")
@@ -107,7 +107,7 @@ class Args:
     def __post_init__(self):
         if self.loss not in ("reverse_kl", "jsd"):
             raise UserError(f"--loss {self.loss}: choose reverse_kl or jsd")
-        R.check_args(self, micro_batch_size=R.at_least(1), beta=R.between(0, 1), lmbda=R.between(0, 1))
+        check_args(self, micro_batch_size=at_least(1), beta=between(0, 1), lmbda=between(0, 1))
         if not self.teacher:
             raise UserError("--teacher is required: a causal LM with the student's tokenizer (e.g. out/grpo)")
 
@@ -147,45 +147,45 @@ def completion_logits(model, P, P_mask, Y, Y_mask, rt):
 
 def dataset_completion(row, tok):
     """The dataset's own answer as completion token ids (its content, then EOS), for off-policy steps."""
-    msgs = D.conversation(row) if "completion" in row or "messages" in row else [{"role": "user"}]
+    msgs = formats.conversation(row) if "completion" in row or "messages" in row else [{"role": "user"}]
     if msgs[-1]["role"] != "assistant":
         raise UserError("--lmbda > 0 needs rows that end in an assistant answer (`completion` or `messages`)")
     return tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
 def main():
-    args = R.parse_args(Args)
-    rt = C.setup(args.seed, args.device, args.precision)
+    args = parse_args(Args)
+    rt = common.setup(args.seed, args.device, args.precision)
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of the {rt.world_size} ranks")
-    ckpt_path = R.claim_output_dir(args, rt)
+    ckpt_path = runs.claim_output_dir(args, rt)
 
-    path = M.resolve_model(args.model, rt)
-    tok = M.load_tokenizer(path, args.trust_remote_code, args.chat_template)
-    teacher_path = M.resolve_model(args.teacher, rt)
-    M.check_same_vocab(tok, teacher_path, "--teacher", args.trust_remote_code)  # TRL #3028: refuse, never guess
-    sources, graded, order = D.load_prompts(args, tok, rt)
+    path = models.resolve_model(args.model, rt)
+    tok = models.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    teacher_path = models.resolve_model(args.teacher, rt)
+    models.check_same_vocab(tok, teacher_path, "--teacher", args.trust_remote_code)  # TRL #3028: refuse, never guess
+    sources, graded, order = data.load_prompts(args, tok, rt)
     if args.lmbda > 0:
         dataset_completion(sources[0].row(0), tok)  # a clear error now rather than at the first off-policy step
 
-    student = M.load_trained(path, rt, args)
-    teacher = M.load_frozen(teacher_path, rt, args.trust_remote_code)
+    student = models.load_trained(path, rt, args)
+    teacher = models.load_frozen(teacher_path, rt, args.trust_remote_code)
     if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
         raise UserError(f"--teacher {args.teacher} has {teacher.get_output_embeddings().weight.shape[0]} output "
                         f"logits, the student {student.get_output_embeddings().weight.shape[0]}; they must match")
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    ddp = C.distribute(student, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
-    opt, sched = C.optimizer_and_schedule(student, args)
+    ddp = common.distribute(student, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
+    opt, sched = runs.optimizer_and_schedule(student, args)
     step = 0
     if args.resume:
-        step = R.restore_state(ckpt_path, student, opt, sched, args, rt)["step"]
-    log = R.begin_log(args, rt, step)
-    samples = R.SampleLog(args.output_dir, rt, step, args.num_completions_to_print)
+        step = runs.restore_state(ckpt_path, student, opt, sched, args, rt)["step"]
+    log = runs.begin_log(args, rt, step)
+    samples = runs.SampleLog(args.output_dir, rt, step, args.num_completions_to_print)
 
-    @C.unsharded(student)  # FSDP: whole weights on each rank while sampling, which needs no collective
+    @common.unsharded(student)  # FSDP: whole weights on each rank while sampling, which needs no collective
     def evaluate():
-        return C.evaluate_answers(student, tok, [p for p, _ in graded], [a for _, a in graded], rt,
+        return tasks.evaluate_answers(student, tok, [p for p, _ in graded], [a for _, a in graded], rt,
                                   args.max_new_tokens, args.generation_batch_size, grader=args.grader)[0] if graded else {}
 
     if step == 0 and graded:
@@ -206,25 +206,25 @@ def main():
         if off_policy:
             ids = [dataset_completion(sources[s].row(i), tok)[: args.max_new_tokens] for s, i in rows]
         else:
-            with C.unsharded(student):  # FSDP: whole weights on each rank while sampling: no collective
-                ids = C.generate_ids(student, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
+            with common.unsharded(student):  # FSDP: whole weights on each rank while sampling: no collective
+                ids = common.generate_ids(student, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
                                      args.temperature)
         t_gen = time.perf_counter() - t0
 
-        P, P_mask = (t.to(dev) for t in C.pad(prompt_ids, tok.pad_token_id, side="left"))
-        Y, Y_mask = (t.to(dev) for t in C.pad(ids, tok.pad_token_id))  # the mask covers each completion up to its EOS, inclusive
+        P, P_mask = (t.to(dev) for t in common.pad(prompt_ids, tok.pad_token_id, side="left"))
+        Y, Y_mask = (t.to(dev) for t in common.pad(ids, tok.pad_token_id))  # the mask covers each completion up to its EOS, inclusive
         mask = Y_mask.float()
-        num_tokens = C.all_reduce(mask.sum(), rt).clamp(min=1)
+        num_tokens = common.all_reduce(mask.sum(), rt).clamp(min=1)
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(ids), args.micro_batch_size)]
         t1 = time.perf_counter()
         sums, kls = {"loss": 0.0}, []  # the loss; Σ (log π_θ - log π_T) over each completion's tokens
         for k, mb in enumerate(micro):
-            with C.no_sync(ddp, k < len(micro) - 1):
+            with common.no_sync(ddp, k < len(micro) - 1):
                 s_logits = completion_logits(ddp, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt)  # (n, T, V)
                 with torch.no_grad():
                     t_logits = completion_logits(teacher, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt)
-                s_logp = C.gather_logprobs(s_logits, Y[mb], args.temperature)
-                t_logp = C.gather_logprobs(t_logits, Y[mb], args.temperature)
+                s_logp = common.gather_logprobs(s_logits, Y[mb], args.temperature)
+                t_logp = common.gather_logprobs(t_logits, Y[mb], args.temperature)
                 if args.loss == "reverse_kl" and not off_policy:
                     loss = reverse_kl_pg_loss(s_logp, t_logp, mask[mb], num_tokens)
                 else:
@@ -232,10 +232,10 @@ def main():
                 (loss * rt.world_size).backward()  # DDP averages over ranks; num_tokens is the global count
             sums["loss"] += loss.detach()
             kls.append(((s_logp - t_logp).detach() * mask[mb]).sum(1))
-        grad_norm = C.clip_grad_norm(student, args.max_grad_norm)
+        grad_norm = common.clip_grad_norm(student, args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
-        C.report_memory(student, opt, rt)  # once: what a rank holds
+        runs.report_memory(student, opt, rt)  # once: what a rank holds
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -244,14 +244,14 @@ def main():
         # ---- [plumbing] Metrics, reduced over ranks; held-out evaluation; checkpoint -------------------------------
         kls = torch.cat(kls)
         sums.update(kl=kls.sum(), completions=float(len(ids)))
-        sums = C.all_reduce_sums(sums, rt)
+        sums = common.all_reduce_sums(sums, rt)
         tokens = num_tokens.item()
         row = {"step": step, "loss": sums["loss"], "kl/student_teacher": sums["kl"] / tokens,
                "on_policy": int(not off_policy), "completions/mean_length": tokens / sums["completions"],
                "grad_norm": grad_norm, "learning_rate": lr, "time/generate_s": t_gen, "time/train_s": t_train,
                "seconds_per_step": time.perf_counter() - t0}
         if not math.isfinite(row["loss"]):
-            raise R.Diverged(f"the loss became {row['loss']} at step {step}")
+            raise Diverged(f"the loss became {row['loss']} at step {step}")
         if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row.update(evaluate())
         log.log(row)
@@ -263,19 +263,19 @@ def main():
         bar.set_postfix(kl=f"{row['kl/student_teacher']:.3f}", len=f"{row['completions/mean_length']:.0f}",
                         gen_s=f"{t_gen:.0f}", train_s=f"{t_train:.0f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
-            R.save_state(ckpt_path, student, opt, sched, step, args, rt)
-            R.save_checkpoint_model(student, tok, args, step, rt)
+            runs.save_state(ckpt_path, student, opt, sched, step, args, rt)
+            runs.save_checkpoint_model(student, tok, args, step, rt)
     bar.close()
 
     if step == args.max_steps:
-        R.save_pretrained(student, tok, args.output_dir, rt)
+        runs.save_pretrained(student, tok, args.output_dir, rt)
         if any(k.startswith("eval") for k in row):
             rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the student to {args.output_dir}")
     else:
         rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
-    R.finish(rt)
+    runs.finish(rt)
 
 
 if __name__ == "__main__":
-    R.run(main)
+    runs.run(main)

@@ -35,17 +35,16 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
-import common as C
-import data as D
-import models as M
-import runs as R
-import tasks as T
-from runs import UserError, arg
+import common
+import tasks
+from plumbing import data, models, runs
+from plumbing.args import arg, at_least, between, check_args, parse_args, POSITIVE
+from plumbing.errors import Diverged, UserError
 
 
 @dataclass
 class Args:
-    model: str = arg(M.DEFAULT_MODEL, "the policy to train: Hub id, local folder (e.g. sft.py's output) or .gguf")
+    model: str = arg(models.DEFAULT_MODEL, "the policy to train: Hub id, local folder (e.g. sft.py's output) or .gguf")
     reward: str = arg("model", "model (score responses with --reward_model), verifiable ("
                       "1[correct \\boxed{} answer] + --format_weight x 1[a \\boxed{} answer]), or a rule "
                       "path/to/file.py:function, called as TRL calls a reward function (prompts=, completions=, "
@@ -125,10 +124,10 @@ class Args:
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
 
     def __post_init__(self):
-        R.check_args(self, micro_batch_size=R.at_least(1), kl_coef=R.at_least(0), value_warmup_steps=R.at_least(0),
-                     value_learning_rate=R.POSITIVE, gamma=R.between(0, 1), lam=R.between(0, 1),
-                     cliprange=R.POSITIVE, cliprange_value=R.POSITIVE, vf_coef=R.at_least(0),
-                     target_kl=R.POSITIVE, kl_horizon=R.at_least(1))
+        check_args(self, micro_batch_size=at_least(1), kl_coef=at_least(0), value_warmup_steps=at_least(0),
+                     value_learning_rate=POSITIVE, gamma=between(0, 1), lam=between(0, 1),
+                     cliprange=POSITIVE, cliprange_value=POSITIVE, vf_coef=at_least(0),
+                     target_kl=POSITIVE, kl_horizon=at_least(1))
         if self.reward == "model" and not self.reward_model:
             raise UserError("--reward model needs --reward_model PATH (a reward_model.py output), or use --reward verifiable")
 
@@ -211,7 +210,7 @@ def token_values(value_model, prompt_ids, prompt_mask, response_ids, response_ma
     position that predicts token t (the prompt is left-padded, so position ids come from the mask)."""
     x, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
     T = response_ids.shape[1]
-    value_model = M.unwrap(value_model)  # LoRA (peft): its layers stay in the model unwrapped
+    value_model = models.unwrap(value_model)  # LoRA (peft): its layers stay in the model unwrapped
     with rt.autocast():
         hidden = value_model.base_model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                                         use_cache=False).last_hidden_state[:, -T - 1 : -1]  # (N, T, d)
@@ -227,12 +226,12 @@ class PolicyAndValue(torch.nn.Module):
         self.policy, self.value, self.rt, self.temperature = policy, value, rt, temperature
 
     def forward(self, P, P_mask, Y, Y_mask, with_entropy=False):
-        logp, entropy = C.completion_logprobs(self.policy, P, P_mask, Y, Y_mask, self.rt, self.temperature, with_entropy)
+        logp, entropy = common.completion_logprobs(self.policy, P, P_mask, Y, Y_mask, self.rt, self.temperature, with_entropy)
         return logp, token_values(self.value, P, P_mask, Y, Y_mask, self.rt), entropy
 
 
 def load_value_model(path, args, rt):
-    model, info = M.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
+    model, info = models.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
                                load_in_4bit=args.load_in_4bit, device="cpu" if args.fsdp else None, num_labels=1,
                                output_loading_info=True)
     head = model.score if hasattr(model, "score") else model.classifier
@@ -247,20 +246,20 @@ def load_value_model(path, args, rt):
 def response_scores(prompts, texts, answers, ids, args, tok, rt, rm=None, rm_tok=None, rule=None, rule_kw=None):
     """The sequence score of each response, before the KL penalty: the reward model's (it reads prompt + response
     in its own chat format, at the last real token), a user's rule's (called as TRL calls a reward function, with
-    rule_kw: D.reward_kwargs), or grpo.py's verifiable reward; minus --missing_eos_penalty where a response never
+    rule_kw: tasks.reward_kwargs), or grpo.py's verifiable reward; minus --missing_eos_penalty where a response never
     emitted EOS. Returns (N,) scores, the (N,) scores before that penalty, the (N,) bool "emitted EOS" and how many
     responses the rule failed on (scored 0: tasks.call_reward)."""
     failed = 0
     if rm is not None:
-        s = C.score_responses(rm, rm_tok, prompts, texts, rt)
+        s = common.score_responses(rm, rm_tok, prompts, texts, rt)
         if not torch.isfinite(s).all():
             raise UserError(f"--reward_model {args.reward_model} scored a response nan or inf; check that model")
     elif rule is not None:
-        s, failed = T.call_reward(rule, args.reward, len(texts), **rule_kw)
+        s, failed = tasks.call_reward(rule, args.reward, len(texts), **rule_kw)
         s = torch.tensor(s)
     else:
         s = torch.tensor([float(c) + args.format_weight * float(b)
-                          for b, c in (T.grade(t, a, args.grader) for t, a in zip(texts, answers))])
+                          for b, c in (tasks.grade(t, a, args.grader) for t, a in zip(texts, answers))])
     # [detail: EOS trick] A response that never emitted EOS (it hit --max_new_tokens) gets a penalty.
     eos = torch.tensor([tok.eos_token_id in r for r in ids])
     return s - args.missing_eos_penalty * (~eos).float(), s, eos, failed
@@ -268,59 +267,59 @@ def response_scores(prompts, texts, answers, ids, args, tok, rt, rm=None, rm_tok
 
 # ----------------------------------------------------------------------------------------------------------------
 def main():
-    args = R.parse_args(Args)
+    args = parse_args(Args)
     rule = None
     if args.reward not in ("model", "verifiable"):
-        rule = T.load_function(args.reward, f"--reward {args.reward}: choose model (with --reward_model), verifiable or")
-    rt = C.setup(args.seed, args.device, args.precision)
+        rule = tasks.load_function(args.reward, f"--reward {args.reward}: choose model (with --reward_model), verifiable or")
+    rt = common.setup(args.seed, args.device, args.precision)
     if args.batch_size % (rt.world_size * args.num_mini_batches):
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of ranks x --num_mini_batches "
                         f"({rt.world_size} x {args.num_mini_batches})")
-    ckpt_path = R.claim_output_dir(args, rt)
+    ckpt_path = runs.claim_output_dir(args, rt)
 
-    path = M.resolve_model(args.model, rt)
-    tok = M.load_tokenizer(path, args.trust_remote_code, args.chat_template)
-    sources, graded, order = D.load_prompts(args, tok, rt, need_answers="--reward verifiable"
+    path = models.resolve_model(args.model, rt)
+    tok = models.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    sources, graded, order = data.load_prompts(args, tok, rt, need_answers="--reward verifiable"
                                             if args.reward == "verifiable" else None)
 
-    # The four models. Dropout is off in all of them ([detail: dropout disabled], M.load_model), the reference and
+    # The four models. Dropout is off in all of them ([detail: dropout disabled], models.load_model), the reference and
     # reward model are frozen in inference mode with no optimizer state; only the policy and value model are trained.
-    # With LoRA (--lora_r) the reference is the policy with its adapter off (M.adapter_off): one model in memory.
-    policy = M.load_trained(path, rt, args)
-    ref = policy if args.lora_r else M.load_frozen(path, rt, args.trust_remote_code)
+    # With LoRA (--lora_r) the reference is the policy with its adapter off (models.adapter_off): one model in memory.
+    policy = models.load_trained(path, rt, args)
+    ref = policy if args.lora_r else models.load_frozen(path, rt, args.trust_remote_code)
     rm = rm_tok = None
     if args.reward == "model":
-        rm_path = M.resolve_model(args.reward_model, rt)
-        M.check_same_vocab(tok, rm_path, "--reward_model", args.trust_remote_code)
-        rm = M.load_reward_model(rm_path, rt, args.trust_remote_code)
-        rm_tok = M.load_tokenizer(rm_path, args.trust_remote_code)
-    value_path = M.resolve_model(args.value_model, rt) if args.value_model else rm_path if rm is not None else path
-    value = M.add_lora(load_value_model(value_path, args, rt), args, task_type="SEQ_CLS")  # SEQ_CLS: the head trains
+        rm_path = models.resolve_model(args.reward_model, rt)
+        models.check_same_vocab(tok, rm_path, "--reward_model", args.trust_remote_code)
+        rm = models.load_reward_model(rm_path, rt, args.trust_remote_code)
+        rm_tok = models.load_tokenizer(rm_path, args.trust_remote_code)
+    value_path = models.resolve_model(args.value_model, rt) if args.value_model else rm_path if rm is not None else path
+    value = models.add_lora(load_value_model(value_path, args, rt), args, task_type="SEQ_CLS")  # SEQ_CLS: the head trains
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         value.gradient_checkpointing_enable()
     model = PolicyAndValue(policy, value, rt, args.temperature)
-    ddp = C.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
+    ddp = common.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
     value_lr = args.value_learning_rate or args.learning_rate
-    opt, sched = C.optimizer_and_schedule(model, args, [(policy.parameters(), args.learning_rate),
+    opt, sched = runs.optimizer_and_schedule(model, args, [(policy.parameters(), args.learning_rate),
                                                         (value.parameters(), value_lr)])
     kl_ctl = AdaptiveKL(args.kl_coef, args.target_kl, args.kl_horizon)
     step = 0
     if args.resume:
-        state = R.restore_state(ckpt_path, model, opt, sched, args, rt)
+        state = runs.restore_state(ckpt_path, model, opt, sched, args, rt)
         step, kl_ctl.value = state["step"], state["kl_coef"]
-    log = R.begin_log(args, rt, step)
-    samples = R.SampleLog(args.output_dir, rt, step, args.num_completions_to_print)
+    log = runs.begin_log(args, rt, step)
+    samples = runs.SampleLog(args.output_dir, rt, step, args.num_completions_to_print)
 
-    @C.unsharded(model)  # FSDP: whole weights on each rank while sampling, which needs no collective
+    @common.unsharded(model)  # FSDP: whole weights on each rank while sampling, which needs no collective
     def evaluate():
         if not graded:
             return {}
-        out, texts = C.evaluate_answers(policy, tok, [p for p, _ in graded], [a for _, a in graded], rt,
+        out, texts = tasks.evaluate_answers(policy, tok, [p for p, _ in graded], [a for _, a in graded], rt,
                                         args.max_new_tokens, args.generation_batch_size, grader=args.grader)
         if rm is not None:  # the reward model's mean score of the same greedy held-out answers
-            s = C.score_responses(rm, rm_tok, [p for p, _ in graded[rt.rank :: rt.world_size]], texts, rt)
-            out["eval/score"] = C.all_reduce(s.sum().to(rt.device), rt).item() / len(graded)
+            s = common.score_responses(rm, rm_tok, [p for p, _ in graded[rt.rank :: rt.world_size]], texts, rt)
+            out["eval/score"] = common.all_reduce(s.sum().to(rt.device), rt).item() / len(graded)
         return out
 
     if step == 0 and graded:
@@ -336,29 +335,29 @@ def main():
         t0 = time.perf_counter()
         picked = order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]
         prompts, prompt_ids, answers = (list(x) for x in zip(*[sources[s][i] for s, i in picked]))
-        with C.unsharded(model):  # FSDP: whole weights on each rank while sampling, which needs no collective
-            ids = C.generate_ids(policy, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
+        with common.unsharded(model):  # FSDP: whole weights on each rank while sampling, which needs no collective
+            ids = common.generate_ids(policy, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
                                  args.temperature, args.top_p)
         texts = [tok.decode(r, skip_special_tokens=True) for r in ids]
         t_gen = time.perf_counter() - t0
 
         # [detail: left padding for generation] Prompts left-padded, responses right-padded, position ids from the mask.
-        P, P_mask = (t.to(dev) for t in C.pad(prompt_ids, tok.pad_token_id, side="left"))
-        Y, Y_mask = (t.to(dev) for t in C.pad(ids, tok.pad_token_id))  # the mask covers each completion up to its EOS, inclusive
+        P, P_mask = (t.to(dev) for t in common.pad(prompt_ids, tok.pad_token_id, side="left"))
+        Y, Y_mask = (t.to(dev) for t in common.pad(ids, tok.pad_token_id))  # the mask covers each completion up to its EOS, inclusive
         mask = Y_mask.float()
         N = len(ids)
         micro = [slice(i, i + args.micro_batch_size) for i in range(0, N, args.micro_batch_size)]
         rule_kw, logged, extra = None, {}, {}  # logged, extra: what a user's rule logs with log_metric, log_extra
         if rule is not None:  # what TRL passes a reward function: the prompts, completions, every dataset column...
-            rule_kw = D.reward_kwargs([sources[s].row(i) for s, i in picked], prompts, texts, ids, step, args.max_steps,
+            rule_kw = tasks.reward_kwargs([sources[s].row(i) for s, i in picked], prompts, texts, ids, step, args.max_steps,
                                       logged, extra)
         with torch.no_grad():
             scores, raw_scores, eos, failed = response_scores(prompts, texts, answers, ids, args, tok, rt, rm, rm_tok,
                                                               rule, rule_kw)
             scores, raw_scores, eos = scores.to(dev), raw_scores.to(dev), eos.to(dev)
             old_logp, old_values = (torch.cat(x) for x in zip(*[model(P[mb], P_mask[mb], Y[mb], Y_mask[mb])[:2] for mb in micro]))
-            with M.adapter_off(ref):  # [detail: temperature in the log-probs]
-                ref_logp = torch.cat([C.completion_logprobs(ref, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt,
+            with models.adapter_off(ref):  # [detail: temperature in the log-probs]
+                ref_logp = torch.cat([common.completion_logprobs(ref, P[mb], P_mask[mb], Y[mb], Y_mask[mb], rt,
                                                             args.temperature)[0] for mb in micro])
             rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, kl_ctl.value)
             if args.whiten_rewards:
@@ -377,9 +376,9 @@ def main():
             for m in range(args.num_mini_batches):
                 idx = perm[m * per_mini : (m + 1) * per_mini]
                 parts = [idx[i : i + args.micro_batch_size] for i in range(0, len(idx), args.micro_batch_size)]
-                n_tok = C.all_reduce(mask[idx].sum(), rt).clamp(min=1)  # the minibatch's tokens, over all ranks
+                n_tok = common.all_reduce(mask[idx].sum(), rt).clamp(min=1)  # the minibatch's tokens, over all ranks
                 for k, j in enumerate(parts):
-                    with C.no_sync(ddp, k < len(parts) - 1):
+                    with common.no_sync(ddp, k < len(parts) - 1):
                         logp, values, ent = ddp(P[j], P_mask[j], Y[j], Y_mask[j], with_entropy=epoch == 0)
                         w = mask[j].sum() / n_tok * rt.world_size  # this micro-batch's share of the token mean
                         pg, pg_clip, approxkl = policy_loss(logp, old_logp[j], advantages[j], mask[j], args.cliprange)
@@ -391,9 +390,9 @@ def main():
                             sums[name] += v * w / rt.world_size
                         if ent is not None:  # the first epoch sees every token once
                             entropy, entropy_tokens = entropy + (ent * mask[j]).sum(), entropy_tokens + mask[j].sum()
-                C.clip_grad_norm(model, args.max_grad_norm)  # [detail: gradient clipping]
+                common.clip_grad_norm(model, args.max_grad_norm)  # [detail: gradient clipping]
                 opt.step()
-                C.report_memory(model, opt, rt)  # once: what a rank holds
+                runs.report_memory(model, opt, rt)  # once: what a rank holds
                 opt.zero_grad(set_to_none=True)
         lr = sched.get_last_lr()[0]
         sched.step()
@@ -407,7 +406,7 @@ def main():
                          "raw_scores": raw_scores.sum(), "kl": kl.sum(), "eos": eos.float().sum(), "tokens": mask.sum(),
                          "responses": N, "returns": (returns * mask).sum(), "returns_sq": (returns ** 2 * mask).sum(),
                          "errors": (err * mask).sum(), "errors_sq": (err ** 2 * mask).sum(), "failed": failed})
-            sums = C.all_reduce_sums(sums, rt)
+            sums = common.all_reduce_sums(sums, rt)
         updates, n, tokens = args.num_ppo_epochs * args.num_mini_batches, sums["responses"], sums["tokens"]
         var_returns = sums["returns_sq"] / tokens - (sums["returns"] / tokens) ** 2
         var_errors = sums["errors_sq"] / tokens - (sums["errors"] / tokens) ** 2  # Var(returns - values)
@@ -426,7 +425,7 @@ def main():
                **{name: sum(v) / len(v) for name, v in logged.items()}}  # a rule's log_metric: this rank's
         kl_ctl.update(row["objective/kl"], n)
         if not math.isfinite(row["loss/policy"]) or not math.isfinite(row["loss/value"]):
-            raise R.Diverged(f"the loss became {row['loss/policy']} (policy) / {row['loss/value']} (value) at step {step}")
+            raise Diverged(f"the loss became {row['loss/policy']} (policy) / {row['loss/value']} (value) at step {step}")
         if graded and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps):
             row.update(evaluate())
         log.log(row)
@@ -438,19 +437,19 @@ def main():
         bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}",
                         gen_s=f"{t_gen:.0f}", train_s=f"{t_train:.0f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
-            R.save_state(ckpt_path, model, opt, sched, step, args, rt, kl_coef=kl_ctl.value)
-            R.save_checkpoint_model(policy, tok, args, step, rt)
+            runs.save_state(ckpt_path, model, opt, sched, step, args, rt, kl_coef=kl_ctl.value)
+            runs.save_checkpoint_model(policy, tok, args, step, rt)
     bar.close()
 
     if step == args.max_steps:
-        R.save_pretrained(policy, tok, args.output_dir, rt)
+        runs.save_pretrained(policy, tok, args.output_dir, rt)
         if any(k.startswith("eval") for k in row):
             rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the policy to {args.output_dir}")
     else:
         rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
-    R.finish(rt)
+    runs.finish(rt)
 
 
 if __name__ == "__main__":
-    R.run(main)
+    runs.run(main)

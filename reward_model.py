@@ -28,16 +28,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import common as C
-import data as D
-import models as M
-import runs as R
-from runs import UserError, arg
+import common
+from plumbing import data, formats, models, runs
+from plumbing.args import arg, at_least, check_args, parse_args
+from plumbing.errors import Diverged, UserError
 
 
 @dataclass
 class Args:
-    model: str = arg(M.DEFAULT_MODEL, "base model: Hub id, local folder (e.g. sft.py's --output_dir) or .gguf")
+    model: str = arg(models.DEFAULT_MODEL, "base model: Hub id, local folder (e.g. sft.py's --output_dir) or .gguf")
     dataset: str = arg("arithmetic_preferences", "built-in task, local .jsonl/.json/.parquet/.csv or Hub id with "
                        "prompt/chosen/rejected or implicit-prompt chosen/rejected (and optional `margin`); "
                        "comma-separated for a mixture")
@@ -86,7 +85,7 @@ class Args:
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
 
     def __post_init__(self):
-        R.check_args(self, center_rewards_coefficient=R.at_least(0))
+        check_args(self, center_rewards_coefficient=at_least(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,7 +103,7 @@ class Scorer(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, prefix=None):
-        return C.sequence_scores(self.model, input_ids, attention_mask, prefix)
+        return common.sequence_scores(self.model, input_ids, attention_mask, prefix)
 
 
 def pair_rewards(scorer, pairs, rt, pad_id):
@@ -116,11 +115,11 @@ def pair_rewards(scorer, pairs, rt, pad_id):
     n = [min(next((j for j, (a, b) in enumerate(zip(c, r)) if a != b), len(c)), len(c) - 1, len(r) - 1)
          for c, r in zip(chosen, rejected)]
     dev, prefix = rt.device, None
-    if C.can_share_prefix(scorer) and min(n) > 0:
-        p, p_mask = C.pad([c[:k] for c, k in zip(chosen, n)], pad_id, side="left")
+    if common.can_share_prefix(scorer) and min(n) > 0:
+        p, p_mask = common.pad([c[:k] for c, k in zip(chosen, n)], pad_id, side="left")
         prefix = (p.to(dev), p_mask.to(dev), torch.arange(len(pairs), device=dev).repeat(2))  # row i: pair i mod B
         chosen, rejected = [c[k:] for c, k in zip(chosen, n)], [r[k:] for r, k in zip(rejected, n)]
-    x, mask = C.pad(chosen + rejected, pad_id)
+    x, mask = common.pad(chosen + rejected, pad_id)
     with rt.autocast():
         scores = scorer(x.to(dev), mask.to(dev), prefix)  # (2B,)
     return scores[: len(pairs)], scores[len(pairs) :]
@@ -153,26 +152,26 @@ def margin_of(row, i):
 def tokenized_with_margin(rows, tok, args, name, rt):
     """(pair, margin) items of a finite set of rows; pairs are filtered and counted by data.tokenize_preferences."""
     margins = [margin_of(rows[i], i) for i in range(len(rows))]
-    kept = D.tokenize_preferences(rows, tok, args.max_length, name, rt, keep_index=True)
+    kept = formats.tokenize_preferences(rows, tok, args.max_length, name, rt, keep_index=True)
     return [(pair, margins[i]) for i, pair in kept]
 
 
 def main():
     from transformers import AutoModelForSequenceClassification
-    args = R.parse_args(Args)
-    rt = C.setup(args.seed, args.device, args.precision)
-    C.split_batch(args, rt, cap=8)
-    ckpt_path = R.claim_output_dir(args, rt)
+    args = parse_args(Args)
+    rt = common.setup(args.seed, args.device, args.precision)
+    common.split_batch(args, rt, cap=8)
+    ckpt_path = runs.claim_output_dir(args, rt)
 
     # Data
-    mixture, raw, heldout = D.load_splits(args, args.eval_size)
+    mixture, raw, heldout = data.load_splits(args, args.eval_size)
     for ds in raw:
-        D.preference_pair(ds[0])  # checks the columns before any work
-    path = M.resolve_model(args.model, rt)
-    tok = M.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+        formats.preference_pair(ds[0])  # checks the columns before any work
+    path = models.resolve_model(args.model, rt)
+    tok = models.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     sources = [ds if getattr(ds, "unlimited", False) else tokenized_with_margin(ds, tok, args, name, rt)
                for (name, _), ds in zip(mixture, raw)]
-    order = D.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
+    order = data.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
                             args.seed, unlimited={i for i, s in enumerate(sources) if not isinstance(s, list)})
     eval_rows = [heldout[i] for i in range(min(args.eval_size, len(heldout)))]
     eval_items = tokenized_with_margin(eval_rows, tok, args, "held-out", rt) if eval_rows else []
@@ -182,14 +181,14 @@ def main():
         if isinstance(sources[s], list):
             return sources[s][i]
         row = sources[s][i]
-        x = D.tokenize_pair(tok, *D.preference_pair(row), args.max_length)
+        x = formats.tokenize_pair(tok, *formats.preference_pair(row), args.max_length)
         if x is None:
             raise UserError(f"a generated pair of {mixture[s][0]} exceeds --max_length {args.max_length}; raise it")
         return x, margin_of(row, i)
 
     # Model: one scalar head on the language model. A new head starts with std 1/sqrt(d_model + 1)
     # ("N implementation details of RLHF with PPO"), so initial rewards are O(1) whatever the width.
-    model, info = M.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
+    model, info = models.load_model(path, rt, args.trust_remote_code, cls=AutoModelForSequenceClassification,
                                load_in_4bit=args.load_in_4bit, device="cpu" if args.fsdp else None, num_labels=1,
                                output_loading_info=True)
     head = model.score if hasattr(model, "score") else model.classifier
@@ -198,20 +197,20 @@ def main():
         if getattr(head, "bias", None) is not None:
             torch.nn.init.zeros_(head.bias)
     model.config.pad_token_id = tok.pad_token_id
-    model = M.add_lora(model, args, task_type="SEQ_CLS")  # with --lora_r: adapters, and the whole head trains
+    model = models.add_lora(model, args, task_type="SEQ_CLS")  # with --lora_r: adapters, and the whole head trains
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     scorer = Scorer(model)
-    ddp = C.distribute(scorer, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
-    opt, sched = C.optimizer_and_schedule(model, args)
+    ddp = common.distribute(scorer, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
+    opt, sched = runs.optimizer_and_schedule(model, args)
     step = 0
     if args.resume:
-        step = R.restore_state(ckpt_path, model, opt, sched, args, rt)["step"]
-    log = R.begin_log(args, rt, step)
+        step = runs.restore_state(ckpt_path, model, opt, sched, args, rt)["step"]
+    log = runs.begin_log(args, rt, step)
 
     @torch.no_grad()
-    @C.unsharded(scorer)  # FSDP: whole weights on each rank while evaluating, which needs no collective
+    @common.unsharded(scorer)  # FSDP: whole weights on each rank while evaluating, which needs no collective
     def evaluate():
         if not eval_items:
             return {}
@@ -222,7 +221,7 @@ def main():
             _, sums = batch_metrics(scorer, mine[i : i + args.micro_batch_size], args, rt, tok.pad_token_id)
             totals = {k: totals[k] + v for k, v in sums.items()}
         model.train()
-        return {f"eval_{k}": (C.all_reduce(v, rt) / len(eval_items)).item() for k, v in totals.items()}
+        return {f"eval_{k}": (common.all_reduce(v, rt) / len(eval_items)).item() for k, v in totals.items()}
 
     row = {"step": step}
     if step == 0 and eval_items:
@@ -241,18 +240,18 @@ def main():
         batch = [item(key) for key in mine[step * per_rank : (step + 1) * per_rank]]
         totals = {}
         for k in range(0, per_rank, args.micro_batch_size):
-            with C.no_sync(ddp, k + args.micro_batch_size < per_rank):
+            with common.no_sync(ddp, k + args.micro_batch_size < per_rank):
                 loss_sum, sums = batch_metrics(ddp, batch[k : k + args.micro_batch_size], args, rt, tok.pad_token_id)
                 # Mean over the pairs of the whole batch; DDP averages over ranks, so scale by world_size.
                 (loss_sum * rt.world_size / args.batch_size).backward()
             totals = {n: totals.get(n, 0) + v for n, v in sums.items()}
-        row = {n: (C.all_reduce(v, rt) / args.batch_size).item() for n, v in totals.items()}
+        row = {n: (common.all_reduce(v, rt) / args.batch_size).item() for n, v in totals.items()}
         if not math.isfinite(row["loss"]):
-            raise R.Diverged(f"the loss became {row['loss']} at step {step + 1}")
-        grad_norm = C.clip_grad_norm(model, args.max_grad_norm)
+            raise Diverged(f"the loss became {row['loss']} at step {step + 1}")
+        grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
-        C.report_memory(model, opt, rt)  # once: what a rank holds
+        runs.report_memory(model, opt, rt)  # once: what a rank holds
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -265,18 +264,18 @@ def main():
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
-            R.save_state(ckpt_path, model, opt, sched, step, args, rt)
-            R.save_checkpoint_model(model, tok, args, step, rt)
+            runs.save_state(ckpt_path, model, opt, sched, step, args, rt)
+            runs.save_checkpoint_model(model, tok, args, step, rt)
     bar.close()
 
     if step == args.max_steps:
-        R.save_pretrained(model, tok, args.output_dir, rt)
+        runs.save_pretrained(model, tok, args.output_dir, rt)
         rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the reward model to {args.output_dir}")
     else:
         rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
-    R.finish(rt)
+    runs.finish(rt)
 
 
 if __name__ == "__main__":
-    R.run(main)
+    runs.run(main)

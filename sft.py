@@ -27,16 +27,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import common as C
-import data as D
-import models as M
-import runs as R
-from runs import UserError, arg
+import common
+import tasks
+from plumbing import data, formats, models, runs
+from plumbing.args import arg, check_args, parse_args
+from plumbing.errors import Diverged, UserError
 
 
 @dataclass
 class Args:
-    model: str = arg(M.DEFAULT_MODEL, "Hub id, local checkpoint folder (e.g. an earlier stage's --output_dir) or .gguf file")
+    model: str = arg(models.DEFAULT_MODEL, "Hub id, local checkpoint folder (e.g. an earlier stage's --output_dir) or .gguf file")
     dataset: str = arg("arithmetic", "built-in task name, local .jsonl/.json/.parquet/.csv, or Hub id; "
                        "comma-separated for a mixture")
     dataset_weights: str = arg("", "sampling weights of a mixture, comma-separated (default: equal)")
@@ -90,7 +90,7 @@ class Args:
     chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
 
     def __post_init__(self):
-        R.check_args(self)
+        check_args(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,19 +102,19 @@ class Tokenized:
     def __init__(self, name, ds, tok, max_length):
         self.ds, self.tok, self.max_length = ds, tok, max_length
         self.unlimited = getattr(ds, "unlimited", False)
-        D.conversation(ds[0])  # checks the columns: a clear error before any work
+        formats.conversation(ds[0])  # checks the columns: a clear error before any work
         rows = range(min(8, len(ds))) if self.unlimited else range(len(ds))
         self.items = [self._tokenize(i) for i in rows]
         self.dropped = sum(x is None for x in self.items)
         if self.dropped == len(self.items):
-            if not any(m["role"] == "assistant" for i in rows for m in D.conversation(ds[i])):
+            if not any(m["role"] == "assistant" for i in rows for m in formats.conversation(ds[i])):
                 raise UserError(f"no example of {name} has an assistant turn: there is nothing to train on")
             raise UserError(f"--max_length {max_length} leaves no assistant token in any example of {name}; raise it")
         if not self.unlimited:
             self.items = [x for x in self.items if x is not None]
 
     def _tokenize(self, i):
-        return D.tokenize_conversation(self.tok, D.conversation(self.ds[i]), self.max_length)
+        return common.tokenize_conversation(self.tok, formats.conversation(self.ds[i]), self.max_length)
 
     def __len__(self):
         return len(self.ds) if self.unlimited else len(self.items)
@@ -131,16 +131,16 @@ def batches(examples, size, pad_id):
     """Micro-batches of (input_ids, attention_mask, labels), right-padded."""
     for i in range(0, len(examples), size):
         ids, labels = zip(*examples[i : i + size])
-        x, mask = C.pad(ids, pad_id)
-        y, _ = C.pad(labels, C.IGNORE_INDEX)
+        x, mask = common.pad(ids, pad_id)
+        y, _ = common.pad(labels, common.IGNORE_INDEX)
         yield x, mask, y
 
 
 def token_nll(model, x, mask, y, rt):
     """Summed NLL of the trained tokens of one micro-batch (the numerator of L_SFT) and the number of its tokens."""
     x, mask, y = x.to(rt.device), mask.to(rt.device), y.to(rt.device)
-    logits, targets = C.label_logits(model, x, mask, y, rt)  # (B, K, V), (B, K): prompt positions skipped
-    keep = targets != C.IGNORE_INDEX
+    logits, targets = common.label_logits(model, x, mask, y, rt)  # (B, K, V), (B, K): prompt positions skipped
+    keep = targets != common.IGNORE_INDEX
     # Only the rows of the logits at trained positions are upcast to fp32 for the loss.
     nll = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
     return nll, keep.sum()
@@ -154,52 +154,52 @@ def eval_loss(model, examples, args, tok, rt):
         nll, n = token_nll(model, x, mask, y, rt)
         total, count = total + nll.float(), count + n
     model.train()
-    return (C.all_reduce(total, rt) / C.all_reduce(count, rt)).item()
+    return (common.all_reduce(total, rt) / common.all_reduce(count, rt)).item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 def main():
-    args = R.parse_args(Args)
-    rt = C.setup(args.seed, args.device, args.precision)
-    C.split_batch(args, rt, cap=16)
-    ckpt_path = R.claim_output_dir(args, rt)
+    args = parse_args(Args)
+    rt = common.setup(args.seed, args.device, args.precision)
+    common.split_batch(args, rt, cap=16)
+    ckpt_path = runs.claim_output_dir(args, rt)
 
     # Data. Examples of the built-in task are generated; others are read, held-out rows split off, tokenized.
-    mixture, raw, heldout = D.load_splits(args, max(args.eval_size, args.eval_generations))
-    path = M.resolve_model(args.model, rt)
-    tok = M.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    mixture, raw, heldout = data.load_splits(args, max(args.eval_size, args.eval_generations))
+    path = models.resolve_model(args.model, rt)
+    tok = models.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     sources = [Tokenized(s, ds, tok, args.max_length) for (s, _), ds in zip(mixture, raw)]
-    eval_examples = [x for x in (D.tokenize_conversation(tok, D.conversation(heldout[i]), args.max_length)
+    eval_examples = [x for x in (common.tokenize_conversation(tok, formats.conversation(heldout[i]), args.max_length)
                                  for i in range(min(args.eval_size, len(heldout)))) if x is not None]
     answerable = [heldout[i] for i in range(min(args.eval_generations, len(heldout))) if "answer" in heldout[i]]
-    prompts, answers = [D.conversation(r)[:-1] for r in answerable], [r["answer"] for r in answerable]
+    prompts, answers = [formats.conversation(r)[:-1] for r in answerable], [r["answer"] for r in answerable]
     for (s, _), src in zip(mixture, sources):
         if not src.unlimited:
             rt.print(f"data: {s}: {len(src)} examples" + (f", {src.dropped} dropped (no assistant token, or none "
                                                            f"within --max_length {args.max_length})" if src.dropped else ""))
-    order = D.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
+    order = data.mixture_order([len(s) for s in sources], [w for _, w in mixture], args.max_steps * args.batch_size,
                             args.seed, unlimited={i for i, s in enumerate(sources) if s.unlimited})
 
     # Model, optimizer, schedule
-    model = M.load_trained(path, rt, args)
+    model = models.load_trained(path, rt, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    ddp = C.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
-    opt, sched = C.optimizer_and_schedule(model, args)
+    ddp = common.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer (FSDP shards the weights)
+    opt, sched = runs.optimizer_and_schedule(model, args)
     step, num_tokens = 0, 0
     if args.resume:
-        state = R.restore_state(ckpt_path, model, opt, sched, args, rt)
+        state = runs.restore_state(ckpt_path, model, opt, sched, args, rt)
         step, num_tokens = state["step"], state["num_tokens"]
-    log = R.begin_log(args, rt, step)
+    log = runs.begin_log(args, rt, step)
 
     row = {"step": step}
     if step == 0:
-        with C.unsharded(model):  # FSDP: whole weights on each rank while evaluating, which needs no collective
+        with common.unsharded(model):  # FSDP: whole weights on each rank while evaluating, which needs no collective
             if eval_examples:
                 row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
             if answerable:
-                row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens,
+                row.update(tasks.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens,
                                               grader=args.grader)[0])
         if len(row) > 1:
             log.log(row)
@@ -214,33 +214,33 @@ def main():
         rows = order[step * args.batch_size : (step + 1) * args.batch_size][rt.rank :: rt.world_size]
         examples = [x for x in (sources[s][i] for s, i in rows) if x is not None]
         # The normaliser of L_SFT: trained tokens of the whole optimizer batch, over micro-batches and ranks.
-        n_local = sum(sum(l != C.IGNORE_INDEX for l in labels[1:]) for _, labels in examples)
-        n_target = C.all_reduce(float(n_local), rt).item()
+        n_local = sum(sum(l != common.IGNORE_INDEX for l in labels[1:]) for _, labels in examples)
+        n_target = common.all_reduce(float(n_local), rt).item()
         nll_sum, tokens = 0.0, sum(len(ids) for ids, _ in examples)
         micro = list(batches(examples, args.micro_batch_size, tok.pad_token_id))
         # Under FSDP each micro-batch is a collective step: a rank short of them (generated examples dropped for
         # length) repeats its last one with weight 0, so that every rank runs as many.
-        n_micro = int(C.all_reduce(len(micro), rt, op="max").item())
+        n_micro = int(common.all_reduce(len(micro), rt, op="max").item())
         weights, micro = [1.0] * len(micro) + [0.0] * (n_micro - len(micro)), micro + micro[-1:] * (n_micro - len(micro))
         for k, ((x, mask, y), w) in enumerate(zip(micro, weights)):
             # Under DDP gradients are all-reduced over ranks once per step, on the last micro-batch.
-            with C.no_sync(ddp, k < len(micro) - 1):
+            with common.no_sync(ddp, k < len(micro) - 1):
                 nll, _ = token_nll(ddp, x, mask, y, rt)
                 # DDP averages gradients over ranks; scaling by world_size turns that average into the global sum.
                 (w * nll * rt.world_size / n_target).backward()
             nll_sum += w * nll.item()
-        loss = C.all_reduce(nll_sum, rt).item() / n_target
+        loss = common.all_reduce(nll_sum, rt).item() / n_target
         if not math.isfinite(loss):
-            raise R.Diverged(f"the loss became {loss} at step {step + 1}")
-        grad_norm = C.clip_grad_norm(model, args.max_grad_norm)
+            raise Diverged(f"the loss became {loss} at step {step + 1}")
+        grad_norm = common.clip_grad_norm(model, args.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
-        C.report_memory(model, opt, rt)  # once: what a rank holds
+        runs.report_memory(model, opt, rt)  # once: what a rank holds
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         # ---- [plumbing] Metrics, held-out evaluation, checkpoint ---------------------------------------------------
-        tokens = C.all_reduce(float(tokens), rt).item()
+        tokens = common.all_reduce(float(tokens), rt).item()
         num_tokens += int(tokens)
         seconds = time.perf_counter() - t0
         tps = tokens / seconds
@@ -248,32 +248,32 @@ def main():
                "tokens_per_second": tps, "seconds_per_step": seconds}
         due = eval_examples and ((args.eval_every and step % args.eval_every == 0) or step == args.max_steps)
         if due or (step == args.max_steps and answerable):
-            with C.unsharded(model):
+            with common.unsharded(model):
                 if due:
                     row["eval_loss"] = eval_loss(model, eval_examples, args, tok, rt)
                 if step == args.max_steps and answerable:
-                    row.update(C.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens,
+                    row.update(tasks.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens,
                                                   grader=args.grader)[0])
         log.log(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
         if (args.save_every and step % args.save_every == 0) or step == last:
-            R.save_state(ckpt_path, model, opt, sched, step, args, rt, num_tokens=num_tokens)
-            R.save_checkpoint_model(model, tok, args, step, rt)
+            runs.save_state(ckpt_path, model, opt, sched, step, args, rt, num_tokens=num_tokens)
+            runs.save_checkpoint_model(model, tok, args, step, rt)
     bar.close()
 
     for (name, _), src in zip(mixture, sources):
         if src.unlimited and src.dropped:  # finite sources were counted up front
             rt.print(f"data: {name}: {src.dropped} generated examples dropped (no assistant token within --max_length)")
     if step == args.max_steps:
-        R.save_pretrained(model, tok, args.output_dir, rt)
+        runs.save_pretrained(model, tok, args.output_dir, rt)
         if any(k.startswith("eval") for k in row):
             rt.print("after training: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("eval")))
         rt.print(f"saved the model to {args.output_dir}")
     else:
         rt.print(f"stopped at step {step} of {args.max_steps}; continue with --resume")
-    R.finish(rt)
+    runs.finish(rt)
 
 
 if __name__ == "__main__":
-    R.run(main)
+    runs.run(main)

@@ -1,4 +1,9 @@
-"""The built-in tasks, the answer grader and users' reward functions: the environment the RL scripts are rewarded by.
+"""The environment: the built-in tasks, the prompt the policy sees, the answers, the grader and the rewards.
+
+Everything the RL scripts are rewarded by is here: the tasks and their held-out splits, the instruction appended
+to a question (BOX_INSTRUCTION, so that an answer can be graded), the ground truth of a row, the grader, the
+built-in rewards (accuracy and format, used by grpo.py and ppo.py alike), the calling of users' reward functions
+with the keywords TRL passes them, and the greedy evaluation of held-out answers.
 
 Procedurally generated arithmetic, in TRL's conversational formats, unlimited and seeded, each with a held-out tenth
 of all problems that training never sees:
@@ -15,7 +20,9 @@ Splits: "train"; "test", the held-out problems; "reworded", the same held-out pr
 carries over to an unseen phrasing.
 
 The grader reads the last \\boxed{} of a completion and compares it with the answer as an exact number (or, with
---grader math_verify, also as mathematics by the math-verify library).
+--grader math_verify, also as mathematics by the math-verify library). The rewards follow DeepSeek-R1's rule
+rewards (Guo et al. 2025, §2.2.2, https://arxiv.org/abs/2501.12948): accuracy, 1 if the last \\boxed{} equals the
+answer, and format, 1 if there is a \\boxed{} answer at all.
 """
 import importlib.util
 import math
@@ -24,8 +31,13 @@ import random
 import re
 import zlib
 from fractions import Fraction
+from types import SimpleNamespace
 
-from runs import UserError
+import torch
+
+import common
+from plumbing.errors import UserError
+from plumbing.formats import as_messages
 
 BOX_INSTRUCTION = "Put the final answer in \\boxed{}."
 SPLITS = ("train", "test", "reworded")
@@ -170,6 +182,27 @@ BUILTIN_TASKS = {"arithmetic": Arithmetic, "arithmetic_hard": ArithmeticHard, "a
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The prompt the policy sees: the row's question, with the instruction the grader needs
+def rl_prompt(row):
+    """The prompt messages of a row for sampling: a `prompt` (TRL) or `question` (GSM8K) column, or a `messages`
+    conversation up to its last assistant turn. A plain-string question gets BOX_INSTRUCTION appended unless it
+    already mentions \\boxed, so that answers can be graded."""
+    if "prompt" in row or "question" in row:
+        x = row["prompt"] if "prompt" in row else row["question"]
+        if isinstance(x, str) and "boxed" not in x:
+            x = f"{x.strip()} {BOX_INSTRUCTION}"
+        return as_messages(x, "user")
+    if "messages" in row:
+        msgs = as_messages(row["messages"], "user")
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if msgs:
+            return msgs
+    raise UserError(f"columns found: {sorted(row)}; expected a `prompt` or `question` column "
+                    "(or `messages` ending in a user turn)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The grader
 def last_boxed(text):
     """Content of the last \\boxed{...} in text (nested braces allowed), or None."""
@@ -255,7 +288,41 @@ def check_grader(grader):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Users' reward functions (grpo.py --reward_funcs, ppo.py --reward), called as TRL calls them (data.reward_kwargs)
+# Rewards: the built-in rules, and users' functions called as TRL calls them
+def accuracy_reward(completions, answer, grader="exact", **kw):
+    """1 for a completion whose last \\boxed{} equals the answer, else 0 (and 0 without an answer)."""
+    return [float(grade(c, a, grader)[1]) if a is not None else 0.0 for c, a in zip(completions, answer)]
+
+
+def format_reward(completions, **kw):
+    """1 for a completion with a \\boxed{} answer, right or wrong, else 0."""
+    return [float(last_boxed(c) is not None) for c in completions]
+
+
+BUILTIN_REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
+
+
+def reward_functions(spec, weights_spec):
+    """--reward_funcs 'accuracy,format,rules.py:fn' and --reward_weights -> [(name, function, weight)]."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    funcs = []
+    for name in names:
+        if name in BUILTIN_REWARDS:
+            funcs.append(BUILTIN_REWARDS[name])
+            continue
+        funcs.append(load_function(name, f"--reward_funcs {name}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}) nor"))
+    if weights_spec:
+        try:
+            weights = [float(w) for w in weights_spec.split(",")]
+        except ValueError:
+            raise UserError(f"--reward_weights {weights_spec}: give numbers separated by commas") from None
+        if len(weights) != len(names):
+            raise UserError(f"--reward_weights has {len(weights)} numbers for {len(names)} --reward_funcs")
+    else:
+        weights = [0.2 if n == "format" else 1.0 for n in names]  # λ_fmt = 0.2
+    return [(n.rpartition(":")[2], f, w) for n, f, w in zip(names, funcs, weights)]
+
+
 def load_function(spec, what):
     """'path/to/file.py:function' -> the function (a user's reward rule). what: the start of the error message."""
     path, _, name = spec.rpartition(":")
@@ -270,6 +337,24 @@ def load_function(spec, what):
     if not callable(getattr(module, name, None)):
         raise UserError(f"{spec}: {path} has no function {name!r}")
     return getattr(module, name)
+
+
+def reward_kwargs(rows, prompts, completions, completion_ids, step, max_steps, metrics, columns):
+    """The keywords TRL's GRPOTrainer calls a reward function with, for n completions of the dataset rows `rows` (one
+    row per completion): `prompts` as the dataset holds them (its `prompt` or `question` column; the messages each
+    completion was sampled from for a `messages` row), `completions` as strings, or as [{"role": "assistant",
+    "content": text}] where the prompt is a list of messages, `completion_ids`, every other column of the dataset
+    (`answer`, `solution`, ...) as a list of n values (None where a row lacks it), `trainer_state` (global_step: the
+    steps done, max_steps), and the hooks `log_metric(name, value)` and `log_extra(column, values)`, which append to
+    metrics[name] and columns[column]."""
+    raw = [r["prompt"] if "prompt" in r else r.get("question", p) for r, p in zip(rows, prompts)]
+    completions = [c if isinstance(x, str) else [{"role": "assistant", "content": c}] for x, c in zip(raw, completions)]
+    names = dict.fromkeys(k for r in rows for k in r if k not in ("prompt", "completion", "completion_ids"))
+    return {"prompts": raw, "completions": completions, "completion_ids": completion_ids,
+            **{k: [r.get(k) for r in rows] for k in names},
+            "trainer_state": SimpleNamespace(global_step=step, max_steps=max_steps),
+            "log_metric": lambda name, value: metrics.setdefault(name, []).append(float(value)),
+            "log_extra": lambda column, values: columns.setdefault(column, []).extend(values)}
 
 
 def call_reward(fn, name, n, **kw):
@@ -309,3 +394,50 @@ def call_reward(fn, name, n, **kw):
         raise UserError(f"reward function {name} failed on every completion of a step, the first with "
                         f"{type(errors[0]).__name__}: {errors[0]}")
     return values, len(errors)
+
+
+
+class Rewards:
+    """The rewards of completions: one column per rule function (funcs: [(name, function, weight)], built-in or a
+    user's) and, with reward_model = (model, tokenizer), one for its score (common.score_responses). The reward of
+    a completion is Σ_k w_k r_k: rewards(...) @ rewards.weights. What users' functions log with log_metric
+    collects in .logged until the caller takes it."""
+
+    def __init__(self, funcs, grader="exact", reward_model=None, reward_model_weight=1.0, name="--reward_model"):
+        self.funcs, self.grader, self.rm, self.rm_name = funcs, grader, reward_model, name
+        self.names = [n for n, _, _ in funcs] + (["reward_model"] if reward_model else [])
+        weights = [w for _, _, w in funcs] + ([reward_model_weight] if reward_model else [])
+        self.weights = torch.tensor(weights)
+        self.logged = {}
+
+    def __call__(self, rows, prompts, completions, completion_ids, answers, step, max_steps, rt):
+        """Score n completions; rows, prompts (message lists) and answers: one per completion. Returns the (n, K)
+        rewards, how many of them a function failed on (scored 0: call_reward), and the columns users' functions
+        added with log_extra ({name: n values})."""
+        n, extra = len(completions), {}
+        builtin = {"completions": completions, "answer": answers, "grader": self.grader}
+        if any(fn not in BUILTIN_REWARDS.values() for _, fn, _ in self.funcs):  # TRL's keywords
+            user = reward_kwargs(rows, prompts, completions, completion_ids, step, max_steps, self.logged, extra)
+        columns, failed = [], 0
+        for name, fn, _ in self.funcs:
+            r, f = call_reward(fn, name, n, **(builtin if fn in BUILTIN_REWARDS.values() else user))
+            columns.append(r)
+            failed += f
+        if self.rm is not None:
+            scores = common.score_responses(*self.rm, prompts, completions, rt)
+            if not torch.isfinite(scores).all():
+                raise UserError(f"{self.rm_name} scored a completion nan or inf; check that model")
+            columns.append(scores.tolist())
+        extra = {k: v for k, v in extra.items() if len(v) == n}
+        return torch.tensor(columns, dtype=torch.float32).reshape(len(columns), n).T, failed, extra
+
+# ----------------------------------------------------------------------------------------------------------------
+# Held-out evaluation: greedy answers, graded
+def evaluate_answers(model, tok, prompts, answers, rt, max_new_tokens=128, batch_size=32, grader="exact"):
+    """Greedy answers to held-out prompts (message lists) with known answers: {"eval/boxed": share with a \\boxed{},
+    "eval/accuracy": share correct by tasks.grade}. Under DDP each rank answers its share; the counts are summed."""
+    mine = list(zip(prompts, answers))[rt.rank :: rt.world_size]
+    _, texts = common.generate(model, tok, [p for p, _ in mine], rt, max_new_tokens, batch_size)
+    graded = [grade(t, a, grader) for t, (_, a) in zip(texts, mine)]
+    boxed, correct = (common.all_reduce(float(sum(g[k] for g in graded)), rt).item() for k in (0, 1))
+    return {"eval/boxed": boxed / len(prompts), "eval/accuracy": correct / len(prompts)}, texts

@@ -19,9 +19,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
-import models as M  # noqa: E402
-import runs as R  # noqa: E402
 import tasks as T  # noqa: E402
+from plumbing import models as M  # noqa: E402
+from plumbing import runs as R  # noqa: E402
 
 
 def wilson(k, n, z=1.96):

@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import common as C  # noqa: E402
-import models as M  # noqa: E402
+from plumbing import models as M  # noqa: E402
+from plumbing import runs as R  # noqa: E402
 
 
 def tensor_bytes(t):
@@ -52,7 +53,7 @@ def held(path, rt, mode, lora_r):
                               gradient_checkpointing=False, learning_rate=1e-5, weight_decay=0.0, adam_beta1=0.9,
                               adam_beta2=0.95, warmup_steps=0, max_steps=1, min_lr_ratio=0.1)
     model = M.add_lora(M.load_model(path, rt, load_in_4bit=mode == "qlora"), args)
-    opt, _ = C.optimizer_and_schedule(model, args)
+    opt, _ = R.optimizer_and_schedule(model, args)
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)

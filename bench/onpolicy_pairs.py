@@ -15,8 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
-import models as M  # noqa: E402
 import tasks as T  # noqa: E402
+from plumbing import models as M  # noqa: E402
 
 
 def pairs_from_samples(rows, texts, samples):

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
-import data as D  # noqa: E402
-import models as M  # noqa: E402
-import dpo  # noqa: E402
 import tasks as T  # noqa: E402
+from plumbing import formats as F  # noqa: E402
+from plumbing import models as M  # noqa: E402
+import dpo  # noqa: E402
 from bench.heldout import wilson  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main():
     rt = C.setup(0, "cpu")
     data = T.BUILTIN_TASKS[a.task](a.split)
     tok = M.load_tokenizer(M.resolve_model(a.ref, rt))
-    pairs = D.tokenize_preferences([data[i] for i in range(a.n)], tok, 10**6, f"{a.task}/{a.split}")
+    pairs = F.tokenize_preferences([data[i] for i in range(a.n)], tok, 10**6, f"{a.task}/{a.split}")
     ref = pair_logps(a.ref, pairs, rt)
     print(f"{'model':<28} {'implicit-reward accuracy':>36} {'policy accuracy':>30}")
     for m in [a.ref] + a.models:

@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
-import models as M  # noqa: E402
 import tasks as T  # noqa: E402
+from plumbing import models as M  # noqa: E402
 
 
 @torch.no_grad()

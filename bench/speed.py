@@ -266,7 +266,7 @@ def main():
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     if unknown := set(methods) - set(METHODS):
         p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    import models as M
+    from plumbing import models as M
     import torch
     model = M.resolve_model(M.DEFAULT_MODEL)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import common as C
-import data as D
-import models as M
+from plumbing import models as M
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +60,7 @@ def teach_words(tok, tiny_model_dir, path, words):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     rng = random.Random(0)
-    rows = [D.tokenize_conversation(tok, [{"role": "user", "content": PETS["prompt"]},
+    rows = [C.tokenize_conversation(tok, [{"role": "user", "content": PETS["prompt"]},
                                           {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(6))}], 64)
             for _ in range(32)]
     x, _ = C.pad([r[0] for r in rows], tok.pad_token_id)

@@ -44,7 +44,7 @@ def test_onpolicy_pairs_take_a_right_and_a_wrong_answer_of_the_same_problem():
                                                                                        ("\\boxed{6}", "6")]
     assert [x["answer"] for x in out] == ["4", "6"] and out[0]["prompt"] == rows[0]["prompt"]
     assert counts == {"all_right": 1, "all_wrong": 1}
-    import data as D
+    from plumbing import formats as D
     assert D.preference_pair(out[1]) == (rows[1]["prompt"], out[1]["chosen"], out[1]["rejected"])  # dpo.py reads it
 
 
@@ -74,7 +74,7 @@ def test_the_decode_benchmark_times_the_same_work_each_way(tiny_model_dir):
     # Growing and static caches must decode the same greedy tokens (fp32), or the timings compare different work.
     import torch
     import common as C
-    import models as M
+    from plumbing import models as M
     rt = C.Runtime(torch.device("cpu"), torch.float32)
     model = M.load_model(tiny_model_dir, rt).eval()
     x = torch.randint(100, 1000, (3, 5), generator=torch.Generator().manual_seed(0))
@@ -92,7 +92,7 @@ def test_the_memory_benchmark_counts_what_each_mode_holds(tiny_model_dir):
     # of them in each layer's two tensors A and B.
     import torch
     import common as C
-    import models as M
+    from plumbing import models as M
     rt = C.Runtime(torch.device("cpu"), torch.float32)
     named = dict(M.load_model(tiny_model_dir, rt).named_parameters())
     linear = {n: p for n, p in named.items() if memory.linear(n)}

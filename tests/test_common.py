@@ -1,18 +1,20 @@
 """Plumbing in common.py: masks, padding, log-probs, the built-in task, mixtures, the grader, model loading."""
 import os
-import subprocess
-import sys
+import weakref
 import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import common as C
-import data as D
-import models as M
-import runs as R
 import tasks as T
-from conftest import ROOT
+from plumbing import data as D
+from plumbing import errors as E
+from plumbing import formats as F
+from plumbing import models as M
+from plumbing import runs as R
 
 IM_START, IM_END, NL = 1, 2, 198  # SmolLM2: <|im_start|>, <|im_end|> (also EOS and PAD), "\n"
 
@@ -34,7 +36,7 @@ def trained_runs(tok, ids, labels):
 
 def test_mask_single_turn_token_by_token(tok):
     msgs = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5."}]
-    ids, labels = D.tokenize_conversation(tok, msgs, 1024)
+    ids, labels = C.tokenize_conversation(tok, msgs, 1024)
     # ... <|im_start|> "ass" "istant" "\n" "5" "." <|im_end|> "\n": the header and the newline after the
     # end-of-turn token are context; the content and <|im_end|> are trained, so the model learns to stop.
     assert ids[-8:] == [IM_START, 520, 9531, NL, 37, 30, IM_END, NL]
@@ -47,7 +49,7 @@ def test_mask_single_turn_token_by_token(tok):
 def test_mask_multi_turn(tok):
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
             {"role": "user", "content": "Add 2 and 2."}, {"role": "assistant", "content": "2 + 2 = 4"}]
-    ids, labels = D.tokenize_conversation(tok, msgs, 1024)
+    ids, labels = C.tokenize_conversation(tok, msgs, 1024)
     assert trained_runs(tok, ids, labels) == ["Hello! How can I help?<|im_end|>", "2 + 2 = 4<|im_end|>"]
     assert labels.count(IM_END) == 2 and ids.count(IM_END) == 5  # system, 2 user, 2 assistant turns
 
@@ -56,7 +58,7 @@ def test_mask_system_prompt_and_tool_turns(tok):
     msgs = [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Capital of France?"},
             {"role": "assistant", "content": "Paris"}, {"role": "tool", "content": "lookup: Paris"},
             {"role": "assistant", "content": "Yes"}]
-    ids, labels = D.tokenize_conversation(tok, msgs, 1024)
+    ids, labels = C.tokenize_conversation(tok, msgs, 1024)
     text = tok.decode(ids)
     assert "You answer in one word." in text and "SmolLM" not in text  # the given system prompt replaces the default
     assert trained_runs(tok, ids, labels) == ["Paris<|im_end|>", "Yes<|im_end|>"]
@@ -64,27 +66,27 @@ def test_mask_system_prompt_and_tool_turns(tok):
 
 def test_mask_truncation(tok):
     msgs = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5."}]
-    full, _ = D.tokenize_conversation(tok, msgs, 1024)
-    ids, labels = D.tokenize_conversation(tok, msgs, len(full) - 3)  # cut after "5"
+    full, _ = C.tokenize_conversation(tok, msgs, 1024)
+    ids, labels = C.tokenize_conversation(tok, msgs, len(full) - 3)  # cut after "5"
     assert trained_runs(tok, ids, labels) == ["5"]
-    assert D.tokenize_conversation(tok, msgs, len(full) - 5) is None  # no assistant token left: dropped by callers
+    assert C.tokenize_conversation(tok, msgs, len(full) - 5) is None  # no assistant token left: dropped by callers
 
 
 def test_prompt_completion_and_columns():
-    conv = D.conversation({"prompt": "Q", "completion": "A"})
+    conv = F.conversation({"prompt": "Q", "completion": "A"})
     assert conv == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
-    conv = D.conversation({"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+    conv = F.conversation({"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
                            "completion": [{"role": "assistant", "content": "A"}]})
     assert [m["role"] for m in conv] == ["system", "user", "assistant"]
-    with pytest.raises(R.UserError, match=r"columns found: \['answer', 'question'\]; expected `messages`"):
-        D.conversation({"question": "Q", "answer": "A"})
+    with pytest.raises(E.UserError, match=r"columns found: \['answer', 'question'\]; expected `messages`"):
+        F.conversation({"question": "Q", "answer": "A"})
 
 
 def test_padding_never_found_by_token_id(tok):
     """SmolLM2's pad token IS its EOS: padding must come from lengths, and the real EOS stays a target."""
     assert tok.pad_token_id == tok.eos_token_id == IM_END
-    a = D.tokenize_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}], 1024)
-    b = D.tokenize_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], 1024)
+    a = C.tokenize_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}], 1024)
+    b = C.tokenize_conversation(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], 1024)
     x, mask = C.pad([a[0], b[0]], tok.pad_token_id)
     y, _ = C.pad([a[1], b[1]], C.IGNORE_INDEX)
     n = len(b[0])
@@ -125,34 +127,49 @@ def test_label_logits_skip_the_prompt_but_not_a_label(tok, tiny_model_dir):
     torch.testing.assert_close(logits, full[:, 3:-1], atol=1e-5, rtol=1e-5)
 
 
-MEMORY_PROBE = """
-import resource, sys, torch
-sys.path.insert(0, {root!r})
-import common as C
-B, T, V = 8, 1024, 32000  # 1 GB of fp32 logits
-logits, tokens = torch.randn(B, T, V), torch.randint(0, V, (B, T))
-C.gather_logprobs(logits[:1, :300], tokens[:1, :300])  # warm up: lazy kernel and thread-pool set-up not counted
-torch.log_softmax(logits[:1, :300], -1)
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-base = peak_mb()
-{call}
-print(peak_mb() - base)
-"""
+class PeakTensorBytes(TorchDispatchMode):
+    """The peak bytes held by tensors that the operations run inside it create: every new storage an
+    operation returns is counted until the tensor that owns it is freed. An account of the allocations
+    themselves, so it is the same whatever else the machine runs (unlike the process's RSS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, n):
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                  if isinstance(a, torch.Tensor)}
+        for x in tree_flatten(out)[0]:
+            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in inputs:
+                n = x.untyped_storage().nbytes()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(x, self._free, n)
+        return out
 
 
-def _peak_growth(call):
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(root=ROOT, call=call)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return float(out.stdout.strip())
+def _peak_bytes(fn, *args):
+    with PeakTensorBytes() as m:
+        fn(*args)
+    return m.peak
 
 
 def test_gather_logprobs_is_lighter_in_memory():
-    chunked = _peak_growth("C.gather_logprobs(logits, tokens)")
-    full = _peak_growth("torch.log_softmax(logits, -1).gather(-1, tokens[..., None])")
-    assert full > 900  # log_softmax materialises another (B, T, V) tensor: 1,000 MiB
-    # Chunked, only a few (256, V) temporaries live at a time (31 MiB each), whatever B and T.
-    assert chunked < full / 4, (chunked, full)
+    B, T, V = 4, 512, 8000  # 62.5 MiB of fp32 logits
+    logits, tokens = torch.randn(B, T, V), torch.randint(0, V, (B, T))
+    full = _peak_bytes(lambda: torch.log_softmax(logits, -1).gather(-1, tokens[..., None]))
+    chunked = _peak_bytes(C.gather_logprobs, logits, tokens)
+    assert full >= B * T * V * 4  # log_softmax materialises another (B, T, V) tensor
+    # Chunked, only (256,)-row temporaries and the (B, T) result live at a time, whatever B and T: less
+    # than one (256, V) block of logits (the kernels' own scratch inside logsumexp is not an operation's
+    # output, so it is not counted here).
+    assert chunked < 256 * V * 4 < full / 4, (chunked, full)
+    torch.testing.assert_close(C.gather_logprobs(logits, tokens),
+                               torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0])
 
 
 def test_arithmetic_task_is_seeded_correct_and_disjoint():
@@ -223,7 +240,7 @@ def test_reworded_split_asks_the_test_problems_in_unseen_words(cls):
 
 def test_builtin_task_split_names_are_checked(tmp_path):
     assert D.load_data("arithmetic_hard", "reworded")[0] == T.ArithmeticHard("reworded")[0]
-    with pytest.raises(R.UserError, match="has the splits train, test, reworded, not 'validation'"):
+    with pytest.raises(E.UserError, match="has the splits train, test, reworded, not 'validation'"):
         D.load_data("arithmetic", "validation")
 
 
@@ -239,7 +256,7 @@ def test_mixture_order_follows_weights_and_epochs():
     gen = D.mixture_order([10**9], [1.0], 10, seed=0, unlimited={0})
     assert [i for _, i in gen] == list(range(10))
     assert D.parse_mixture("a,b", "3,1") == [("a", 0.75), ("b", 0.25)]
-    with pytest.raises(R.UserError, match="needs 2 non-negative numbers"):
+    with pytest.raises(E.UserError, match="needs 2 non-negative numbers"):
         D.parse_mixture("a,b", "1")
 
 
@@ -298,28 +315,28 @@ def test_reference_answers_and_prompts():
     assert T.reference_answer({"solution": "so $\\boxed{\\frac{1}{2}}$"}) == "\\frac{1}{2}"
     assert T.reference_answer({"answer": 42}) == "42"
     assert T.reference_answer({"prompt": "q"}) is None
-    assert D.rl_prompt(gsm8k) == [{"role": "user", "content": "Janet has 3 ducks. How many? " + T.BOX_INSTRUCTION}]
-    assert D.rl_prompt({"prompt": "Say \\boxed{1}."}) == [{"role": "user", "content": "Say \\boxed{1}."}]
+    assert T.rl_prompt(gsm8k) == [{"role": "user", "content": "Janet has 3 ducks. How many? " + T.BOX_INSTRUCTION}]
+    assert T.rl_prompt({"prompt": "Say \\boxed{1}."}) == [{"role": "user", "content": "Say \\boxed{1}."}]
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    assert D.rl_prompt({"messages": conv}) == conv[:1]
-    assert D.rl_prompt({"prompt": conv[:1], "completion": conv[1:]}) == conv[:1]
-    with pytest.raises(R.UserError, match="expected a `prompt` or `question` column"):
-        D.rl_prompt({"text": "x"})
+    assert T.rl_prompt({"messages": conv}) == conv[:1]
+    assert T.rl_prompt({"prompt": conv[:1], "completion": conv[1:]}) == conv[:1]
+    with pytest.raises(E.UserError, match="expected a `prompt` or `question` column"):
+        T.rl_prompt({"text": "x"})
 
 
 def test_load_errors(tmp_path, tiny_model_dir):
-    with pytest.raises(R.UserError, match="no such file or folder"):
+    with pytest.raises(E.UserError, match="no such file or folder"):
         M.resolve_model("./no/such/model")
-    with pytest.raises(R.UserError, match="no such file or folder"):
+    with pytest.raises(E.UserError, match="no such file or folder"):
         M.resolve_model(str(tmp_path / "missing.gguf"))
     bad = tmp_path / "bad.gguf"
     bad.write_text("not a gguf")
-    with pytest.raises(R.UserError, match="cannot read .* as a GGUF model"):
+    with pytest.raises(E.UserError, match="cannot read .* as a GGUF model"):
         M.resolve_model(str(bad))
-    with pytest.raises(R.UserError, match="no such file"):
+    with pytest.raises(E.UserError, match="no such file"):
         D.load_data(str(tmp_path / "missing.jsonl"))
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(R.UserError, match="is empty"):
+    with pytest.raises(E.UserError, match="is empty"):
         D.load_data(str(tmp_path / "empty.jsonl"))
 
 
@@ -342,45 +359,45 @@ def test_local_file_formats(tmp_path):
     ds.to_json(str(tmp_path / "d.json"))
     for ext in ("csv", "parquet", "json"):
         loaded = D.load_data(str(tmp_path / f"d.{ext}"))
-        assert [D.conversation(loaded[i])[1]["content"] for i in range(2)] == ["2", "4"], ext
+        assert [F.conversation(loaded[i])[1]["content"] for i in range(2)] == ["2", "4"], ext
     (tmp_path / "d.txt").write_text("x")
-    with pytest.raises(R.UserError, match="unknown file type '.txt'"):
+    with pytest.raises(E.UserError, match="unknown file type '.txt'"):
         D.load_data(str(tmp_path / "d.txt"))
 
 
 def test_preference_formats():
     hh = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour and water.",
           "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I bake bread?\n\nAssistant: No idea."}
-    prompt, chosen, rejected = D.preference_pair(hh)
+    prompt, chosen, rejected = F.preference_pair(hh)
     assert prompt == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
                       {"role": "user", "content": "How do I bake bread?"}]
     assert chosen == [{"role": "assistant", "content": "Mix flour and water."}]
     assert rejected == [{"role": "assistant", "content": "No idea."}]
     implicit = {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
                 "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]}
-    assert D.preference_pair(implicit) == ([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "good"}],
+    assert F.preference_pair(implicit) == ([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "good"}],
                                            [{"role": "assistant", "content": "bad"}])
     explicit = {"prompt": "Q", "chosen": "good", "rejected": "bad"}
-    assert D.preference_pair(explicit) == D.preference_pair(implicit)
-    with pytest.raises(R.UserError, match=r"columns found: \['prompt', 'response'\]; expected `chosen` and `rejected`"):
-        D.preference_pair({"prompt": "Q", "response": "A"})
+    assert F.preference_pair(explicit) == F.preference_pair(implicit)
+    with pytest.raises(E.UserError, match=r"columns found: \['prompt', 'response'\]; expected `chosen` and `rejected`"):
+        F.preference_pair({"prompt": "Q", "response": "A"})
 
 
 def test_preference_pairs_score_only_the_last_response(tok):
     """Earlier assistant turns of an implicit prompt are context: only the final response is labelled."""
     hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Goodbye.",
           "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Whatever."}
-    (c_ids, c_labels), (r_ids, r_labels) = D.tokenize_pair(tok, *D.preference_pair(hh), 1024)
+    (c_ids, c_labels), (r_ids, r_labels) = F.tokenize_pair(tok, *F.preference_pair(hh), 1024)
     from test_common import trained_runs
     assert trained_runs(tok, c_ids, c_labels) == ["Goodbye.<|im_end|>"]
     assert trained_runs(tok, r_ids, r_labels) == ["Whatever.<|im_end|>"]
-    assert D.tokenize_pair(tok, *D.preference_pair(hh), len(c_ids) - 1) is None  # too long: dropped, not cut
+    assert F.tokenize_pair(tok, *F.preference_pair(hh), len(c_ids) - 1) is None  # too long: dropped, not cut
 
 
 def test_preference_filtering_counts(tok, capsys):
     rows = [{"prompt": "Q", "chosen": "a", "rejected": "a"}, {"prompt": "Q", "chosen": "a", "rejected": "b"},
             {"prompt": "Q" * 3000, "chosen": "a", "rejected": "b"}]
-    kept = D.tokenize_preferences(rows, tok, 512, "rows")
+    kept = F.tokenize_preferences(rows, tok, 512, "rows")
     assert len(kept) == 1
     assert "rows: 1 pairs kept, 1 dropped with chosen == rejected, 1 dropped longer than --max_length 512" in capsys.readouterr().out
 
@@ -399,13 +416,13 @@ def test_prompt_repeated_in_chosen_and_rejected_is_stripped():
     """UltraFeedback-style rows: a string prompt, and chosen/rejected as whole conversations that repeat it."""
     row = {"prompt": "Q", "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
            "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]}
-    assert D.preference_pair(row) == ([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "good"}],
+    assert F.preference_pair(row) == ([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "good"}],
                                       [{"role": "assistant", "content": "bad"}])
 
 
 def test_mask_without_any_prompt(tok):
     """An assistant message first: the template's default system prompt and the header stay context."""
-    ids, labels = D.tokenize_conversation(tok, [{"role": "assistant", "content": "Hello"}], 1024)
+    ids, labels = C.tokenize_conversation(tok, [{"role": "assistant", "content": "Hello"}], 1024)
     from test_common import trained_runs
     assert "SmolLM" in tok.decode(ids) and trained_runs(tok, ids, labels) == ["Hello<|im_end|>"]
 
@@ -417,14 +434,14 @@ def test_optimizer_groups_betas_and_resume_checks(tmp_path):
                   min_lr_ratio=1.0, model="m", dataset="d", dataset_weights="", seed=0, dataset_split="train",
                   dataset_config=None, eval_size=4, max_length=8, batch_size=2, loss_type="sigmoid", beta=0.1)
     args = make_dataclass("Args", list(values))(**values)
-    opt, sched = C.optimizer_and_schedule(model, args, [(model[0].parameters(), 1e-3), (model[1].parameters(), 1e-2)])
+    opt, sched = R.optimizer_and_schedule(model, args, [(model[0].parameters(), 1e-3), (model[1].parameters(), 1e-2)])
     assert [(g["lr"], g["betas"]) for g in opt.param_groups] == [(1e-3, (0.8, 0.9)), (1e-2, (0.8, 0.9))]
     rt = C.setup(0, "cpu", "fp32")
     path = str(tmp_path / "checkpoint.pt")
     R.save_state(path, model, opt, sched, 3, args, rt)
     args.beta = 0.2  # not a common resume argument: only a script that names it refuses the change
     assert R.restore_state(path, model, opt, sched, args, rt)["step"] == 3
-    with pytest.raises(R.UserError, match="--resume: the checkpoint was made with --beta 0.1, not 0.2"):
+    with pytest.raises(E.UserError, match="--resume: the checkpoint was made with --beta 0.1, not 0.2"):
         R.restore_state(path, model, opt, sched, args, rt, must_match=("loss_type", "beta"))
 
 
@@ -439,6 +456,6 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
     torch.save({"step": 1, "payload": evil}, path)
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(R.UserError, match="is not a checkpoint these scripts wrote"):
+    with pytest.raises(E.UserError, match="is not a checkpoint these scripts wrote"):
         R.restore_state(path, model, None, None, None, C.setup(0, "cpu", "fp32"))
     assert not os.path.exists(evil.marker)

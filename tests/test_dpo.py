@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import common as C
-import runs as R
-import data as D
+from plumbing import errors as E
+from plumbing import formats as F
 import dpo
 from conftest import ok, read_metrics, run_script, write_jsonl
 
@@ -72,8 +72,8 @@ def test_response_logps_equal_a_direct_computation(tok, tiny_model_dir, shared, 
     monkeypatch.setattr(C, "can_share_prefix", lambda model: shared)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     rt = C.Runtime(torch.device("cpu"), torch.float32)
-    pairs = [D.tokenize_pair(tok, *D.preference_pair(r), 1024) for r in PAIRS[:3]]
-    pairs[1] = D.tokenize_pair(tok, [{"role": "user", "content": "A much longer prompt, to force padding in the batch."}],
+    pairs = [F.tokenize_pair(tok, *F.preference_pair(r), 1024) for r in PAIRS[:3]]
+    pairs[1] = F.tokenize_pair(tok, [{"role": "user", "content": "A much longer prompt, to force padding in the batch."}],
                                [{"role": "assistant", "content": "ok then"}], [{"role": "assistant", "content": "no"}], 1024)
     with torch.no_grad():
         logps, lengths = dpo.response_logps(model, pairs, rt, tok.pad_token_id)
@@ -165,7 +165,7 @@ def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 def main_raises(monkeypatch, argv, match):
     monkeypatch.setattr(sys, "argv", ["dpo.py", "--precision", "fp32", "--eval_generations", "0", *map(str, argv)])
-    with pytest.raises(R.UserError, match=match):
+    with pytest.raises(E.UserError, match=match):
         dpo.main()
 
 
@@ -247,9 +247,9 @@ def test_kto_run_raises_desirable_and_lowers_undesirable(tiny_model_dir, tmp_pat
 
 
 def test_kto_bad_inputs(tok):
-    with pytest.raises(R.UserError, match="`label` 'maybe': use true"):
+    with pytest.raises(E.UserError, match="`label` 'maybe': use true"):
         dpo.Unpaired([{"prompt": "p", "completion": "c", "label": "maybe"}] * 3)
-    with pytest.raises(R.UserError, match="need `prompt`, `completion` and `label`"):
+    with pytest.raises(E.UserError, match="need `prompt`, `completion` and `label`"):
         dpo.Unpaired([{"text": "p", "label": True}] * 3)
-    with pytest.raises(R.UserError, match="at least 3 examples"):
+    with pytest.raises(E.UserError, match="at least 3 examples"):
         dpo.Unpaired([{"prompt": "p", "completion": "c", "label": True}] * 2)

@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-import runs as R
+from plumbing import args as A
+from plumbing import errors as E
 from conftest import PETS, RULES, ok, read_metrics, run_script, write_jsonl
 from test_dpo import PAIRS
 
@@ -113,11 +114,11 @@ def test_rl_scripts_under_fsdp_match_ddp(pets_model, cats_model, tmp_path, scrip
 def test_fsdp_where_it_cannot_apply(monkeypatch, tiny_model_dir, tmp_path):
     import sft
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(R.UserError, match="--fsdp shards the model over the processes of torchrun"):
-        R.parse_args(sft.Args, ["--fsdp"])
+    with pytest.raises(E.UserError, match="--fsdp shards the model over the processes of torchrun"):
+        A.parse_args(sft.Args, ["--fsdp"])
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(R.UserError, match="--fsdp with --lora_r: not supported"):
-        R.parse_args(sft.Args, ["--fsdp", "--lora_r", "8"])
+    with pytest.raises(E.UserError, match="--fsdp with --lora_r: not supported"):
+        A.parse_args(sft.Args, ["--fsdp", "--lora_r", "8"])
     monkeypatch.delenv("RANK")
     # A run checkpointed under DDP (or one process) resumes only without --fsdp, and the other way round.
     out = str(tmp_path / "out")

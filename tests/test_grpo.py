@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import common as C
-import models as M
-import runs as R
-import grpo
 import tasks as T
+from plumbing import errors as E
+from plumbing import models as M
+import grpo
 from conftest import PETS, RULES, ok, read_metrics, run_script, write_jsonl
 
 
@@ -192,13 +192,22 @@ def test_completion_logprobs_equal_a_direct_computation(tok, tiny_model_dir):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Rewards
-def test_builtin_rewards_and_eq_5_7_weights():
+def test_builtin_rewards_and_their_default_weights():
     texts = ["so \\boxed{7}", "so \\boxed{8}", "seven"]
-    assert grpo.accuracy_reward(texts, ["7"] * 3) == [1.0, 0.0, 0.0]
-    assert grpo.accuracy_reward(["\\boxed{\\pi/2}"] * 2, ["\\frac{\\pi}{2}"] * 2, grader="math_verify") == [1.0, 1.0]
-    assert grpo.format_reward(texts) == [1.0, 1.0, 0.0]
-    funcs = grpo.load_reward_funcs("accuracy,format", "")
+    assert T.accuracy_reward(texts, ["7"] * 3) == [1.0, 0.0, 0.0]
+    assert T.accuracy_reward(["\\boxed{\\pi/2}"] * 2, ["\\frac{\\pi}{2}"] * 2, grader="math_verify") == [1.0, 1.0]
+    assert T.format_reward(texts) == [1.0, 1.0, 0.0]
+    funcs = T.reward_functions("accuracy,format", "")
     assert [(n, w) for n, _, w in funcs] == [("accuracy", 1.0), ("format", 0.2)]  # r = 1[correct] + 0.2 1[format]
+
+
+def test_dynamic_sampling_keeps_groups_whose_rewards_differ_first():
+    # Four groups of G = 3 sampled for a batch of 2: groups 0 and 2 are flat (zero advantages).
+    r = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.2, 0.2, 0.2], [1.2, 0.0, 0.2]])
+    assert grpo.zero_std(r).tolist() == [True, False, True, False]
+    assert grpo.dynamic_sampling(r, 2) == [1, 3]
+    assert grpo.dynamic_sampling(r, 3) == [1, 3, 0]  # short of varied groups: filled with flat ones in order
+    assert grpo.group_advantages(r[0], 3).abs().max() == 0  # the assumption: a flat group teaches nothing
 
 
 def test_a_reward_function_that_raises_scores_zero_and_is_counted():
@@ -221,12 +230,12 @@ def test_any_real_number_is_a_reward_and_a_broken_function_stops_the_run():
     import numpy as np
     kinds = lambda completions, **kw: [np.float32(0.5), True, torch.tensor(2.0), 3][: len(completions)]  # noqa: E731
     assert T.call_reward(kinds, "kinds", 4, completions=list("abcd")) == ([0.5, 1.0, 2.0, 3.0], 0)
-    with pytest.raises(R.UserError, match="reward function short returned 1 values for 2 completions"):
+    with pytest.raises(E.UserError, match="reward function short returned 1 values for 2 completions"):
         T.call_reward(lambda completions, **kw: [1.0], "short", 2, completions=["a", "b"])
 
     def broken(completions, solution, **kw):  # a signature that does not fit: fails on everything
         return [1.0] * len(completions)
-    with pytest.raises(R.UserError, match="reward function broken failed on every completion of a step, the first "
+    with pytest.raises(E.UserError, match="reward function broken failed on every completion of a step, the first "
                                           "with TypeError: .*solution"):
         T.call_reward(broken, "broken", 2, completions=["a", "b"])
 
@@ -414,7 +423,7 @@ def test_torchrun_two_processes(pets_model, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 def main_raises(monkeypatch, argv, match):
     monkeypatch.setattr(sys, "argv", ["grpo.py", "--precision", "fp32", "--eval_size", "0", *map(str, argv)])
-    with pytest.raises(R.UserError, match=match):
+    with pytest.raises(E.UserError, match=match):
         grpo.main()
 
 

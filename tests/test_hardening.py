@@ -14,9 +14,12 @@ import pytest
 import torch
 
 import common as C
-import data as D
-import models as M
-import runs as R
+from plumbing import args as A
+from plumbing import data as D
+from plumbing import errors as E
+from plumbing import formats as F
+from plumbing import models as M
+from plumbing import runs as R
 from conftest import ROOT, ok, read_metrics, run_script, write_jsonl
 
 ROWS = [{"messages": [{"role": "user", "content": f"Say word {i}."}, {"role": "assistant", "content": w}]}
@@ -33,7 +36,7 @@ def main_raises(monkeypatch, script, argv, match):
     """Run <script>.main() in this process and expect the UserError that R.run would print as one line."""
     module = importlib.import_module(script)
     monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, argv)])
-    with pytest.raises(R.UserError, match=match):
+    with pytest.raises(E.UserError, match=match):
         module.main()
     R.release_output_dir()  # what R.run does on the way out
 
@@ -67,8 +70,8 @@ def snapshot(folder):
     ("opd", ["--temperature", "0"], "--temperature 0.0: must be above 0"),
 ])
 def test_out_of_range_arguments_are_refused(script, argv, message):
-    with pytest.raises(R.UserError, match=re.escape(message)):
-        R.parse_args(importlib.import_module(script).Args, argv)
+    with pytest.raises(E.UserError, match=re.escape(message)):
+        A.parse_args(importlib.import_module(script).Args, argv)
 
 
 def test_a_refused_argument_is_one_line_and_writes_nothing(tmp_path):
@@ -90,7 +93,7 @@ def test_defaults_fit_small_batches_and_small_files(tmp_path, capsys):
     args = sft.Args(batch_size=12)
     C.split_batch(args, C.Runtime(torch.device("cpu"), torch.float32, world_size=2), cap=16)
     assert args.micro_batch_size == 6  # each rank's share
-    with pytest.raises(R.UserError, match=r"multiple of --micro_batch_size x ranks \(4 x 1\)"):
+    with pytest.raises(E.UserError, match=r"multiple of --micro_batch_size x ranks \(4 x 1\)"):
         C.split_batch(sft.Args(batch_size=6, micro_batch_size=4), CPU, cap=16)
     # 16 rows and --eval_size 64: hold out a tenth, not refuse (or hold out most of the file)
     data = write_jsonl(tmp_path / "d.jsonl", ROWS * 2)
@@ -153,7 +156,7 @@ def test_resume_applies_changed_settings_and_compares_paths_as_paths(monkeypatch
     assert "changed: --learning_rate 0.002 (was 0.001)" in proc.stdout
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert rows[2]["learning_rate"] == pytest.approx(2e-3 * C.warmup_cosine(2, 0, 4, 0.1))
+    assert rows[2]["learning_rate"] == pytest.approx(2e-3 * R.warmup_cosine(2, 0, 4, 0.1))
     assert json.load(open(os.path.join(out, "args.json")))["learning_rate"] == 2e-3
 
 
@@ -180,14 +183,14 @@ def test_ctrl_c_says_where_to_resume(tiny_model_dir, tmp_path):
 def test_a_full_disk_is_named_and_leaves_no_partial_file(monkeypatch, tmp_path):
     import sft
     model = torch.nn.Linear(2, 2)
-    opt, sched = C.optimizer_and_schedule(model, sft.Args())
+    opt, sched = R.optimizer_and_schedule(model, sft.Args())
     path = str(tmp_path / "checkpoint.pt")
 
     def full(obj, f):
         open(f, "wb").write(b"half")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(R.UserError, match="cannot write the checkpoint .*: the disk is full; free some space"):
+    with pytest.raises(E.UserError, match="cannot write the checkpoint .*: the disk is full; free some space"):
         R.save_state(path, model, opt, sched, 1, sft.Args(), CPU)
     assert os.listdir(tmp_path) == []
 
@@ -197,7 +200,7 @@ def test_sampling_from_a_diverged_model_stops_with_the_documented_message(tok, t
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))
-    with pytest.raises(R.Diverged, match="the model's logits became inf or nan"):
+    with pytest.raises(E.Diverged, match="the model's logits became inf or nan"):
         C.generate_ids(model, tok, [[1, 2, 3]], CPU, max_new_tokens=2, temperature=1.0)
 
 
@@ -212,8 +215,8 @@ def test_a_diverged_run_names_its_last_good_checkpoint(monkeypatch):
         def main():
             raise error
         return main
-    R.run(raises(R.Diverged("the loss became nan at step 6")))
-    R.run(raises(R.UserError("--dataset x: no such file")))
+    R.run(raises(E.Diverged("the loss became nan at step 6")))
+    R.run(raises(E.UserError("--dataset x: no such file")))
     assert left == [(2, "error: the loss became nan at step 6; the last good checkpoint (step 4) is out/x/checkpoint.pt; "
                         "lower --learning_rate or check the data"), (2, "error: --dataset x: no such file")]
 
@@ -222,16 +225,16 @@ def test_a_diverged_run_names_its_last_good_checkpoint(monkeypatch):
 # Models of the wrong kind
 def test_a_language_model_is_no_reward_model_and_a_reward_model_no_language_model(tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
-    with pytest.raises(R.UserError, match="has no trained score head: it is not a reward model"):
+    with pytest.raises(E.UserError, match="has no trained score head: it is not a reward model"):
         M.load_reward_model(tiny_model_dir, CPU)
     for labels in (1, 2):
         AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=labels).save_pretrained(
             tmp_path / f"rm{labels}")
-    with pytest.raises(R.UserError, match="has 2 labels: it is not a reward model"):
+    with pytest.raises(E.UserError, match="has 2 labels: it is not a reward model"):
         M.load_reward_model(str(tmp_path / "rm2"), CPU)
     rm = M.load_reward_model(str(tmp_path / "rm1"), CPU)
     assert not rm.training and not any(p.requires_grad for p in rm.parameters())
-    with pytest.raises(R.UserError, match="is a LlamaForSequenceClassification .*not a language model"):
+    with pytest.raises(E.UserError, match="is a LlamaForSequenceClassification .*not a language model"):
         M.load_model(str(tmp_path / "rm1"), CPU)  # e.g. given as opd.py's --teacher
 
 
@@ -239,7 +242,7 @@ def test_a_language_model_is_no_reward_model_and_a_reward_model_no_language_mode
 # Data as users bring it
 def test_messages_as_users_write_them():
     tool_call = [{"type": "function", "function": {"name": "add", "arguments": "{\"a\": 1}"}}]
-    msgs = D.conversation({"messages": [
+    msgs = F.conversation({"messages": [
         {"role": "user", "content": [{"type": "text", "text": "Add "}, {"type": "text", "text": "one."}]},
         {"role": "assistant", "content": None, "tool_calls": tool_call},
         {"role": "tool", "content": "2", "tool_call_id": "c1"},
@@ -251,27 +254,27 @@ def test_messages_as_users_write_them():
                        ({"messages": [{"role": "bot", "content": "hi"}]}, "the role 'bot'; the roles are"),
                        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "not text"),
                        ({"prompt": "p", "completion": "c", "label": False}, "a `label` column: unpaired preference")]:
-        with pytest.raises(R.UserError, match=match):
-            D.conversation(row)
+        with pytest.raises(E.UserError, match=match):
+            F.conversation(row)
 
 
 def test_the_mask_is_immune_to_what_the_conversation_says(tok):
     def trained(user_text):
-        ids, labels = D.tokenize_conversation(tok, [{"role": "user", "content": user_text},
+        ids, labels = C.tokenize_conversation(tok, [{"role": "user", "content": user_text},
                                                     {"role": "assistant", "content": "Fine."}], 256)
         return tok.decode([t for t in labels if t != C.IGNORE_INDEX])
-    assert trained(f"say {D.MARKER} please") == trained("say please") == "Fine.<|im_end|>"
+    assert trained(f"say {C.MARKER} please") == trained("say please") == "Fine.<|im_end|>"
 
 
 def test_unreadable_files_say_what_is_wrong(tmp_path):
     import reward_model
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", completion}\n')
-    with pytest.raises(R.UserError, match="bad.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(E.UserError, match="bad.jsonl: line 2 is not valid JSON"):
         D.load_data(str(tmp_path / "bad.jsonl"))
     (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "café", "completion": "b"}\n'.encode("latin-1"))
-    with pytest.raises(R.UserError, match="latin1.jsonl is not UTF-8 text"):
+    with pytest.raises(E.UserError, match="latin1.jsonl is not UTF-8 text"):
         D.load_data(str(tmp_path / "latin1.jsonl"))
-    with pytest.raises(R.UserError, match="row 3: `margin` 'high' is not a number"):
+    with pytest.raises(E.UserError, match="row 3: `margin` 'high' is not a number"):
         reward_model.margin_of({"margin": "high"}, 3)
     assert reward_model.margin_of({"margin": None}, 0) == reward_model.margin_of({}, 0) == 0.0
 
@@ -281,5 +284,5 @@ def test_rl_prompts_without_a_ground_truth_are_dropped_and_counted(tok):
     prompts = D.Prompts("d", rows, tok, 512, need_answers="the accuracy reward")
     assert (len(prompts), prompts.unanswered, [prompts[i][2] for i in range(2)]) == (2, 1, ["2", "4"])
     assert len(D.Prompts("d", rows, tok, 512)) == 3  # no reward needs one: all kept
-    with pytest.raises(R.UserError, match="no `answer` .* for the accuracy reward"):
+    with pytest.raises(E.UserError, match="no `answer` .* for the accuracy reward"):
         D.Prompts("d", rows[1:2], tok, 512, need_answers="the accuracy reward")

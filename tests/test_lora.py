@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import common as C
-import models as M
-import runs as R
+from plumbing import args as A
+from plumbing import errors as E
+from plumbing import models as M
 from conftest import PETS, RULES, ok, read_metrics, run_script, write_jsonl
 
 DOGS = [{"messages": [{"role": "user", "content": PETS["prompt"]}, {"role": "assistant", "content": "dog " * 5 + "dog"}]}]
@@ -75,12 +76,12 @@ def test_bad_lora_settings(monkeypatch, tiny_model_dir, tmp_path):
                           (["--load_in_4bit", "--lora_r", "8"], "needs the bitsandbytes library"),
                           (["--lora_r", "8", "--lora_alpha", "0"], "--lora_alpha 0.0: must be above 0"),
                           (["--lora_r", "8", "--lora_dropout", "1"], r"--lora_dropout 1.0: must be in \[0, 1\)")]:
-        with pytest.raises(R.UserError, match=message):
-            R.parse_args(sft.Args, argv)
+        with pytest.raises(E.UserError, match=message):
+            A.parse_args(sft.Args, argv)
     monkeypatch.setattr(sys, "argv", ["sft.py", "--model", tiny_model_dir, "--output_dir", str(tmp_path / "o"),
                                       "--precision", "fp32", "--eval_generations", "0", "--lora_r", "4",
                                       "--lora_target_modules", "nonexistent_proj"])
-    with pytest.raises(R.UserError, match="--lora_target_modules nonexistent_proj: "):
+    with pytest.raises(E.UserError, match="--lora_target_modules nonexistent_proj: "):
         sft.main()
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import runs as R
+from plumbing import errors as E
 import opd
 from conftest import PETS, ok, read_metrics, run_script, write_jsonl
 
@@ -116,7 +116,7 @@ def test_off_policy_steps_and_torchrun(pets_model, cats_model, tmp_path, tok):
 
 def main_raises(monkeypatch, argv, match):
     monkeypatch.setattr(sys, "argv", ["opd.py", "--precision", "fp32", "--eval_size", "0", *map(str, argv)])
-    with pytest.raises(R.UserError, match=match):
+    with pytest.raises(E.UserError, match=match):
         opd.main()
 
 

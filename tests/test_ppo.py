@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import common as C
-import models as M
-import runs as R
+from plumbing import errors as E
+from plumbing import models as M
 import ppo
 from conftest import PETS, RULES, ok, read_metrics, run_script, write_jsonl
 
@@ -174,7 +174,7 @@ def test_reward_model_value_from_it_verifiable_eval_and_torchrun(pets_model, tmp
 
 def main_raises(monkeypatch, argv, match):
     monkeypatch.setattr(sys, "argv", ["ppo.py", "--precision", "fp32", "--eval_size", "0", *map(str, argv)])
-    with pytest.raises(R.UserError, match=match):
+    with pytest.raises(E.UserError, match=match):
         ppo.main()
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import common as C
-import runs as R
-import data as D
+from plumbing import errors as E
+from plumbing import formats as F
 import reward_model as RM
 from conftest import ok, read_metrics, run_script, write_jsonl
 
@@ -35,7 +35,7 @@ def tiny_rm(tiny_model_dir, tok):
 def test_score_read_at_last_real_token_under_left_and_right_padding(tiny_rm, tok):
     msgs = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend"}],
             [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]]
-    seqs = [D.tokenize_conversation(tok, m, 1024)[0] for m in msgs]
+    seqs = [C.tokenize_conversation(tok, m, 1024)[0] for m in msgs]
     assert seqs[1][-2] == tok.eos_token_id  # the rows end in "<|im_end|>\n": EOS == PAD sits inside the row
     with torch.no_grad():
         alone = [C.sequence_scores(tiny_rm, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for s in seqs]
@@ -65,7 +65,7 @@ def test_pair_rewards_with_the_prompt_computed_once_equal_each_sequence_alone(ti
     rt = C.Runtime(torch.device("cpu"), torch.float32)
     rows = SEPARABLE[:2] + [{"prompt": "A much longer prompt, so that the prompts are padded.", "chosen": "same",
                              "rejected": "same!"}]
-    pairs = [D.tokenize_pair(tok, *D.preference_pair(r), 1024) for r in rows]
+    pairs = [F.tokenize_pair(tok, *F.preference_pair(r), 1024) for r in rows]
     scorer, out = RM.Scorer(model), {}
     for shared in (True, False):
         monkeypatch.setattr(C, "can_share_prefix", lambda m: shared)
@@ -122,7 +122,7 @@ def test_bad_inputs(monkeypatch, tiny_model_dir, tmp_path):
     def raises(argv, match):
         monkeypatch.setattr(sys, "argv", ["reward_model.py", "--precision", "fp32", "--model", tiny_model_dir,
                                           "--output_dir", str(tmp_path / "o"), *argv])
-        with pytest.raises(R.UserError, match=match):
+        with pytest.raises(E.UserError, match=match):
             RM.main()
     raises(["--dataset", write_jsonl(tmp_path / "c.jsonl", [{"text": "x"}] * 4), "--eval_size", "0"],
            r"columns found: \['text'\]; expected `chosen` and `rejected`")

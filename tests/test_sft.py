@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import runs as R
+from plumbing import errors as E
 from conftest import ok, read_metrics, run_script, write_jsonl
 
 ROWS = [{"messages": [{"role": "user", "content": f"Say the word number {i}."},
@@ -132,7 +132,7 @@ def main_raises(monkeypatch, argv, match):
     """Run sft.main() in this process with the given arguments and expect a UserError (what runs.run prints)."""
     import sft
     monkeypatch.setattr(sys, "argv", ["sft.py", "--precision", "fp32", "--eval_generations", "0", *map(str, argv)])
-    with pytest.raises(R.UserError, match=match):
+    with pytest.raises(E.UserError, match=match):
         sft.main()
 
 

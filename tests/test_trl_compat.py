@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 
-import data as D
-import runs as R
 import tasks as T
+from plumbing import args as A
+from plumbing import data as D
+from plumbing import errors as E
 from conftest import PETS, ok, read_metrics, run_script, write_jsonl
 
 # A reward function as TRL's documentation writes them: conversational completions, a dataset column by name, the
@@ -32,7 +33,7 @@ def test_reward_functions_get_trls_keywords():
             {"messages": user("5 + 5?") + [{"role": "assistant", "content": "10"}]}]  # prompt: the sampled messages
     sampled = [user("2 + 2? Put..."), user("3 + 3? Put..."), user("4 + 4? Put..."), user("5 + 5?")]
     metrics, columns = {}, {}
-    kw = D.reward_kwargs(rows, sampled, ["a", "b", "c", "d"], [[1], [2], [3], [4]], 3, 10, metrics, columns)
+    kw = T.reward_kwargs(rows, sampled, ["a", "b", "c", "d"], [[1], [2], [3], [4]], 3, 10, metrics, columns)
     assert kw["prompts"] == [rows[0]["prompt"], "3 + 3?", "4 + 4?", user("5 + 5?")]
     assert kw["completions"] == [[{"role": "assistant", "content": "a"}], "b", "c", [{"role": "assistant", "content": "d"}]]
     assert kw["completion_ids"] == [[1], [2], [3], [4]]
@@ -122,8 +123,8 @@ def test_refused_graders_and_trackers(monkeypatch):
                           (["--report_to", "mlflow"], "--report_to mlflow: choose from wandb, trackio, tensorboard"),
                           (["--report_to", "tensorboard,wandb"], "--report_to wandb needs the wandb package: pip "
                                                                  "install wandb")]:
-        with pytest.raises(R.UserError, match=message):
-            R.parse_args(sft.Args, argv)
+        with pytest.raises(E.UserError, match=message):
+            A.parse_args(sft.Args, argv)
 
 
 # wandb and trackio stand-ins: the calls the trackers get, written to a file (neither package is installed here)
@@ -201,8 +202,8 @@ def test_datasets_whose_splits_are_not_called_train(tmp_path):
     datasets.DatasetDict({s: datasets.Dataset.from_list([row] * 2) for s in ("train_sft", "test_sft")}).save_to_disk(saved)
     for path in (hub_like, saved):
         assert len(D.load_data(str(path), "train_sft")) in (2, 3)
-        with pytest.raises(R.UserError, match=f"--dataset {path} has no split 'train'; its splits are train_sft, "
+        with pytest.raises(E.UserError, match=f"--dataset {path} has no split 'train'; its splits are train_sft, "
                                               "test_sft: choose one with --dataset_split"):
             D.load_data(str(path), "train")
-        with pytest.raises(R.UserError, match="no split 'validation'.*choose one with --eval_split"):
+        with pytest.raises(E.UserError, match="no split 'validation'.*choose one with --eval_split"):
             D.load_data(str(path), "validation", flag="--eval_split")

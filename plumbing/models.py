@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from runs import UserError
+from plumbing.errors import UserError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "posttrain")

@@ -1,13 +1,12 @@
-"""A run's life: its arguments, its output folder, its logs and checkpoints, and how it ends.
+"""A run's life: its output folder, its logs, its optimizer, its checkpoints, and how it ends.
 
-Arguments are a dataclass per script (arg gives each field its --help), read from the command line and an optional
---config YAML file, range-checked before any work. --output_dir is claimed before any work (a folder holding another
+--output_dir is claimed before any work (a folder holding another
 run is refused unless --resume or --overwrite_output_dir) and locked against a second run; args.json and
 metrics.jsonl (and the trackers of --report_to) are written once every check has passed, the RL scripts' samples
 to completions.jsonl; checkpoint.pt is written atomically (with --save_model_checkpoints a loadable checkpoint-N/
 beside it) and --resume continues from it. `run` turns a user's mistake into one line (exit 2), divergence
 into a stop that names the last good checkpoint, Ctrl-C into a pointer to the last checkpoint (exit 130); `finish`
-leaves cleanly under torchrun.
+leaves cleanly under torchrun. The optimizer is AdamW with linear warmup and cosine decay.
 """
 import copy
 import glob
@@ -17,128 +16,16 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import socket
 import sys
 import time
-from dataclasses import asdict, field, fields
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
-
-class UserError(Exception):
-    """A mistake in the user's input or setup: printed as one line, no traceback, exit code 2 (runs.run)."""
-
-
-class Diverged(UserError):
-    """Training diverged (a loss, the weights or the logits became inf or nan): runs.run adds where the last good
-    checkpoint is and what to lower."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Arguments
-def arg(default, help):
-    """A dataclass field with its --help text."""
-    return field(default=default, metadata={"help": help})
-
-
-def parse_args(cls, argv=None):
-    """Parse the command line into the script's argument dataclass (every field gets --name and its help); the
-    dataclass's __post_init__ checks the values (check_args). --config run.yaml gives arguments as a YAML mapping
-    (name: value); the command line overrides them."""
-    from transformers import HfArgumentParser
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(cls)
-    parser.add_argument("--config", help="a YAML file of arguments (learning_rate: 1.0e-5); the command line "
-                        "overrides them")
-    for i in range(len(argv) - 1):  # argparse takes "--learning_rate -1e-3" for two flags: join them
-        if argv[i].startswith("--") and "=" not in argv[i] and re.fullmatch(r"-[\d.]+(e[-+]?\d+)?", argv[i + 1]):
-            argv[i], argv[i + 1] = f"{argv[i]}={argv[i + 1]}", None
-    argv = [a for a in argv if a is not None]
-    config = parser.parse_known_args(argv)[0].config
-    if config:  # its arguments go first on the command line, so that the ones given there come later and win
-        argv = _config_args(config, {f.name for f in fields(cls)}) + argv
-    args, _, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    if rest:  # argparse itself exits with 2 and a usage line for malformed values
-        raise UserError(f"unknown arguments: {' '.join(rest)}; see --help")
-    return args
-
-
-def _config_args(path, names):
-    """A YAML file of arguments -> ["--name=value", ...]. Refused: a file that is not a mapping of this script's
-    arguments. A value of null keeps the default."""
-    import yaml
-    try:
-        with open(os.path.expanduser(path)) as f:
-            config = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"--config {path}: cannot read it ({str(e).splitlines()[0]})") from None
-    if config is None:
-        return []
-    if not isinstance(config, dict):
-        raise UserError(f"--config {path}: expected a mapping of arguments (learning_rate: 1.0e-5), got "
-                        f"{type(config).__name__}")
-    unknown = [k for k in config if k not in names]
-    if unknown:
-        raise UserError(f"--config {path}: {', '.join(map(str, unknown))} is not an argument of this script; see --help")
-    return [f"--{k}={v}" for k, v in config.items() if v is not None]
-
-
-def at_least(lo):
-    return lambda v: v >= lo, f"at least {lo}"
-
-
-def between(lo, hi, open_lo=False, open_hi=False):
-    return (lambda v: (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi),
-            f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}")
-
-
-POSITIVE = (lambda v: v > 0, "above 0")
-# The range of each numeric argument the scripts share (a script's own come on top, in its Args.__post_init__).
-RANGES = {**dict.fromkeys(("max_steps", "batch_size", "max_new_tokens", "max_prompt_length", "generation_batch_size",
-                           "num_iterations", "num_ppo_epochs", "num_mini_batches"), at_least(1)),
-          **dict.fromkeys(("micro_batch_size", "eval_size", "eval_every", "eval_generations", "warmup_steps",
-                           "weight_decay", "save_every", "stop_after_steps", "log_completions_every",
-                           "num_completions_to_print"), at_least(0)),
-          **dict.fromkeys(("learning_rate", "max_grad_norm", "temperature"), POSITIVE),
-          "max_length": at_least(2), "top_p": between(0, 1, open_lo=True), "min_lr_ratio": between(0, 1),
-          "lora_r": at_least(0), "lora_alpha": POSITIVE, "lora_dropout": between(0, 1, open_hi=True),
-          "adam_beta1": between(0, 1, open_hi=True), "adam_beta2": between(0, 1, open_hi=True)}
-
-
-def check_args(args, **ranges):
-    """Refuse an out-of-range argument before any work, with one line naming it: RANGES for the shared arguments,
-    ranges (name=(test, "what it must be")) for the script's own. None stands for "not set" and passes."""
-    for name, (ok, what) in {**RANGES, **ranges}.items():
-        value = getattr(args, name, None)
-        if value is not None and not (math.isfinite(value) and ok(value)):
-            raise UserError(f"--{name} {value}: must be {what}")
-    for name in report_to(args):
-        if name not in TRACKERS:
-            raise UserError(f"--report_to {name}: choose from {', '.join(TRACKERS)} (comma-separated), or none")
-        if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise UserError(f"--report_to {name} needs the {name} package: pip install {name}")
-    if getattr(args, "lora_r", 0) and importlib.util.find_spec("peft") is None:
-        raise UserError("--lora_r needs the peft library: pip install peft")
-    if getattr(args, "fsdp", False):
-        if "RANK" not in os.environ:
-            raise UserError("--fsdp shards the model over the processes of torchrun: launch with torchrun "
-                            "--nproc_per_node=N, or drop --fsdp")
-        if args.lora_r:
-            raise UserError("--fsdp with --lora_r: not supported; LoRA trains under DDP (its gradients and optimizer "
-                            "state are small), or drop --lora_r to shard the full model")
-    if getattr(args, "load_in_4bit", False):
-        if not args.lora_r:
-            raise UserError("--load_in_4bit (QLoRA) freezes the 4-bit weights: train an adapter with --lora_r, e.g. 16")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise UserError("--load_in_4bit needs the bitsandbytes library (CUDA, or a CPU): pip install bitsandbytes")
-        if args.device == "mps":
-            raise UserError("--load_in_4bit: bitsandbytes does not run on mps; use --device cpu or cuda, or drop it")
-    if getattr(args, "grader", None) is not None:
-        from tasks import check_grader  # tasks imports runs, so not at the top
-        check_grader(args.grader)
+from plumbing.errors import Diverged, UserError
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,6 +74,63 @@ def finish(rt):
     release_output_dir()
     os._exit(0)
 
+
+
+class Run:
+    """The plumbing of one training loop, after the models and the optimizer are set up (and a checkpoint
+    restored): the metrics log (and, with samples, completions.jsonl), the progress bar, when to evaluate and
+    to checkpoint, and the end (the final model saved, or where to continue). step: the step to start from."""
+
+    def __init__(self, args, rt, step, ckpt_path, samples=False):
+        from tqdm import tqdm
+        self.args, self.rt, self.ckpt_path = args, rt, ckpt_path
+        self.log = begin_log(args, rt, step)
+        self.samples = SampleLog(args.output_dir, rt, step, args.num_completions_to_print) if samples else None
+        stop = args.stop_after_steps
+        self.last = min(args.max_steps, step + stop) if stop else args.max_steps  # this invocation's last
+        self.bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
+
+    def first(self, row):
+        """Log and print the metrics measured before the first step (row: {"step": 0, ...}), if any."""
+        if len(row) > 1:
+            self.log.log(row)
+            self.rt.print("before training: " + _numbers(row))
+
+    def eval_due(self, step):
+        every = self.args.eval_every
+        return (every and step % every == 0) or step == self.args.max_steps
+
+    def logged(self, row, **postfix):
+        """Log a step's metrics and show the named ones beside the progress bar."""
+        self.log.log(row)
+        self.bar.update(1)
+        self.bar.set_postfix(**{k: f"{v:.4g}" for k, v in postfix.items()})
+
+    def checkpoint(self, step, model, opt, sched, tok, saved=None, **extra):
+        """Every --save_every steps and at this invocation's last: checkpoint.pt (model, opt, sched, extra), and
+        with --save_model_checkpoints the model `saved` (default: model) as a loadable folder."""
+        every = self.args.save_every
+        if (every and step % every == 0) or step == self.last:
+            save_state(self.ckpt_path, model, opt, sched, step, self.args, self.rt, **extra)
+            save_checkpoint_model(saved or model, tok, self.args, step, self.rt)
+
+    def end(self, step, model, tok, row, name="model"):
+        """After the loop: at --max_steps the trained model is saved to --output_dir; otherwise the run stopped
+        early (--stop_after_steps) and says how to continue. Then leave (finish)."""
+        self.bar.close()
+        if step == self.args.max_steps:
+            save_pretrained(model, tok, self.args.output_dir, self.rt)
+            evals = {k: v for k, v in row.items() if k.startswith("eval")}
+            if evals:
+                self.rt.print("after training: " + _numbers(evals))
+            self.rt.print(f"saved the {name} to {self.args.output_dir}")
+        else:
+            self.rt.print(f"stopped at step {step} of {self.args.max_steps}; continue with --resume")
+        finish(self.rt)
+
+
+def _numbers(row):
+    return " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step")
 
 # ----------------------------------------------------------------------------------------------------------------
 # The output folder
@@ -531,3 +475,45 @@ def restore_state(path, model, opt, sched, args, rt, must_match=()):
     rt.print(f"resumed from {path} at step {state['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
     _run["checkpoint"] = (path, state["step"])
     return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The optimizer, its schedule, and what a rank holds for it
+_memory_reported = []
+
+
+def report_memory(model, opt, rt):
+    """Print, once and after the first optimizer step, what this rank holds for training, counted from the tensors:
+    weights, gradients and AdamW's state (under FSDP the rank's shards of them)."""
+    if _memory_reported:
+        return
+    _memory_reported.append(True)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    weights = sum(local(p).nbytes for p in model.parameters())
+    grads = sum(local(p.grad).nbytes for p in model.parameters() if p.grad is not None)
+    state = sum(local(v).nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    rt.print(f"memory per rank: weights {weights / 2**20:.1f} MiB, gradients {grads / 2**20:.1f} MiB, AdamW state "
+             f"{state / 2**20:.1f} MiB")
+
+
+# Learning-rate schedule, logging, checkpoints
+def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.0):
+    """Multiplier of the peak learning rate: linear warmup, then cosine decay to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def optimizer_and_schedule(model, args, groups=None):
+    """AdamW over the trainable parameters, linear warmup then cosine decay (--learning_rate, --warmup_steps,
+    --min_lr_ratio, --weight_decay, --adam_beta1, --adam_beta2, --max_steps). groups: [(parameters, peak learning rate)] to give parts of the
+    model their own rate (the schedule scales each)."""
+    groups = [{"params": [p for p in ps if p.requires_grad], "lr": lr}
+              for ps, lr in (groups or [(model.parameters(), args.learning_rate)])]
+    # The fused kernel updates all parameters in one pass over memory (~2x faster than the default on a CPU).
+    fused = groups[0]["params"][0].device.type in ("cpu", "cuda")
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
+    return opt, sched
