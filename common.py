@@ -1,11 +1,11 @@
 """What every method shares and what defines the policy's numbers: the one shared module to read.
 
-Setup (device, DDP/FSDP, precision, seeds), padding, chat-template masking (which tokens are trained),
-log-prob gathering (from logits / temperature, with the KV cache shared by a GRPO group's prompt), the sampler
-(batched, with the KV cache: the exact distribution every log-prob of RL is computed against) and reward-model
-scores. A loss, an advantage or a rollout lives in its method's script; the environment (tasks, prompts,
-grader, rewards) in tasks.py; loading, data formats, arguments, logs and checkpoints in plumbing/, which no
-method needs you to read.
+Setup (device, DDP/FSDP, precision, seeds), padding, chat-template masking (which tokens are
+trained), log-prob gathering (from logits / temperature, with the KV cache shared by a GRPO group's
+prompt), the sampler (batched, with the KV cache: the exact distribution every log-prob of RL is
+computed against) and reward-model scores. A loss, an advantage or a rollout lives in its method's
+script; the environment (tasks, prompts, grader, rewards) in tasks.py; loading, data formats,
+arguments, logs and checkpoints in plumbing/, which no method needs you to read.
 """
 import inspect
 import os
@@ -24,7 +24,7 @@ from plumbing.models import unwrap
 IGNORE_INDEX = -100  # label of a token that is not trained (cross_entropy's ignore_index)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Device, distributed, precision, seeds
 @dataclass
 class Runtime:
@@ -48,8 +48,7 @@ class Runtime:
 
 
 def cpu_has_fast_bf16():
-    # bf16 autocast only pays off on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX); elsewhere it is
-    # emulated and slower than fp32.
+    # bf16 autocast pays off only with AVX512-BF16 or AMX; elsewhere it's emulated, slower than fp32
     try:
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except AttributeError:
@@ -57,10 +56,11 @@ def cpu_has_fast_bf16():
 
 
 def setup(seed, device="auto", precision="auto"):
-    """Pick the device and precision, start DDP when launched by torchrun (RANK is set), seed every RNG."""
+    """Pick device and precision, start DDP under torchrun (RANK is set), seed every RNG."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device = ("cuda" if torch.cuda.is_available()
+                  else "mps" if torch.backends.mps.is_available() else "cpu")
     if device not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {device}: use auto, cpu, cuda or mps")
     if device == "cuda" and not torch.cuda.is_available():
@@ -69,9 +69,11 @@ def setup(seed, device="auto", precision="auto"):
         if device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    dev = torch.device(device, int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device(device)
+    dev = (torch.device(device, int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda"
+           else torch.device(device))
     if precision == "auto":
-        fast = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_fast_bf16() if device == "cpu" else False
+        fast = (torch.cuda.is_bf16_supported() if device == "cuda"
+                else cpu_has_fast_bf16() if device == "cpu" else False)
         precision = "bf16" if fast else "fp32"
     if precision not in ("bf16", "fp32"):
         raise UserError(f"--precision {precision}: use auto, bf16 or fp32")
@@ -83,51 +85,56 @@ def setup(seed, device="auto", precision="auto"):
 
 
 def split_batch(args, rt, cap):
-    """Check that --batch_size splits over the ranks into micro-batches; --micro_batch_size 0 (the default) becomes
-    the largest micro-batch up to cap that divides a rank's share of the batch."""
+    """Check that --batch_size splits over the ranks into micro-batches; --micro_batch_size 0 (the
+    default) becomes the largest micro-batch up to cap that divides a rank's share of the batch."""
     if args.batch_size % rt.world_size:
-        raise UserError(f"--batch_size {args.batch_size} must be a multiple of the {rt.world_size} ranks")
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of the "
+                        f"{rt.world_size} ranks")
     share = args.batch_size // rt.world_size
     if not args.micro_batch_size:
         args.micro_batch_size = max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
     elif share % args.micro_batch_size:
-        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size x ranks "
-                        f"({args.micro_batch_size} x {rt.world_size})")
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size "
+                        f"x ranks ({args.micro_batch_size} x {rt.world_size})")
 
 
 def distribute(model, args, rt):
-    """The model as the ranks train it: itself in one process; under torchrun DDP, a whole copy per rank whose
-    gradients are all-reduced; or with --fsdp FSDP2 (torch's fully_shard; Zhao et al. 2023, arXiv:2304.11277, with
-    per-parameter sharding): every decoder layer, then the rest (model), sharded over the ranks, so that each rank
-    holds 1/N of the weights, gradients and AdamW state and gathers a layer's weights only while it runs. Under bf16
-    the weights are gathered in bf16 and the gradients reduced in fp32 (MixedPrecisionPolicy, as torchtitan): the
-    whole forward runs in bf16, where DDP's autocast keeps embeddings, norms and the residual stream in fp32. Call it
-    before building the optimizer: fully_shard replaces the parameters by sharded DTensors."""
+    """The model as the ranks train it: itself in one process; under torchrun DDP, a whole copy per
+    rank whose gradients are all-reduced; or with --fsdp FSDP2 (torch's fully_shard; Zhao et al.
+    2023, arXiv:2304.11277, with per-parameter sharding): every decoder layer, then the rest
+    (model), sharded over the ranks, so that each rank holds 1/N of the weights, gradients and AdamW
+    state and gathers a layer's weights only while it runs. Under bf16 the weights are gathered in
+    bf16 and the gradients reduced in fp32 (MixedPrecisionPolicy, as torchtitan): the whole forward
+    runs in bf16, where DDP's autocast keeps embeddings, norms and the residual stream in fp32. Call
+    it before building the optimizer: fully_shard replaces the parameters by sharded DTensors."""
     if not getattr(args, "fsdp", False):
         return DDP(model) if rt.world_size > 1 else model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
-    layers = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or ()}  # e.g. LlamaDecoderLayer
+    # e.g. LlamaDecoderLayer
+    layers = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or ()}
     for m in list(model.modules()):
         if type(m).__name__ in layers:
             fully_shard(m, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    model._get_fsdp_state()._lazy_init()  # the root is this module, whichever runs first (ppo.py samples with a part)
+    # the root is this module, whichever runs first (ppo.py samples with a part)
+    model._get_fsdp_state()._lazy_init()
     return model
 
 
 def no_sync(model, skip):
-    """Gradient accumulation under DDP: with skip, this backward leaves its gradients on the rank (DDP's no_sync);
-    the backward of the last micro-batch all-reduces their sum. Under FSDP every backward reduce-scatters its
-    gradients into the rank's shards: skipping would hold the whole unsharded gradient on each rank between
-    micro-batches (4 bytes per parameter), the memory FSDP is there to save."""
+    """Gradient accumulation under DDP: with skip, this backward leaves its gradients on the rank
+    (DDP's no_sync); the backward of the last micro-batch all-reduces their sum. Under FSDP every
+    backward reduce-scatters its gradients into the rank's shards: skipping would hold the unsharded
+    gradient on each rank between micro-batches (4 bytes per parameter), the memory FSDP saves."""
     return model.no_sync() if skip and isinstance(model, DDP) else nullcontext()
 
 
 @contextmanager
 def unsharded(model):
-    """Under FSDP: every weight gathered whole on each rank for the duration (sampling, evaluation), so that forward
-    passes need no collective and ranks may run different numbers of them; sharded again after. Otherwise nothing."""
+    """Under FSDP: every weight gathered whole on each rank for the duration (sampling, evaluation),
+    so that forward passes need no collective and ranks may run different numbers of them; sharded
+    again after. Otherwise nothing."""
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp:
         m.unshard()
@@ -135,13 +142,15 @@ def unsharded(model):
     try:
         yield
     finally:
-        for i, m in enumerate(fsdp):  # the defaults again: layers reshard after forward, the root (first) keeps its
-            m.set_reshard_after_forward(i > 0, recurse=False)  # weights for the backward
+        # defaults again: layers reshard after forward; the root (first) keeps weights for backward
+        for i, m in enumerate(fsdp):
+            m.set_reshard_after_forward(i > 0, recurse=False)
             m.reshard()
 
 
 def clip_grad_norm(model, max_norm):
-    """Clip the gradients' global norm to max_norm; returns the norm before clipping (a float, whole over shards)."""
+    """Clip the gradients' global norm to max_norm; returns the norm before clipping (a float, whole
+    over shards)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
 
@@ -153,7 +162,8 @@ def set_seed(seed):
 
 def all_reduce(x, rt, op="sum"):
     """Sum (or max) a float or tensor over DDP ranks; returns a tensor on the runtime device."""
-    t = torch.as_tensor(x, dtype=torch.float64 if rt.device.type != "mps" else torch.float32, device=rt.device)
+    t = torch.as_tensor(x, dtype=torch.float64 if rt.device.type != "mps" else torch.float32,
+                        device=rt.device)
     if rt.world_size > 1:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
@@ -161,16 +171,17 @@ def all_reduce(x, rt, op="sum"):
 
 
 def all_reduce_sums(sums, rt):
-    """{name: number or one-element tensor} summed over DDP ranks in one call -> {name: float}: metric sums."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=rt.device).reshape(()) for v in sums.values()])
+    """{name: number or one-element tensor} summed over DDP ranks in one call -> {name: float}."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=rt.device).reshape(())
+                     for v in sums.values()])
     return dict(zip(sums, all_reduce(t, rt).tolist()))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Padding
 def pad(seqs, value, side="right"):
-    """List of int (or, with a float value, float) lists -> (B, T) tensor padded with `value`, and the (B, T) mask,
-    which comes from lengths, never from token ids."""
+    """List of int (or, with a float value, float) lists -> (B, T) tensor padded with `value`, and
+    the (B, T) mask, which comes from lengths, never from token ids."""
     T = max(len(s) for s in seqs)
     dtype = torch.float32 if isinstance(value, float) else torch.long
     out = torch.full((len(seqs), T), value, dtype=dtype)
@@ -182,20 +193,21 @@ def pad(seqs, value, side="right"):
     return out, mask
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Chat-template masking: which tokens are trained
-MARKER = "\x00MARKER\x00"  # stands in for an assistant message's content to find where the content starts
+MARKER = "\x00MARKER\x00"  # stands in for an assistant message's content to find where it starts
 
 
 def tokenize_conversation(tok, messages, max_length, train_from=0):
-    """Tokens of a chat-templated conversation and their labels: the token id where the model is trained (every
-    assistant content token and the assistant's end-of-turn token) and IGNORE_INDEX everywhere else (system, user
-    and tool turns, assistant headers, template whitespace after end-of-turn).
+    """Tokens of a chat-templated conversation and labels: the token id where the model is trained
+    (every assistant content token and the assistant's end-of-turn token) and IGNORE_INDEX
+    everywhere else (system, user and tool turns, assistant headers, whitespace after end-of-turn).
 
-    Works without `{% generation %}` markers: the assistant spans are found by rendering the conversation up to
-    each assistant turn with and without it and comparing character offsets. Only assistant messages at index
-    >= train_from are trained (preference pairs score their last response, not the assistant turns of the
-    prompt). Returns (input_ids, labels) cut to max_length, or None when no trained token is left."""
+    Works without `{% generation %}` markers: the assistant spans are found by rendering the
+    conversation up to each assistant turn with and without it and comparing character offsets. Only
+    assistant messages at index >= train_from are trained (preference pairs score their last
+    response, not the assistant turns of the prompt). Returns (input_ids, labels) cut to max_length,
+    or None when no trained token is left."""
     text = tok.apply_chat_template(messages, tokenize=False)
     marker = MARKER
     while marker in text:  # a marker that the conversation itself never contains
@@ -204,14 +216,15 @@ def tokenize_conversation(tok, messages, max_length, train_from=0):
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < train_from:
             continue
-        # Where the content starts: render the conversation up to this turn with a marker as its content.
-        marked = tok.apply_chat_template(messages[:i] + [{"role": "assistant", "content": marker}], tokenize=False)
+        # Where the content starts: render the conversation to this turn with a marker as content.
+        marked = tok.apply_chat_template(messages[:i] + [{"role": "assistant", "content": marker}],
+                                         tokenize=False)
         start = marked.find(marker)
         turn = tok.apply_chat_template(messages[: i + 1], tokenize=False)
         if start < 0 or not text.startswith(turn) or turn[:start] != marked[:start]:
-            raise UserError("the chat template renders earlier turns differently once later turns are added; "
-                            "pass a prefix-consistent template with --chat_template")
-        end = start + len(turn[start:].rstrip())  # the newline after <|im_end|> is formatting, not output
+            raise UserError("the chat template renders earlier turns differently once later turns "
+                            "are added; pass a prefix-consistent template with --chat_template")
+        end = start + len(turn[start:].rstrip())  # the newline after <|im_end|> is formatting
         spans.append((start, end))
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"][:max_length]
@@ -224,40 +237,43 @@ def tokenize_conversation(tok, messages, max_length, train_from=0):
     return ids, labels
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Log-probs
 def gather_logprobs(logits, tokens, temperature=1.0, chunk_size=256):
-    """log p(tokens | context) from logits: (..., V) logits and (...) token ids -> (...) fp32 log-probs.
+    """log p(tokens | context): (..., V) logits and (...) token ids -> (...) fp32 log-probs.
 
-    log_softmax(z)[y] = z[y] - logsumexp(z), computed over chunks of rows so that no (B, T, V) fp32 log-softmax
-    is ever built (the logits may be bf16: each chunk is upcast on its own). Divide by the sampling temperature
-    here, or the ratios and KLs of RL are computed against a different distribution than the one sampled."""
+    log_softmax(z)[y] = z[y] - logsumexp(z), computed over chunks of rows so that no (B, T, V) fp32
+    log-softmax is ever built (the logits may be bf16: each chunk is upcast on its own). Divide by
+    the sampling temperature here, or the ratios and KLs of RL are computed against a different
+    distribution than the one sampled."""
     flat, toks = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
     out = torch.empty(toks.shape, dtype=torch.float32, device=logits.device)
     for i in range(0, flat.shape[0], chunk_size):
         z = flat[i : i + chunk_size].float()
         if temperature != 1.0:
             z = z / temperature
-        out[i : i + chunk_size] = z.gather(-1, toks[i : i + chunk_size, None]).squeeze(-1) - torch.logsumexp(z, -1)
+        out[i : i + chunk_size] = (z.gather(-1, toks[i : i + chunk_size, None]).squeeze(-1)
+                                   - torch.logsumexp(z, -1))
     return out.view(tokens.shape)
 
 
 def label_logits(model, input_ids, attention_mask, labels, rt):
-    """The logits that predict the labelled tokens of a right-padded batch, and those labels: (B, K, V) and (B, K),
-    K covering the positions from the batch's earliest labelled token on. lm_head, the vocabulary projection (a fifth
-    of a small model's compute), runs only there, not over the prompts before it (logits_to_keep, so a model's own
-    logit scaling or soft-capping still applies)."""
+    """The logits that predict the labelled tokens of a right-padded batch, and those labels:
+    (B, K, V) and (B, K), K covering the positions from the batch's earliest labelled token on.
+    lm_head, the vocabulary projection (a fifth of a small model's compute), runs only there, not
+    over the prompts (logits_to_keep: a model's own logit scaling or soft-capping still applies)."""
     targets = labels[:, 1:]  # (B, T-1): the logits at t predict token t+1
     first = int((targets != IGNORE_INDEX).any(0).int().argmax())  # the earliest column with a label
     with rt.autocast():
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                       logits_to_keep=labels.shape[1] - first).logits[:, :-1]  # positions first .. T-2
+                       logits_to_keep=labels.shape[1] - first).logits[:, :-1]  # at first .. T-2
     return logits, targets[:, first:]
 
 
 def token_entropy(logits, temperature=1.0, chunk_size=256):
-    """(..., V) logits -> (...) entropy H(p) = logsumexp(z) - Σ p z of the sampling distribution (z = logits / T),
-    in fp32, chunked like gather_logprobs. This is the policy's entropy, not the NLL of the sampled token."""
+    """(..., V) logits -> (...) entropy H(p) = logsumexp(z) - Σ p z of the sampling distribution
+    (z = logits / T), in fp32, chunked like gather_logprobs. This is the policy's entropy, not the
+    NLL of the sampled token."""
     flat = logits.reshape(-1, logits.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     for i in range(0, flat.shape[0], chunk_size):
@@ -267,57 +283,65 @@ def token_entropy(logits, temperature=1.0, chunk_size=256):
 
 
 def cache_kwarg(model):
-    """The name under which this model's forward takes a KV cache (transformers 5 renames past_key_values)."""
+    """The keyword for this model's KV cache in forward (transformers 5 renames past_key_values)."""
     model = unwrap(model)
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def can_share_prefix(model):
-    """Gradient checkpointing keeps no KV cache, so a shared prefix cannot be passed on under it. Nor under FSDP: the
-    gradient that reaches a layer through the prefix's keys and values comes outside FSDP's backward hooks, which may
-    have freed the layer's gathered weights by then (reward_model.py's backward fails so)."""
+    """Gradient checkpointing keeps no KV cache, so a shared prefix cannot be passed on under it.
+    Nor under FSDP: the gradient that reaches a layer through the prefix's keys and values comes
+    outside FSDP's backward hooks, which may have freed the layer's gathered weights by then
+    (reward_model.py's backward fails so)."""
     return not any(getattr(m, "gradient_checkpointing", False) or isinstance(m, FSDPModule)
                    for m in getattr(model, "module", model).modules())
 
 
 def shared_prefix_logits(model, prefix_ids, prefix_mask, index, rest_ids, rest_mask, rt):
-    """The logits that predict every token of rest_ids (N, Tr, right-padded), where row i continues prefix index[i]
-    of prefix_ids (U, P, left-padded). Each prefix goes through the model once and its KV cache, gradient included,
-    is copied to the rows that continue it: a GRPO group's prompt is computed once instead of G times, a DPO pair's
-    once instead of twice, and the gradients are the same (tested). Returns (N, Tr, V); position t predicts token t."""
+    """The logits that predict every token of rest_ids (N, Tr, right-padded), where row i continues
+    prefix index[i] of prefix_ids (U, P, left-padded). Each prefix goes through the model once and
+    its KV cache, gradient included, is copied to the rows that continue it: a GRPO group's prompt
+    is computed once instead of G times, a DPO pair's once instead of twice, and the gradients are
+    the same (tested). Returns (N, Tr, V); position t predicts token t."""
     from transformers import DynamicCache
-    inner = getattr(model, "module", model)  # under DDP the prefix pass runs on the bare model: one DDP forward
+    inner = getattr(model, "module", model)  # the prefix pass uses the bare model: one DDP forward
     cache = DynamicCache(config=inner.config)
     kv = {cache_kwarg(model): cache}
     mask = torch.cat([prefix_mask[index], rest_mask], 1)
-    positions = prefix_mask.sum(-1)[index, None] + torch.arange(rest_ids.shape[1], device=rest_ids.device)
+    positions = (prefix_mask.sum(-1)[index, None]
+                 + torch.arange(rest_ids.shape[1], device=rest_ids.device))
     with rt.autocast():
-        first = inner(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1,
-                      position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), **kv).logits  # (U, 1, V)
+        first = inner(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True,
+                      logits_to_keep=1, position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
+                      **kv).logits  # (U, 1, V)
         cache.batch_select_indices(index)  # U prefixes -> N rows
-        rest = model(input_ids=rest_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kv).logits
-    return torch.cat([first[index], rest[:, :-1]], 1)  # (N, Tr, V): the prefix's last logit predicts rest token 0
+        rest = model(input_ids=rest_ids, attention_mask=mask, position_ids=positions,
+                     use_cache=True, **kv).logits
+    return torch.cat([first[index], rest[:, :-1]], 1)  # (N, Tr, V): prefix's last logit -> token 0
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rt, temperature=1.0,
-                        with_entropy=False, group_size=1):
-    """log π(y_t | x, y_<t) of every completion token, for prompts left-padded (N, P) and completions right-padded
-    (N, Tc) as generation lays them out. Position ids come from the attention mask, so left padding does not shift
-    them, and lm_head runs only on the Tc positions that predict completion tokens. Returns (N, Tc) fp32 log-probs
-    (garbage where completion_mask is 0) and, if asked, the (N, Tc) entropies (computed without gradient).
-    With group_size G > 1, rows g*G .. g*G+G-1 share one prompt (a GRPO group), computed once (shared_prefix_logits)."""
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rt,
+                        temperature=1.0, with_entropy=False, group_size=1):
+    """log π(y_t | x, y_<t) of every completion token, for prompts left-padded (N, P) and
+    completions right-padded (N, Tc) as generation lays them out. Position ids come from the
+    attention mask, so left padding does not shift them, and lm_head runs only on the Tc positions
+    that predict completion tokens. Returns (N, Tc) fp32 log-probs (garbage where completion_mask
+    is 0) and, if asked, the (N, Tc) entropies (computed without gradient). With group_size G > 1,
+    rows g*G .. g*G+G-1 share one prompt (a GRPO group), computed once (shared_prefix_logits)."""
     if group_size > 1 and can_share_prefix(model):
         N = len(prompt_ids)
         logits = shared_prefix_logits(model, prompt_ids[::group_size], prompt_mask[::group_size],
-                                      torch.arange(N, device=prompt_ids.device) // group_size, completion_ids,
-                                      completion_mask, rt)
+                                      torch.arange(N, device=prompt_ids.device) // group_size,
+                                      completion_ids, completion_mask, rt)
     else:
-        x, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+        x, mask = (torch.cat([prompt_ids, completion_ids], 1),
+                   torch.cat([prompt_mask, completion_mask], 1))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         Tc = completion_ids.shape[1]
         with rt.autocast():
-            logits = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=False,
-                           logits_to_keep=Tc + 1).logits[:, :-1]  # (N, Tc, V): the logits at P-1+t predict token t
+            # (N, Tc, V): the logits at P-1+t predict token t
+            logits = model(input_ids=x, attention_mask=mask, position_ids=positions,
+                           use_cache=False, logits_to_keep=Tc + 1).logits[:, :-1]
     logp = gather_logprobs(logits, completion_ids, temperature)
     if not with_entropy:
         return logp, None
@@ -325,44 +349,48 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
         return logp, token_entropy(logits.detach(), temperature)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The sampler: batched generation with the KV cache
 def encode_prompts(tok, prompts):
-    """Message-list prompts -> token id lists of the chat template with the assistant header (generation prompt)."""
-    return [tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
-            for p in prompts]
+    """Message-list prompts -> token ids: chat template + assistant header (generation prompt)."""
+    return [tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False),
+                add_special_tokens=False)["input_ids"] for p in prompts]
 
 
 def sample_tokens(logits, temperature=1.0, top_p=1.0):
-    """(B, V) logits -> (B,) token ids drawn from exactly softmax(logits / temperature), restricted to the smallest
-    set of most likely tokens whose mass reaches top_p (nucleus) when top_p < 1; argmax when temperature is 0.
-    Inverse-CDF sampling: one uniform number per row against the cumulative distribution (fp64), which is
-    much cheaper on a CPU than torch.multinomial's one exponential draw per vocabulary entry."""
+    """(B, V) logits -> (B,) token ids drawn from exactly softmax(logits / temperature), restricted
+    to the smallest set of most likely tokens whose mass reaches top_p (nucleus) when top_p < 1;
+    argmax when temperature is 0. Inverse-CDF sampling: one uniform number per row against the
+    cumulative distribution (fp64), which is much cheaper on a CPU than torch.multinomial's one
+    exponential draw per vocabulary entry."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
     if top_p < 1.0:
         p, order = probs.sort(-1, descending=True)
-        p[p.cumsum(-1) - p >= top_p] = 0  # the mass before a token already reaches top_p: drop it (never the first)
+        p[p.cumsum(-1) - p >= top_p] = 0  # top_p reached before it: drop it (never the first)
         probs = torch.zeros_like(probs).scatter_(-1, order, p)
     cdf = probs.double().cumsum(-1)
     u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # first token with cdf > u
+    # the first token with cdf > u
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
 @torch.no_grad()
-def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, temperature=0.0, top_p=1.0,
-                 return_logprobs=False):
-    """Sampling (greedy when temperature is 0) with the KV cache, batch_size completions at a time, from token-id
-    prompts. Returns the completions' token ids, each cut after its first EOS (the EOS kept: it is the stop action),
-    and with return_logprobs also each token's log-prob under softmax(logits / temperature) (fp32 lists).
+def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, temperature=0.0,
+                 top_p=1.0, return_logprobs=False):
+    """Sampling (greedy when temperature is 0) with the KV cache, batch_size completions at a time,
+    from token-id prompts. Returns the completions' token ids, each cut after its first EOS (the EOS
+    kept: it is the stop action), and with return_logprobs also each token's log-prob under
+    softmax(logits / temperature) (fp32 lists).
 
-    The loop is ours rather than model.generate's so that the distribution is exactly the one every log-prob of RL
-    is computed against: generate would also apply what a checkpoint's generation_config.json asks for
-    (repetition_penalty, no_repeat_ngram_size, min_p, top_k...), which the training forward knows nothing about.
-    It is also faster: identical prompts (a GRPO group) are prefilled once and their cache copied; a row that has
-    emitted EOS leaves the batch; one autocast region covers the whole loop, so autocast casts each weight to bf16
-    once per call (it caches casts of weights that require grad; frozen models come pre-cast, see `models.freeze`)."""
+    The loop is ours rather than model.generate's so that the distribution is exactly the one every
+    log-prob of RL is computed against: generate would also apply what a checkpoint's
+    generation_config.json asks for (repetition_penalty, no_repeat_ngram_size, min_p, top_k...),
+    which the training forward knows nothing about. It is also faster: identical prompts (a GRPO
+    group) are prefilled once and their cache copied; a row that has emitted EOS leaves the batch;
+    one autocast region covers the whole loop, so autocast casts each weight to bf16 once per call
+    (it caches casts of weights that require grad; `models.freeze` pre-casts frozen models)."""
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()
@@ -373,15 +401,16 @@ def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, 
         chunk = [tuple(p) for p in prompt_ids[i : i + batch_size]]
         unique = list(dict.fromkeys(chunk))
         first = {p: k for k, p in enumerate(unique)}
-        copies = torch.tensor([first[p] for p in chunk], device=dev)  # (B,) the unique prompt of each row
+        copies = torch.tensor([first[p] for p in chunk], device=dev)  # (B,): row -> unique prompt
         x, mask = (t.to(dev) for t in pad(unique, tok.pad_token_id, side="left"))
         cache = DynamicCache(config=model.config)
         kv = {cache_kwarg(model): cache}
         tokens = torch.full((len(chunk), T), tok.pad_token_id, dtype=torch.long, device=dev)
         logps = torch.zeros((len(chunk), T), dtype=torch.float32, device=dev)
         with rt.autocast():
-            logits = model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                           use_cache=True, logits_to_keep=1, **kv).logits[:, -1]
+            logits = model(input_ids=x, attention_mask=mask,
+                           position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                           logits_to_keep=1, **kv).logits[:, -1]
             cache.batch_select_indices(copies)  # one cache row per completion
             if not torch.isfinite(logits).all():
                 raise Diverged("the model's logits became inf or nan")
@@ -402,8 +431,9 @@ def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, 
                     cache.batch_select_indices(keep)
                     rows, y, mask = rows[keep], y[keep], mask[keep]
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-                logits = model(input_ids=y[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                               use_cache=True, **kv).logits[:, -1]
+                logits = model(input_ids=y[:, None], attention_mask=mask,
+                               position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True,
+                               **kv).logits[:, -1]
         for row, lp in zip(tokens.tolist(), logps.tolist()):
             n = row.index(eos) + 1 if eos in row else T
             out_ids.append(row[:n])
@@ -412,22 +442,25 @@ def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, 
     return (out_ids, out_logps) if return_logprobs else out_ids
 
 
-def generate(model, tok, prompts, rt, max_new_tokens=128, batch_size=32, temperature=0.0, top_p=1.0):
+def generate(model, tok, prompts, rt, max_new_tokens=128, batch_size=32, temperature=0.0,
+             top_p=1.0):
     """generate_ids for message-list prompts; returns (completion ids, completion texts)."""
-    ids = generate_ids(model, tok, encode_prompts(tok, prompts), rt, max_new_tokens, batch_size, temperature, top_p)
+    ids = generate_ids(model, tok, encode_prompts(tok, prompts), rt, max_new_tokens, batch_size,
+                       temperature, top_p)
     return ids, [tok.decode(row, skip_special_tokens=True) for row in ids]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reward-model scores
 def sequence_scores(model, input_ids, attention_mask, prefix=None):
-    """(B,) scalar scores of an AutoModelForSequenceClassification with one label, read at each row's last real
-    token as the attention mask says, whatever the padding side. transformers' own pooling finds the last token
-    that is not the pad id, which misreads rows when pad == EOS or the padding is on the left (TRL #3750, #2778).
-    With prefix = (prefix_ids (U, P) left-padded, prefix_mask, index (B,)), row i of input_ids (right-padded, at
-    least one token) continues prefix index[i], which goes through the model once, as in shared_prefix_logits."""
+    """(B,) scalar scores of an AutoModelForSequenceClassification with one label, read at each
+    row's last real token as the attention mask says, whatever the padding side. transformers' own
+    pooling finds the last token that is not the pad id, which misreads rows when pad == EOS or the
+    padding is on the left (TRL #3750, #2778). With prefix = (prefix_ids (U, P) left-padded,
+    prefix_mask, index (B,)), row i of input_ids (right-padded, at least one token) continues prefix
+    index[i], which goes through the model once, as in shared_prefix_logits."""
     T, model = input_ids.shape[1], unwrap(model)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # position ids that ignore left padding
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # ids that ignore left padding
     mask, kv = attention_mask, {}
     if prefix is not None:
         from transformers import DynamicCache
@@ -437,9 +470,10 @@ def sequence_scores(model, input_ids, attention_mask, prefix=None):
         model.base_model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True,
                          position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), **kv)
         cache.batch_select_indices(index)  # U prefixes -> B rows
-        positions, mask = positions + prefix_mask.sum(-1)[index, None], torch.cat([prefix_mask[index], mask], 1)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=bool(kv),
-                              **kv).last_hidden_state
+        positions, mask = (positions + prefix_mask.sum(-1)[index, None],
+                           torch.cat([prefix_mask[index], mask], 1))
+    hidden = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                              use_cache=bool(kv), **kv).last_hidden_state
     last = (attention_mask * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
     head = model.score if hasattr(model, "score") else model.classifier
     return head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
@@ -447,12 +481,14 @@ def sequence_scores(model, input_ids, attention_mask, prefix=None):
 
 @torch.no_grad()
 def score_responses(model, tok, prompts, responses, rt, batch_size=16):
-    """Reward-model scores of (prompt, response) pairs, batched: prompts are message lists, responses strings.
-    This is how ppo.py and grpo.py call a model trained by reward_model.py. Returns a (N,) fp32 tensor on the CPU."""
+    """Reward-model scores of (prompt, response) pairs, batched: prompts are message lists,
+    responses strings. This is how ppo.py and grpo.py call a model trained by reward_model.py.
+    Returns a (N,) fp32 tensor on the CPU."""
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids = [tok(tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False),
-                   add_special_tokens=False)["input_ids"] for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
+        ids = [tok(tok.apply_chat_template(p + [{"role": "assistant", "content": r}],
+                                           tokenize=False), add_special_tokens=False)["input_ids"]
+               for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
         x, mask = pad(ids, tok.pad_token_id)
         with rt.autocast():
             out.append(sequence_scores(model, x.to(rt.device), mask.to(rt.device)).cpu())

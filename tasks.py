@@ -1,28 +1,35 @@
-"""The environment: the built-in tasks, the prompt the policy sees, the answers, the grader and the rewards.
+"""The environment: the built-in tasks, the prompt the policy sees, the answers, the grader and the
+rewards.
 
-Everything the RL scripts are rewarded by is here: the tasks and their held-out splits, the instruction appended
-to a question (BOX_INSTRUCTION, so that an answer can be graded), the ground truth of a row, the grader, the
-built-in rewards (accuracy and format, used by grpo.py and ppo.py alike), the calling of users' reward functions
-with the keywords TRL passes them, and the greedy evaluation of held-out answers.
+Everything the RL scripts are rewarded by is here: the tasks and their held-out splits, the
+instruction appended to a question (BOX_INSTRUCTION, so that an answer can be graded), the ground
+truth of a row, the grader, the built-in rewards (accuracy and format, used by grpo.py and ppo.py
+alike), the calling of users' reward functions with the keywords TRL passes them, and the greedy
+evaluation of held-out answers.
 
-Procedurally generated arithmetic, in TRL's conversational formats, unlimited and seeded, each with a held-out tenth
-of all problems that training never sees:
+Procedurally generated arithmetic, in TRL's conversational formats, unlimited and seeded, each with
+a held-out tenth of all problems that training never sees:
 
-    arithmetic              two-digit + and -, one-digit x two-digit, with worked answers (SFT demonstrations)
-    arithmetic_hard         harder kinds the demonstrations never show: three-digit +, -, one-digit x three-digit,
-                            and two-step problems (a + b - c, a x b + c), each with the same kind of worked answer
-    arithmetic_mixed        `arithmetic` with half the demonstrations answering without the working: a model
-                            SFT-trained on it answers both ways, and the short way is mostly wrong
-    arithmetic_preferences  `arithmetic` as preference pairs: the worked answer against a plausible wrong one
+    arithmetic              two-digit + and -, one-digit x two-digit, with worked answers
+                            (SFT demonstrations)
+    arithmetic_hard         harder kinds the demonstrations never show: three-digit +, -,
+                            one-digit x three-digit, and two-step problems (a + b - c, a x b + c),
+                            each with the same kind of worked answer
+    arithmetic_mixed        `arithmetic` with half the demonstrations answering without the working:
+                            a model SFT-trained on it answers both ways, and the short way is mostly
+                            wrong
+    arithmetic_preferences  `arithmetic` as preference pairs: the worked answer against a plausible
+                            wrong one
 
-Splits: "train"; "test", the held-out problems; "reworded", the same held-out problems asked in wordings that
-"train" never uses ("What is the sum of 23 and 45?" for "What is 23 + 45?"), which measures whether what was learned
-carries over to an unseen phrasing.
+Splits: "train"; "test", the held-out problems; "reworded", the same held-out problems asked in
+wordings that "train" never uses ("What is the sum of 23 and 45?" for "What is 23 + 45?"), which
+measures whether what was learned carries over to an unseen phrasing.
 
-The grader reads the last \\boxed{} of a completion and compares it with the answer as an exact number (or, with
---grader math_verify, also as mathematics by the math-verify library). The rewards follow DeepSeek-R1's rule
-rewards (Guo et al. 2025, §2.2.2, https://arxiv.org/abs/2501.12948): accuracy, 1 if the last \\boxed{} equals the
-answer, and format, 1 if there is a \\boxed{} answer at all.
+The grader reads the last \\boxed{} of a completion and compares it with the answer as an exact
+number (or, with --grader math_verify, also as mathematics by the math-verify library). The rewards
+follow DeepSeek-R1's rule rewards (Guo et al. 2025, §2.2.2, https://arxiv.org/abs/2501.12948):
+accuracy, 1 if the last \\boxed{} equals the answer, and format, 1 if there is a \\boxed{} answer at
+all.
 """
 import importlib.util
 import math
@@ -45,14 +52,17 @@ TEMPLATES = ["What is {q}?", "Compute {q}.", "Calculate {q}.", "Work out {q}."]
 REWORDED = {  # one list per kind, as long as TEMPLATES, so a reworded problem i is test problem i
     "+": ["What is the sum of {a} and {b}?", "Add {a} and {b}.", "How much is {a} plus {b}?",
           "Find the total of {a} and {b}."],
-    "-": ["What is {a} minus {b}?", "Subtract {b} from {a}.", "How much is left when {b} is taken from {a}?",
+    "-": ["What is {a} minus {b}?", "Subtract {b} from {a}.",
+          "How much is left when {b} is taken from {a}?",
           "Find the difference between {a} and {b}."],
-    "*": ["What is the product of {a} and {b}?", "Multiply {a} by {b}.", "How much is {a} times {b}?",
-          "What do {a} groups of {b} make?"],
+    "*": ["What is the product of {a} and {b}?", "Multiply {a} by {b}.",
+          "How much is {a} times {b}?", "What do {a} groups of {b} make?"],
     "+-": ["Add {a} and {b}, then subtract {c}.", "What is {a} plus {b} minus {c}?",
-           "Start from {a}, add {b} and take away {c}. What is left?", "Find the sum of {a} and {b}, minus {c}."],
+           "Start from {a}, add {b} and take away {c}. What is left?",
+           "Find the sum of {a} and {b}, minus {c}."],
     "*+": ["Multiply {a} by {b}, then add {c}.", "What is {a} times {b} plus {c}?",
-           "Take {a} groups of {b} and {c} more. How many is that?", "Find the product of {a} and {b}, plus {c}."],
+           "Take {a} groups of {b} and {c} more. How many is that?",
+           "Find the product of {a} and {b}, plus {c}."],
 }
 
 
@@ -64,15 +74,19 @@ def worked(op, a, b):
     """The steps of a op b that the demonstrations teach: split off the units, then recombine."""
     if op == "+":
         t = (a // 10 + b // 10) * 10
-        return f"{a} + {b} = {a // 10 * 10} + {b // 10 * 10} + {a % 10} + {b % 10} = {t} + {a % 10 + b % 10} = {a + b}"
+        return (f"{a} + {b} = {a // 10 * 10} + {b // 10 * 10} + {a % 10} + {b % 10} = {t} + "
+                f"{a % 10 + b % 10} = {a + b}")
     if op == "-":
-        return f"{a} - {b} = {a} - {b // 10 * 10} - {b % 10} = {a - b // 10 * 10} - {b % 10} = {a - b}"
-    return f"{a} * {b} = {a} * {b // 10 * 10} + {a} * {b % 10} = {a * (b // 10 * 10)} + {a * (b % 10)} = {a * b}"
+        return (f"{a} - {b} = {a} - {b // 10 * 10} - {b % 10} = {a - b // 10 * 10} - {b % 10} "
+                f"= {a - b}")
+    return (f"{a} * {b} = {a} * {b // 10 * 10} + {a} * {b % 10} = {a * (b // 10 * 10)} + "
+            f"{a * (b % 10)} = {a * b}")
 
 
 def arithmetic_problem(rng, hard=False, reworded=False):
-    """One problem: prompt, worked answer ending in \\boxed{N}, the number N, and a key that identifies it.
-    hard=False draws exactly the problems (and random numbers) of the original task."""
+    """One problem: prompt, worked answer ending in \\boxed{N}, the number N, and a key that
+    identifies it. hard=False draws exactly the problems (and random numbers) of the original
+    task."""
     if not hard:
         kind = rng.choice("+-*")
         if kind == "+":
@@ -94,7 +108,8 @@ def arithmetic_problem(rng, hard=False, reworded=False):
             a, b = rng.randint(10, 99), rng.randint(10, 99)
         else:
             a, b = rng.randint(2, 9), rng.randint(10, 99)
-        c = rng.randint(10, min(99, a + b)) if kind == "+-" else rng.randint(10, 99) if kind == "*+" else None
+        c = (rng.randint(10, min(99, a + b)) if kind == "+-"
+             else rng.randint(10, 99) if kind == "*+" else None)
     if c is None:
         n, q, work = eval_op(kind, a, b), f"{a} {kind} {b}", worked(kind, a, b) + "."
     else:
@@ -102,17 +117,18 @@ def arithmetic_problem(rng, hard=False, reworded=False):
         n, q = eval_op(kind[1], first, c), f"{a} {kind[0]} {b} {kind[1]} {c}"
         work = f"First, {worked(kind[0], a, b)}. Then {worked(kind[1], first, c)}."
     ask = rng.choice(REWORDED[kind] if reworded else TEMPLATES).format(q=q, a=a, b=b, c=c)
-    return {"prompt": f"{ask} {BOX_INSTRUCTION}", "completion": f"{work} The answer is \\boxed{{{n}}}.",
-            "answer": str(n), "key": q}
+    return {"prompt": f"{ask} {BOX_INSTRUCTION}",
+            "completion": f"{work} The answer is \\boxed{{{n}}}.", "answer": str(n), "key": q}
 
 
 def is_heldout(key):
-    return zlib.crc32(key.encode()) % 10 == 0  # a fixed 10% of all problems never appear in training
+    return zlib.crc32(key.encode()) % 10 == 0  # a fixed 10% of problems never appear in training
 
 
 class Arithmetic:
-    """Unlimited seeded arithmetic problems in TRL's conversational prompt-completion format. "test" and
-    "reworded" hold exactly the problems whose key hashes into the held-out tenth; "train" never contains one."""
+    """Unlimited seeded arithmetic problems in TRL's conversational prompt-completion format. "test"
+    and "reworded" hold exactly the problems whose key hashes into the held-out tenth; "train" never
+    contains one."""
     unlimited = True
     hard = False
     column_names = ["prompt", "completion", "answer"]
@@ -136,7 +152,8 @@ class Arithmetic:
     def __getitem__(self, i):
         p, _ = self.problem(i)
         return {"prompt": [{"role": "user", "content": p["prompt"]}],
-                "completion": [{"role": "assistant", "content": p["completion"]}], "answer": p["answer"]}
+                "completion": [{"role": "assistant", "content": p["completion"]}],
+                "answer": p["answer"]}
 
 
 class ArithmeticHard(Arithmetic):
@@ -144,19 +161,22 @@ class ArithmeticHard(Arithmetic):
 
 
 class ArithmeticMixed(Arithmetic):
-    """The problems of `arithmetic`, but half the demonstrations give the answer without the working ("The answer
-    is \\boxed{56}."), as in SFT data of mixed quality. A model trained on them answers both ways; the worked way is
-    right far more often, which a verifier can teach and imitation cannot."""
+    """The problems of `arithmetic`, but half the demonstrations give the answer without the working
+    ("The answer is \\boxed{56}."), as in SFT data of mixed quality. A model trained on them answers
+    both ways; the worked way is right far more often, which a verifier can teach and imitation
+    cannot."""
 
     def __getitem__(self, i):
         row = super().__getitem__(i)
         if random.Random(f"mixed/{self.split}/{self.seed}/{i}").random() < 0.5:
-            row["completion"] = [{"role": "assistant", "content": f"The answer is \\boxed{{{row['answer']}}}."}]
+            row["completion"] = [{"role": "assistant",
+                                  "content": f"The answer is \\boxed{{{row['answer']}}}."}]
         return row
 
 
 def wrong_completion(p, rng):
-    """A plausible wrong answer: the same working with a slip in the last step, or the right number without a box."""
+    """A plausible wrong answer: the same working with a slip in the last step, or the right number
+    without a box."""
     n, text = p["answer"], p["completion"]
     if rng.random() < 0.25:
         return text.replace(f"\\boxed{{{n}}}", n)
@@ -166,27 +186,29 @@ def wrong_completion(p, rng):
 
 
 class ArithmeticPreferences(Arithmetic):
-    """The arithmetic task as preference pairs (TRL's explicit-prompt format): chosen is the correct worked answer,
-    rejected a plausible wrong one."""
+    """The arithmetic task as preference pairs (TRL's explicit-prompt format): chosen is the correct
+    worked answer, rejected a plausible wrong one."""
     column_names = ["prompt", "chosen", "rejected", "answer"]
 
     def __getitem__(self, i):
         p, rng = self.problem(i)
         return {"prompt": [{"role": "user", "content": p["prompt"]}],
                 "chosen": [{"role": "assistant", "content": p["completion"]}],
-                "rejected": [{"role": "assistant", "content": wrong_completion(p, rng)}], "answer": p["answer"]}
+                "rejected": [{"role": "assistant", "content": wrong_completion(p, rng)}],
+                "answer": p["answer"]}
 
 
-BUILTIN_TASKS = {"arithmetic": Arithmetic, "arithmetic_hard": ArithmeticHard, "arithmetic_mixed": ArithmeticMixed,
+BUILTIN_TASKS = {"arithmetic": Arithmetic, "arithmetic_hard": ArithmeticHard,
+                 "arithmetic_mixed": ArithmeticMixed,
                  "arithmetic_preferences": ArithmeticPreferences}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The prompt the policy sees: the row's question, with the instruction the grader needs
 def rl_prompt(row):
-    """The prompt messages of a row for sampling: a `prompt` (TRL) or `question` (GSM8K) column, or a `messages`
-    conversation up to its last assistant turn. A plain-string question gets BOX_INSTRUCTION appended unless it
-    already mentions \\boxed, so that answers can be graded."""
+    """The prompt messages of a row for sampling: a `prompt` (TRL) or `question` (GSM8K) column, or
+    a `messages` conversation up to its last assistant turn. A plain-string question gets
+    BOX_INSTRUCTION appended unless it already mentions \\boxed, so that answers can be graded."""
     if "prompt" in row or "question" in row:
         x = row["prompt"] if "prompt" in row else row["question"]
         if isinstance(x, str) and "boxed" not in x:
@@ -202,7 +224,7 @@ def rl_prompt(row):
                     "(or `messages` ending in a user turn)")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The grader
 def last_boxed(text):
     """Content of the last \\boxed{...} in text (nested braces allowed), or None."""
@@ -221,15 +243,18 @@ _FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
 
 
 def _number(s):
-    """'1,234' '$5' '-3.0' '\\frac{1}{2}' '3/4' '12 dollars' '50\\%' -> an exact Fraction, or None if s is not a
-    number (after dropping $, thousands separators, units in words or \\text{}, and a leading 'x =')."""
-    s = s.replace("\\!", "").replace("\\,", "").replace("\\$", "").replace("$", "").replace("\u2212", "-")
+    """'1,234' '$5' '-3.0' '\\frac{1}{2}' '3/4' '12 dollars' '50\\%' -> an exact Fraction, or None
+    if s is not a number (after dropping $, thousands separators, units in words or \\text{}, and a
+    leading 'x =')."""
+    s = (s.replace("\\!", "").replace("\\,", "").replace("\\$", "").replace("$", "")
+         .replace("\u2212", "-"))
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{[^{}]*\}", "", s)  # units: 5\text{ cm}
     s = _FRAC.sub(r"\1/\2", s).replace("\\left", "").replace("\\right", "")
     s = re.sub(r"^[a-zA-Z]\s*=", "", s.strip())  # x = 5
     s = re.sub(r"(?<=\d),(?=\d{3}(\D|$))", "", s)  # thousands separators
     s = re.sub(r"(\\%|%|\^\\circ|\^\{\\circ\}|°)", "", s)
-    s = re.sub(r"(\s+[a-zA-Z]+)+\.?$|(?<=\d)[a-zA-Z]{2,}\.?$", "", s.strip())  # 12 dollars, 5cm (not 2x)
+    # 12 dollars, 5cm (not 2x)
+    s = re.sub(r"(\s+[a-zA-Z]+)+\.?$|(?<=\d)[a-zA-Z]{2,}\.?$", "", s.strip())
     s = s.replace(" ", "").rstrip(".")
     m = re.fullmatch(r"\(?(-?(?:\d+\.?\d*|\.\d+))\)?(?:/\(?(-?(?:\d+\.?\d*|\.\d+))\)?)?", s)
     if not m:
@@ -239,8 +264,9 @@ def _number(s):
 
 
 def normalize_answer(s):
-    """A canonical form for comparing answers: numbers exactly (0.5 == 1/2 == \\frac{1}{2}, 1,000 == 1000.0,
-    $18 == 18 dollars), anything else as the string without spaces, \\left/\\right and a final period."""
+    """A canonical form for comparing answers: numbers exactly (0.5 == 1/2 == \\frac{1}{2},
+    1,000 == 1000.0, $18 == 18 dollars), anything else as the string without spaces, \\left/\\right
+    and a final period."""
     s = str(s).strip()
     n = _number(s)
     if n is not None:
@@ -249,8 +275,8 @@ def normalize_answer(s):
 
 
 def reference_answer(row):
-    """The ground truth of a row, or None: an `answer` column (GSM8K's worked answers end in "#### 42"), else the
-    last \\boxed{} of a `solution` column (MATH)."""
+    """The ground truth of a row, or None: an `answer` column (GSM8K's worked answers end in
+    "#### 42"), else the last \\boxed{} of a `solution` column (MATH)."""
     if row.get("answer") is not None:
         a = str(row["answer"])
         return a.rpartition("####")[2].strip() if "####" in a else a.strip()
@@ -263,10 +289,11 @@ GRADERS = ("exact", "math_verify")
 
 
 def grade(text, answer, grader="exact"):
-    """(has a \\boxed{} answer, that answer equals the ground truth) for one completion. grader: exact (numbers
-    exactly, anything else as a normalised string) or math_verify: exact, or else equal as mathematics by the
-    math-verify library (what TRL's accuracy_reward uses: \\dfrac{\\sqrt{3}}{2} = \\frac{\\sqrt{3}}{2}, \\pi/2 =
-    \\frac{\\pi}{2}, x^2+1 = 1+x^2), an optional import."""
+    """(has a \\boxed{} answer, that answer equals the ground truth) for one completion. grader:
+    exact (numbers exactly, anything else as a normalised string) or math_verify: exact, or else
+    equal as mathematics by the math-verify library (what TRL's accuracy_reward uses:
+    \\dfrac{\\sqrt{3}}{2} = \\frac{\\sqrt{3}}{2}, \\pi/2 = \\frac{\\pi}{2}, x^2+1 = 1+x^2), an
+    optional import."""
     box = last_boxed(text)
     if box is None:
         return False, False
@@ -280,18 +307,22 @@ def grade(text, answer, grader="exact"):
 
 
 def check_grader(grader):
-    """Refuse an unknown --grader, or math_verify where the library is not installed, before any work."""
+    """Refuse an unknown --grader, or math_verify where the library is not installed, before any
+    work."""
     if grader not in GRADERS:
         raise UserError(f"--grader {grader}: choose {' or '.join(GRADERS)}")
     if grader == "math_verify" and importlib.util.find_spec("math_verify") is None:
-        raise UserError("--grader math_verify needs the math-verify library: pip install math-verify")
+        raise UserError("--grader math_verify needs the math-verify library: "
+                        "pip install math-verify")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Rewards: the built-in rules, and users' functions called as TRL calls them
 def accuracy_reward(completions, answer, grader="exact", **kw):
-    """1 for a completion whose last \\boxed{} equals the answer, else 0 (and 0 without an answer)."""
-    return [float(grade(c, a, grader)[1]) if a is not None else 0.0 for c, a in zip(completions, answer)]
+    """1 for a completion whose last \\boxed{} equals the answer, else 0 (and 0 without an
+    answer)."""
+    return [float(grade(c, a, grader)[1]) if a is not None else 0.0
+            for c, a in zip(completions, answer)]
 
 
 def format_reward(completions, **kw):
@@ -303,32 +334,38 @@ BUILTIN_REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
 
 
 def reward_functions(spec, weights_spec):
-    """--reward_funcs 'accuracy,format,rules.py:fn' and --reward_weights -> [(name, function, weight)]."""
+    """--reward_funcs 'accuracy,format,rules.py:fn' and --reward_weights
+    -> [(name, function, weight)]."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
     funcs = []
     for name in names:
         if name in BUILTIN_REWARDS:
             funcs.append(BUILTIN_REWARDS[name])
             continue
-        funcs.append(load_function(name, f"--reward_funcs {name}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}) nor"))
+        funcs.append(load_function(name, f"--reward_funcs {name}: not a built-in reward "
+                                         f"({', '.join(BUILTIN_REWARDS)}) nor"))
     if weights_spec:
         try:
             weights = [float(w) for w in weights_spec.split(",")]
         except ValueError:
-            raise UserError(f"--reward_weights {weights_spec}: give numbers separated by commas") from None
+            raise UserError(f"--reward_weights {weights_spec}: "
+                            "give numbers separated by commas") from None
         if len(weights) != len(names):
-            raise UserError(f"--reward_weights has {len(weights)} numbers for {len(names)} --reward_funcs")
+            raise UserError(f"--reward_weights has {len(weights)} numbers for "
+                            f"{len(names)} --reward_funcs")
     else:
         weights = [0.2 if n == "format" else 1.0 for n in names]  # λ_fmt = 0.2
     return [(n.rpartition(":")[2], f, w) for n, f, w in zip(names, funcs, weights)]
 
 
 def load_function(spec, what):
-    """'path/to/file.py:function' -> the function (a user's reward rule). what: the start of the error message."""
+    """'path/to/file.py:function' -> the function (a user's reward rule). what: the start of the
+    error message."""
     path, _, name = spec.rpartition(":")
     if not path or not os.path.isfile(path):
         raise UserError(f"{what} path/to/file.py:function")
-    module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module_spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(path))[0], path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
@@ -340,16 +377,19 @@ def load_function(spec, what):
 
 
 def reward_kwargs(rows, prompts, completions, completion_ids, step, max_steps, metrics, columns):
-    """The keywords TRL's GRPOTrainer calls a reward function with, for n completions of the dataset rows `rows` (one
-    row per completion): `prompts` as the dataset holds them (its `prompt` or `question` column; the messages each
-    completion was sampled from for a `messages` row), `completions` as strings, or as [{"role": "assistant",
-    "content": text}] where the prompt is a list of messages, `completion_ids`, every other column of the dataset
-    (`answer`, `solution`, ...) as a list of n values (None where a row lacks it), `trainer_state` (global_step: the
-    steps done, max_steps), and the hooks `log_metric(name, value)` and `log_extra(column, values)`, which append to
-    metrics[name] and columns[column]."""
+    """The keywords TRL's GRPOTrainer calls a reward function with, for n completions of the dataset
+    rows `rows` (one row per completion): `prompts` as the dataset holds them (its `prompt` or
+    `question` column; the messages each completion was sampled from for a `messages` row),
+    `completions` as strings, or as [{"role": "assistant", "content": text}] where the prompt is a
+    list of messages, `completion_ids`, every other column of the dataset (`answer`, `solution`,
+    ...) as a list of n values (None where a row lacks it), `trainer_state` (global_step: the steps
+    done, max_steps), and the hooks `log_metric(name, value)` and `log_extra(column, values)`, which
+    append to metrics[name] and columns[column]."""
     raw = [r["prompt"] if "prompt" in r else r.get("question", p) for r, p in zip(rows, prompts)]
-    completions = [c if isinstance(x, str) else [{"role": "assistant", "content": c}] for x, c in zip(raw, completions)]
-    names = dict.fromkeys(k for r in rows for k in r if k not in ("prompt", "completion", "completion_ids"))
+    completions = [c if isinstance(x, str) else [{"role": "assistant", "content": c}]
+                   for x, c in zip(raw, completions)]
+    names = dict.fromkeys(k for r in rows for k in r
+                          if k not in ("prompt", "completion", "completion_ids"))
     return {"prompts": raw, "completions": completions, "completion_ids": completion_ids,
             **{k: [r.get(k) for r in rows] for k in names},
             "trainer_state": SimpleNamespace(global_step=step, max_steps=max_steps),
@@ -358,12 +398,13 @@ def reward_kwargs(rows, prompts, completions, completion_ids, step, max_steps, m
 
 
 def call_reward(fn, name, n, **kw):
-    """Rewards of n completions from one function, called with the keywords kw, and how many of them it failed on.
-    Any real number is a reward (int, float, bool, numpy or one-element torch values); None means "does not apply
-    to this completion" and scores 0 (TRL sums the rewards of a completion over functions ignoring None). If the
-    batch call raises, each completion is scored alone, and one that still fails (or scores nan or inf) scores 0
-    and is counted. A function that returns another count than n, or fails on every completion, stops the run with
-    its first error. Keywords that are lists of n values are cut to one value for the one-completion calls."""
+    """Rewards of n completions from one function, called with the keywords kw, and how many of them
+    it failed on. Any real number is a reward (int, float, bool, numpy or one-element torch values);
+    None means "does not apply to this completion" and scores 0 (TRL sums the rewards of a
+    completion over functions ignoring None). If the batch call raises, each completion is scored
+    alone, and one that still fails (or scores nan or inf) scores 0 and is counted. A function that
+    returns another count than n, or fails on every completion, stops the run with its first error.
+    Keywords that are lists of n values are cut to one value for the one-completion calls."""
     def number(v):
         if v is None:
             return 0.0
@@ -391,19 +432,21 @@ def call_reward(fn, name, n, **kw):
             values.append(0.0)
             errors.append(e)
     if len(errors) == n:
-        raise UserError(f"reward function {name} failed on every completion of a step, the first with "
-                        f"{type(errors[0]).__name__}: {errors[0]}")
+        raise UserError(f"reward function {name} failed on every completion of a step, the first "
+                        f"with {type(errors[0]).__name__}: {errors[0]}")
     return values, len(errors)
 
 
 
 class Rewards:
-    """The rewards of completions: one column per rule function (funcs: [(name, function, weight)], built-in or a
-    user's) and, with reward_model = (model, tokenizer), one for its score (common.score_responses). The reward of
-    a completion is Σ_k w_k r_k: rewards(...) @ rewards.weights. What users' functions log with log_metric
-    collects in .logged until the caller takes it."""
+    """The rewards of completions: one column per rule function (funcs: [(name, function, weight)],
+    built-in or a user's) and, with reward_model = (model, tokenizer), one for its score
+    (common.score_responses). The reward of a completion is Σ_k w_k r_k:
+    rewards(...) @ rewards.weights. What users' functions log with log_metric collects in .logged
+    until the caller takes it."""
 
-    def __init__(self, funcs, grader="exact", reward_model=None, reward_model_weight=1.0, name="--reward_model"):
+    def __init__(self, funcs, grader="exact", reward_model=None, reward_model_weight=1.0,
+                 name="--reward_model"):
         self.funcs, self.grader, self.rm, self.rm_name = funcs, grader, reward_model, name
         self.names = [n for n, _, _ in funcs] + (["reward_model"] if reward_model else [])
         weights = [w for _, _, w in funcs] + ([reward_model_weight] if reward_model else [])
@@ -411,13 +454,14 @@ class Rewards:
         self.logged = {}
 
     def __call__(self, rows, prompts, completions, completion_ids, answers, step, max_steps, rt):
-        """Score n completions; rows, prompts (message lists) and answers: one per completion. Returns the (n, K)
-        rewards, how many of them a function failed on (scored 0: call_reward), and the columns users' functions
-        added with log_extra ({name: n values})."""
+        """Score n completions; rows, prompts (message lists) and answers: one per completion.
+        Returns the (n, K) rewards, how many of them a function failed on (scored 0: call_reward),
+        and the columns users' functions added with log_extra ({name: n values})."""
         n, extra = len(completions), {}
         builtin = {"completions": completions, "answer": answers, "grader": self.grader}
         if any(fn not in BUILTIN_REWARDS.values() for _, fn, _ in self.funcs):  # TRL's keywords
-            user = reward_kwargs(rows, prompts, completions, completion_ids, step, max_steps, self.logged, extra)
+            user = reward_kwargs(rows, prompts, completions, completion_ids, step, max_steps,
+                                 self.logged, extra)
         columns, failed = [], 0
         for name, fn, _ in self.funcs:
             r, f = call_reward(fn, name, n, **(builtin if fn in BUILTIN_REWARDS.values() else user))
@@ -431,13 +475,16 @@ class Rewards:
         extra = {k: v for k, v in extra.items() if len(v) == n}
         return torch.tensor(columns, dtype=torch.float32).reshape(len(columns), n).T, failed, extra
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Held-out evaluation: greedy answers, graded
-def evaluate_answers(model, tok, prompts, answers, rt, max_new_tokens=128, batch_size=32, grader="exact"):
-    """Greedy answers to held-out prompts (message lists) with known answers: {"eval/boxed": share with a \\boxed{},
-    "eval/accuracy": share correct by tasks.grade}. Under DDP each rank answers its share; the counts are summed."""
+def evaluate_answers(model, tok, prompts, answers, rt, max_new_tokens=128, batch_size=32,
+                     grader="exact"):
+    """Greedy answers to held-out prompts (message lists) with known answers: {"eval/boxed": share
+    with a \\boxed{}, "eval/accuracy": share correct by tasks.grade}. Under DDP each rank answers
+    its share; the counts are summed."""
     mine = list(zip(prompts, answers))[rt.rank :: rt.world_size]
     _, texts = common.generate(model, tok, [p for p, _ in mine], rt, max_new_tokens, batch_size)
     graded = [grade(t, a, grader) for t, (_, a) in zip(texts, mine)]
-    boxed, correct = (common.all_reduce(float(sum(g[k] for g in graded)), rt).item() for k in (0, 1))
+    boxed, correct = (common.all_reduce(float(sum(g[k] for g in graded)), rt).item()
+                      for k in (0, 1))
     return {"eval/boxed": boxed / len(prompts), "eval/accuracy": correct / len(prompts)}, texts

@@ -2,9 +2,10 @@
 
 
 class UserError(Exception):
-    """A mistake in the user's input or setup: printed as one line, no traceback, exit code 2 (runs.run)."""
+    """A mistake in the user's input or setup: printed as one line, no traceback, exit code 2
+    (runs.run)."""
 
 
 class Diverged(UserError):
-    """Training diverged (a loss, the weights or the logits became inf or nan): runs.run adds where the last good
-    checkpoint is and what to lower."""
+    """Training diverged (a loss, the weights or the logits became inf or nan): runs.run adds where
+    the last good checkpoint is and what to lower."""

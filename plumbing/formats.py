@@ -1,9 +1,10 @@
 """Row formats: what a row of a dataset may look like, in TRL's formats.
 
-Conversational rows (`messages`), prompt-completion rows, and preference pairs with an explicit prompt
-(`prompt`, `chosen`, `rejected`) or an implicit one (`chosen` and `rejected` whole conversations, or HH-RLHF
-transcripts, that share a prefix). Message contents may be strings or OpenAI-style text parts. Tokenization with
-assistant-only labels is common.tokenize_conversation; here it is applied to pairs.
+Conversational rows (`messages`), prompt-completion rows, and preference pairs with an explicit
+prompt (`prompt`, `chosen`, `rejected`) or an implicit one (`chosen` and `rejected` whole
+conversations, or HH-RLHF transcripts, that share a prefix). Message contents may be strings or
+OpenAI-style text parts. Tokenization with assistant-only labels is common.tokenize_conversation;
+here it is applied to pairs.
 """
 import re
 
@@ -14,13 +15,14 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def as_messages(x, role):
-    """A TRL field that is either a plain string or a list of messages -> a list of {role, content} messages.
-    Content may be a string or OpenAI-style text parts ([{"type": "text", "text": ...}]); tool_calls and the
-    other keys of a message are kept for templates that render them."""
+    """A TRL field that is either a plain string or a list of messages -> a list of {role, content}
+    messages. Content may be a string or OpenAI-style text parts ([{"type": "text", "text": ...}]);
+    tool_calls and the other keys of a message are kept for templates that render them."""
     if isinstance(x, (str, int, float)):  # a CSV reader turns "42" into a number
         return [{"role": role, "content": str(x)}]
     if not (isinstance(x, list) and x and all(isinstance(m, dict) and "role" in m for m in x)):
-        raise UserError(f"expected a string or a list of {{role, content}} messages, got {str(x)[:80]!r}")
+        raise UserError(f"expected a string or a list of {{role, content}} messages, "
+                        f"got {str(x)[:80]!r}")
     return [message(m) for m in x]
 
 
@@ -30,8 +32,8 @@ def message(m):
     content = m.get("content")
     if isinstance(content, list):  # OpenAI-style content parts
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            raise UserError(f"a message of role {m['role']} has content parts that are not text; only "
-                            '{"type": "text"} parts are supported')
+            raise UserError(f"a message of role {m['role']} has content parts that are not text; "
+                            'only {"type": "text"} parts are supported')
         content = "".join(p.get("text") or "" for p in content)
     if content is None and not m.get("tool_calls"):
         raise UserError(f"a message of role {m['role']} has no content (null or missing)")
@@ -39,17 +41,18 @@ def message(m):
 
 
 def conversation(row):
-    """A row in TRL's conversational (`messages`) or prompt-completion format -> one list of messages."""
+    """A row in TRL's conversational (`messages`) or prompt-completion format -> one list of
+    messages."""
     if "label" in row and "completion" in row:
-        raise UserError("the rows have a `label` column: unpaired preference data (KTO), not demonstrations; sft.py "
-                        "would train on every completion, label false included. Keep the desirable rows and drop "
-                        "the column")
+        raise UserError("the rows have a `label` column: unpaired preference data (KTO), not "
+                        "demonstrations; sft.py would train on every completion, label false "
+                        "included. Keep the desirable rows and drop the column")
     if "messages" in row:
         return as_messages(row["messages"], "user")
     if "prompt" in row and "completion" in row:
         return as_messages(row["prompt"], "user") + as_messages(row["completion"], "assistant")
-    raise UserError(f"columns found: {sorted(row)}; expected `messages` (a list of {{role, content}}) "
-                    "or `prompt` and `completion`")
+    raise UserError(f"columns found: {sorted(row)}; expected `messages` "
+                    f"(a list of {{role, content}}) or `prompt` and `completion`")
 
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -60,21 +63,24 @@ def parse_transcript(text):
     parts = HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text)
     if len(parts) < 3 or parts[0].strip():
         raise UserError(f"expected a Human/Assistant transcript, got {text[:80]!r}")
-    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()}
+            for r, c in zip(parts[1::2], parts[2::2])]
 
 
 def preference_pair(row):
-    """A preference row in TRL's explicit-prompt (`prompt`, `chosen`, `rejected`) or implicit-prompt (`chosen` and
-    `rejected` whole conversations, or HH-RLHF transcripts, that share a prefix) format -> (prompt, chosen,
-    rejected) as message lists. With an implicit prompt the prompt is the longest common prefix of messages."""
+    """A preference row in TRL's explicit-prompt (`prompt`, `chosen`, `rejected`) or implicit-prompt
+    (`chosen` and `rejected` whole conversations, or HH-RLHF transcripts, that share a prefix)
+    format -> (prompt, chosen, rejected) as message lists. With an implicit prompt the prompt is the
+    longest common prefix of messages."""
     if "chosen" not in row or "rejected" not in row:
-        raise UserError(f"columns found: {sorted(row)}; expected `chosen` and `rejected`, with or without `prompt` "
-                        "(strings or lists of {role, content})")
+        raise UserError(f"columns found: {sorted(row)}; expected `chosen` and `rejected`, with or "
+                        "without `prompt` (strings or lists of {role, content})")
     if "prompt" in row:
         prompt, chosen, rejected = (as_messages(row[k], "user" if k == "prompt" else "assistant")
                                     for k in ("prompt", "chosen", "rejected"))
         n = len(prompt)
-        if chosen[:n] == prompt and rejected[:n] == prompt:  # chosen/rejected repeat the prompt (UltraFeedback)
+        # chosen/rejected repeat the prompt (UltraFeedback)
+        if chosen[:n] == prompt and rejected[:n] == prompt:
             chosen, rejected = chosen[n:], rejected[n:]
         return prompt, chosen, rejected
     chosen, rejected = (parse_transcript(x) if isinstance(x, str) else as_messages(x, "assistant")
@@ -86,8 +92,9 @@ def preference_pair(row):
 
 
 def tokenize_pair(tok, prompt, chosen, rejected, max_length):
-    """(ids, labels) of prompt+chosen and of prompt+rejected, labels on the responses only; None for a pair that
-    is longer than max_length (dropped, not cut, as TRL's reward trainer does) or has an empty response."""
+    """(ids, labels) of prompt+chosen and of prompt+rejected, labels on the responses only; None for
+    a pair that is longer than max_length (dropped, not cut, as TRL's reward trainer does) or has an
+    empty response."""
     out = []
     for response in (chosen, rejected):
         x = tokenize_conversation(tok, prompt + response, 10**9, train_from=len(prompt))
@@ -98,9 +105,9 @@ def tokenize_pair(tok, prompt, chosen, rejected, max_length):
 
 
 def tokenize_preferences(ds, tok, max_length, name, rt=None, keep_index=False):
-    """Tokenize every pair of a finite preference dataset; pairs whose chosen and rejected are identical, that
-    are too long or that have no response token are dropped and counted in a one-line summary. With keep_index,
-    each kept pair comes as (row index, pair)."""
+    """Tokenize every pair of a finite preference dataset; pairs whose chosen and rejected are
+    identical, that are too long or that have no response token are dropped and counted in a
+    one-line summary. With keep_index, each kept pair comes as (row index, pair)."""
     kept, same, bad = [], 0, 0
     for i in range(len(ds)):
         p, c, r = preference_pair(ds[i])
@@ -113,8 +120,10 @@ def tokenize_preferences(ds, tok, max_length, name, rt=None, keep_index=False):
         else:
             kept.append((i, x) if keep_index else x)
     if rt is None or rt.is_main:
-        print(f"data: {name}: {len(kept)} pairs kept, {same} dropped with chosen == rejected, {bad} dropped longer "
-              f"than --max_length {max_length} or with no response token", flush=True)
+        print(f"data: {name}: {len(kept)} pairs kept, {same} dropped with chosen == rejected, "
+              f"{bad} dropped longer than --max_length {max_length} or with no response token",
+              flush=True)
     if not kept:
-        raise UserError(f"no preference pair of {name} is left after filtering; check the data or raise --max_length")
+        raise UserError(f"no preference pair of {name} is left after filtering; check the data or "
+                        "raise --max_length")
     return kept

