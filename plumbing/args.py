@@ -109,6 +109,9 @@ def _help_order(cls):
     return make_dataclass(cls.__name__, specs)
 
 
+NEGATIVE = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", re.IGNORECASE)  # -1, -0.5, -1e-3
+
+
 def parse_args(cls, argv=None):
     """Parse the command line into the script's argument dataclass (every field gets --name and its
     help); the dataclass's __post_init__ checks the values (check_args). --config run.yaml gives
@@ -118,11 +121,13 @@ def parse_args(cls, argv=None):
     parser = HfArgumentParser(_help_order(cls))
     parser.add_argument("--config", help="a YAML file of arguments (learning_rate: 1.0e-5); the "
                         "command line overrides them")
-    for i in range(len(argv) - 1):  # argparse takes "--learning_rate -1e-3" as two flags: join them
-        if (argv[i].startswith("--") and "=" not in argv[i]
-                and re.fullmatch(r"-[\d.]+(e[-+]?\d+)?", argv[i + 1])):
-            argv[i], argv[i + 1] = f"{argv[i]}={argv[i + 1]}", None
-    argv = [a for a in argv if a is not None]
+    joined = []  # argparse takes "--learning_rate -1e-3" for two flags: join them with "="
+    for a in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and NEGATIVE.fullmatch(a):
+            joined[-1] = f"{joined[-1]}={a}"
+        else:
+            joined.append(a)
+    argv = joined
     config = parser.parse_known_args(argv)[0].config
     # its arguments go first on the command line, so that the ones given there come later and win
     if config:
@@ -173,7 +178,8 @@ RANGES = {**dict.fromkeys(("max_steps", "batch_size", "max_new_tokens", "max_pro
                            "num_mini_batches"), at_least(1)),
           **dict.fromkeys(("micro_batch_size", "eval_size", "eval_every", "eval_generations",
                            "warmup_steps", "weight_decay", "save_every", "stop_after_steps",
-                           "log_completions_every", "num_completions_to_print"), at_least(0)),
+                           "log_completions_every", "num_completions_to_print", "seed"),
+                         at_least(0)),
           **dict.fromkeys(("learning_rate", "max_grad_norm", "temperature"), POSITIVE),
           "max_length": at_least(2), "top_p": between(0, 1, open_lo=True),
           "min_lr_ratio": between(0, 1), "lora_r": at_least(0), "lora_alpha": POSITIVE,

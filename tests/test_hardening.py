@@ -74,6 +74,23 @@ def test_out_of_range_arguments_are_refused(script, argv, message):
         A.parse_args(importlib.import_module(script).Args, argv)
 
 
+def test_negative_numbers_anywhere_on_the_command_line():
+    """A negative number is a value, as argparse users expect, also before another flag and in the
+    forms argparse itself takes for a flag (-1e-3)."""
+    argv = ["--reward_model_weight", "-0.5", "--max_steps", "3", "--epsilon", "-.5e-1",
+            "--reward_weights", "1,-1", "--temperature", "0.5", "--seed=7"]
+    with pytest.raises(E.UserError, match=re.escape("--epsilon -0.05: must be at least 0")):
+        A.parse_args(importlib.import_module("grpo").Args, argv)
+    args = A.parse_args(importlib.import_module("grpo").Args, [a.replace("-.5e-1", "0.1") for a in argv])
+    assert (args.reward_model_weight, args.max_steps, args.epsilon, args.temperature, args.seed) == \
+        (-0.5, 3, 0.1, 0.5, 7)
+    with pytest.raises(E.UserError, match=re.escape("--seed -1: must be at least 0")):
+        A.parse_args(importlib.import_module("sft").Args, ["--seed", "-1", "--max_steps", "2"])
+    args = A.parse_args(importlib.import_module("ppo").Args,
+                        ["--missing_eos_penalty", "-1E-3", "--reward", "verifiable"])
+    assert args.missing_eos_penalty == -1e-3 and args.reward == "verifiable"
+
+
 def test_a_refused_argument_is_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
     proc = run_script("dpo.py", "--beta=-1", "--output_dir", out)
