@@ -170,28 +170,49 @@ def load_model(path, rt, trust_remote_code=False, cls=None, load_in_4bit=False, 
     NF4 weights with double quantization (bitsandbytes), computed in the autocast dtype; the rest
     stays fp32."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging
     cls = cls or AutoModelForCausalLM
     if load_in_4bit:
         kwargs.update(device_map={"": rt.device}, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=rt.dtype))
+    with_info = kwargs.pop("output_loading_info", False)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # transformers' table of missing weights: check_weights_fit
     try:
-        loaded = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
-                                     **kwargs)
+        model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+                                          trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:
         raise UserError(f"cannot load a model from {path} "
                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    # (model, info) with output_loading_info=True
-    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    finally:
+        logging.set_verbosity(verbosity)
     saved_as = model.config.architectures or []
     if (cls is AutoModelForCausalLM and saved_as
             and all(a.endswith("Classification") for a in saved_as)):
         raise UserError(f"{path} is a {saved_as[0]} (a reward model?), not a language model; "
                         "give a causal LM")
+    check_weights_fit(path, model, info, new_head=cls is not AutoModelForCausalLM)
     disable_dropout(model)
     if not load_in_4bit:  # a quantized model is placed by device_map
         model.to(device or rt.device)
-    return loaded
+    return (model, info) if with_info else model
+
+
+def check_weights_fit(path, model, info, new_head=False):
+    """Refuse a checkpoint whose weights do not fit the architecture its config.json names (Llama
+    weights under `model_type: gpt2` load as a random model, with only a warning). Allowed: a new
+    sequence-classification head (new_head: the score head of a reward or value model started from
+    a language model), and the language-model head such a start leaves unused."""
+    head = ("score.", "classifier.") if new_head else ()
+    missing = [k for k in info["missing_keys"] if not k.startswith(head)]
+    unexpected = [k for k in info["unexpected_keys"]
+                  if not (new_head and k.startswith("lm_head."))]
+    if missing or unexpected:
+        example = sorted(missing or unexpected)[0]
+        raise UserError(f"{path}: its weights do not fit the {model.config.model_type} model its "
+                        f"config.json names ({len(missing)} missing, {len(unexpected)} unexpected, "
+                        f"e.g. {example}); it would train from random weights: check the folder")
 
 
 def load_trained(path, rt, args):

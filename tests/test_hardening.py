@@ -255,6 +255,28 @@ def test_a_language_model_is_no_reward_model_and_a_reward_model_no_language_mode
         M.load_model(str(tmp_path / "rm1"), CPU)  # e.g. given as opd.py's --teacher
 
 
+def test_weights_that_do_not_fit_their_config_are_refused(monkeypatch, tiny_model_dir, tmp_path):
+    """Llama weights under a config.json that says gpt2 would load as a random GPT-2 (transformers
+    only warns): every loaded model is refused, naming its folder. A new score head is allowed."""
+    import shutil
+    from transformers import AutoModelForSequenceClassification
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "model_type": "gpt2",
+                                                 "architectures": ["GPT2LMHeadModel"]}))
+    message = f"{bad}: its weights do not fit the gpt2 model its config.json names"
+    with pytest.raises(E.UserError, match=re.escape(message)):
+        M.load_model(str(bad), CPU)
+    with pytest.raises(E.UserError, match=re.escape(message)):
+        M.load_frozen(str(bad), CPU)  # a reference or a teacher
+    main_raises(monkeypatch, "sft", [*sft_args(str(bad), "arithmetic"), "--output_dir", tmp_path / "o"],
+                re.escape(message))
+    model, info = M.load_model(tiny_model_dir, CPU, cls=AutoModelForSequenceClassification,
+                               num_labels=1, output_loading_info=True)  # ppo.py's value model
+    assert info["missing_keys"] == {"score.weight"} or list(info["missing_keys"]) == ["score.weight"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Data as users bring it
 def test_messages_as_users_write_them():
