@@ -99,11 +99,17 @@ def dpo_run(tiny_model_dir, out, *extra, nproc=1):
                       "--eval_generations", "0", "--warmup_steps", "0", "--save_every", "0", *extra, nproc=nproc)
 
 
-def test_first_loss_is_ln2_then_margin_grows_to_full_accuracy(tiny_model_dir, tmp_path):
+def pairs_run(tiny_model_dir, tmp_path, out, *extra, nproc=1):
+    """dpo_run on the four PAIRS, all of them each step, at --learning_rate 1e-3, no held-out pairs."""
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    return dpo_run(tiny_model_dir, out, "--dataset", data, "--eval_size", "0", "--batch_size", "4",
+                   "--learning_rate", "1e-3", *extra, nproc=nproc)
+
+
+def test_first_loss_is_ln2_then_margin_grows_to_full_accuracy(tiny_model_dir, tmp_path):
     out = str(tmp_path / "out")
-    proc = ok(dpo_run(tiny_model_dir, out, "--dataset", data, "--eval_size", "0", "--max_steps", "15", "--batch_size", "4",
-                      "--micro_batch_size", "2", "--learning_rate", "1e-3", "--beta", "0.5"))
+    proc = ok(pairs_run(tiny_model_dir, tmp_path, out, "--max_steps", "15", "--micro_batch_size", "2",
+                        "--beta", "0.5"))
     assert "4 pairs kept, 0 dropped" in proc.stdout
     rows = read_metrics(out)
     # The policy equals the reference before the first update: every log-ratio is 0, the loss is exactly ln 2.
@@ -115,12 +121,11 @@ def test_first_loss_is_ln2_then_margin_grows_to_full_accuracy(tiny_model_dir, tm
 
 
 def test_ref_log_probs_on_the_fly_match_precomputed(tiny_model_dir, tmp_path):
-    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     runs = []
     for flag in ("true", "false"):
         out = str(tmp_path / flag)
-        ok(dpo_run(tiny_model_dir, out, "--dataset", data, "--eval_size", "0", "--max_steps", "3", "--batch_size", "4",
-                   "--micro_batch_size", "4", "--learning_rate", "1e-3", "--precompute_ref_log_probs", flag))
+        ok(pairs_run(tiny_model_dir, tmp_path, out, "--max_steps", "3", "--micro_batch_size", "4",
+                     "--precompute_ref_log_probs", flag))
         runs.append(read_metrics(out))
     for a, b in zip(*runs):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
@@ -128,11 +133,10 @@ def test_ref_log_probs_on_the_fly_match_precomputed(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("loss_type", ["ipo", "robust", "simpo", "orpo"])
 def test_variants_lower_their_loss_and_widen_the_margin(tiny_model_dir, tmp_path, loss_type):
-    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     out = str(tmp_path / "out")
     extra = ["--label_smoothing", "0.1"] if loss_type == "robust" else []
-    proc = ok(dpo_run(tiny_model_dir, out, "--dataset", data, "--eval_size", "0", "--max_steps", "12", "--batch_size",
-                      "4", "--micro_batch_size", "4", "--learning_rate", "1e-3", "--loss_type", loss_type, *extra))
+    proc = ok(pairs_run(tiny_model_dir, tmp_path, out, "--max_steps", "12", "--micro_batch_size", "4",
+                        "--loss_type", loss_type, *extra))
     rows = read_metrics(out)
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
     if loss_type in dpo.REFERENCE_FREE:  # no reference model is loaded or evaluated
@@ -153,11 +157,9 @@ def test_builtin_task_eval_metrics(tiny_model_dir, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):
-    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
-    common = ["--dataset", data, "--eval_size", "0", "--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "1",
-              "--learning_rate", "1e-3"]
-    ok(dpo_run(tiny_model_dir, str(tmp_path / "one"), *common))
-    ok(dpo_run(tiny_model_dir, str(tmp_path / "two"), *common, nproc=2))
+    common = ["--max_steps", "2", "--micro_batch_size", "1"]
+    ok(pairs_run(tiny_model_dir, tmp_path, str(tmp_path / "one"), *common))
+    ok(pairs_run(tiny_model_dir, tmp_path, str(tmp_path / "two"), *common, nproc=2))
     for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
 
