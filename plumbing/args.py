@@ -123,7 +123,8 @@ def parse_args(cls, argv=None):
                         "command line overrides them")
     joined = []  # argparse takes "--learning_rate -1e-3" for two flags: join them with "="
     for a in argv:
-        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and NEGATIVE.fullmatch(a):
+        flag = joined[-1] if joined else ""
+        if flag.startswith("--") and "=" not in flag and NEGATIVE.fullmatch(a):
             joined[-1] = f"{joined[-1]}={a}"
         else:
             joined.append(a)
