@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import socket
@@ -477,6 +478,57 @@ def _same_setting(a, b):
     return norm(a) == norm(b)
 
 
+# torch.distributed.checkpoint unpickles a shard folder's .metadata, and its non-tensor items, with
+# no restriction: a crafted folder could run code on --resume. These two read them admitting only
+# what DCP writes (its metadata classes, torch sizes and dtypes) and tensors and plain data.
+_DCP_CLASSES = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+                ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                *(("torch.distributed.checkpoint.metadata", name) for name in (
+                    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                    "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                    "_MEM_FORMAT_ENCODING"))}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _DCP_CLASSES or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not what a checkpoint holds")
+
+
+def _safe_shard_reader(folder):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):  # FileSystemReader's, with _MetadataUnpickler
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+    return Reader(folder)
+
+
+def _safe_load_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            try:  # only tensors and plain data; the base class then reads what was checked
+                torch.load(value, weights_only=True)
+            except Exception as e:
+                raise pickle.UnpicklingError(str(e).splitlines()[0]) from None
+            value.seek(0)
+            super().load_bytes(read_item, value)
+    return Planner()
+
+
 def restore_state(path, model, opt, sched, args, rt, must_match=()):
     """Load a checkpoint written by save_state into model, opt and sched; returns it (for "step" and
     extras). RESUME_ARGS and the script's own must_match arguments must equal the checkpoint's; any
@@ -499,7 +551,14 @@ def restore_state(path, model, opt, sched, args, rt, must_match=()):
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         weights, optimizer = get_state_dict(model, opt)
         shards = {"model": weights, "optimizer": optimizer}
-        dcp.load(shards, checkpoint_id=os.path.join(os.path.dirname(path), state["shards"]))
+        folder = os.path.join(os.path.dirname(path), os.path.basename(state["shards"]))
+        reader = _safe_shard_reader(folder)
+        try:
+            reader.read_metadata()  # dcp.load would fall back from its error to another file
+            dcp.load(shards, storage_reader=reader, planner=_safe_load_planner())
+        except pickle.UnpicklingError as e:
+            raise UserError(f"--resume: {folder} holds more than tensors and plain data "
+                            f"({str(e).splitlines()[0]}); not loading it") from None
         set_state_dict(model, opt, model_state_dict=shards["model"],
                        optim_state_dict=shards["optimizer"])
     else:

@@ -325,3 +325,47 @@ def test_rl_prompts_without_a_ground_truth_are_dropped_and_counted(tok):
     assert len(D.Prompts("d", rows, tok, 512)) == 3  # no reward needs one: all kept
     with pytest.raises(E.UserError, match="no `answer` .* for the accuracy reward"):
         D.Prompts("d", rows[1:2], tok, 512, need_answers="the accuracy reward")
+
+
+class _Payload:  # unpickled, it would create the file it names
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_crafted_fsdp_shard_folder_runs_nothing_on_resume(tmp_path):
+    """--resume of an FSDP run reads checkpoint-N.dcp/ with torch.distributed.checkpoint, which
+    unpickles its .metadata and its non-tensor items without restriction; ours admit only what DCP
+    writes, so a crafted folder is refused before anything in it runs."""
+    import pickle
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    folder = str(tmp_path / "checkpoint-1.dcp")
+    weights, optimizer = get_state_dict(model, opt)
+    dcp.save({"model": weights, "optimizer": optimizer}, checkpoint_id=folder)
+    # a real folder loads back, param_groups (pickled plain data) included
+    target = {"model": {k: torch.zeros_like(v) for k, v in weights.items()},
+              "optimizer": get_state_dict(model, opt)[1]}
+    dcp.load(target, storage_reader=R._safe_shard_reader(folder), planner=R._safe_load_planner())
+    assert all(torch.equal(target["model"][k], v) for k, v in weights.items())
+    # a crafted .metadata
+    ran = tmp_path / "ran"
+    with open(os.path.join(folder, ".metadata"), "wb") as f:
+        pickle.dump(_Payload(ran), f)
+    with pytest.raises(pickle.UnpicklingError, match="posix.system is not what a checkpoint holds"):
+        R._safe_shard_reader(folder).read_metadata()  # what restore_state reads first
+    with pytest.raises(BaseException):  # DCP's CheckpointException is one
+        dcp.load(target, storage_reader=R._safe_shard_reader(folder), planner=R._safe_load_planner())
+    assert not ran.exists()
+    # a crafted non-tensor item
+    import io
+    planner = R._safe_load_planner()
+    with pytest.raises(pickle.UnpicklingError):
+        planner.load_bytes(None, io.BytesIO(pickle.dumps(_Payload(ran))))
+    assert not ran.exists()
