@@ -279,6 +279,14 @@ def add_lora(model, args, task_type="CAUSAL_LM"):
             model, use_gradient_checkpointing=args.gradient_checkpointing)
     names = args.lora_target_modules
     targets = names if names == "all-linear" else [t.strip() for t in names.split(",") if t.strip()]
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if targets != "all-linear" and out is not None and out.weight is inp.weight:
+        tied = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
+                       if m is out or m is inp})
+        if set(tied) & set(targets):
+            raise UserError(f"--lora_target_modules {names}: {' and '.join(tied)} share one "
+                            "weight (tied embeddings), so the merged model would change both; "
+                            "adapt other layers (all-linear leaves the output layer out)")
     try:
         return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
                                                 task_type=task_type, lora_dropout=args.lora_dropout,

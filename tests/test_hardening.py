@@ -369,3 +369,18 @@ def test_a_crafted_fsdp_shard_folder_runs_nothing_on_resume(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         planner.load_bytes(None, io.BytesIO(pickle.dumps(_Payload(ran))))
     assert not ran.exists()
+
+
+def test_lora_on_a_tied_output_layer_is_refused(monkeypatch, tiny_model_dir, tmp_path):
+    """On a model whose lm_head is its input embedding (tied, as SmolLM2's), an adapter on lm_head
+    would merge into both: the saved model would not be the trained one."""
+    message = re.escape("--lora_target_modules q_proj,lm_head: embed_tokens and lm_head share one "
+                        "weight (tied embeddings)")
+    main_raises(monkeypatch, "sft", [*sft_args(tiny_model_dir, "arithmetic"), "--lora_r", "4",
+                                     "--lora_target_modules", "q_proj,lm_head",
+                                     "--output_dir", tmp_path / "o"], message)
+    assert not (tmp_path / "o" / "config.json").exists()
+    from types import SimpleNamespace
+    lora = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, load_in_4bit=False,
+                           lora_target_modules="q_proj,v_proj", gradient_checkpointing=False)
+    assert hasattr(M.add_lora(M.load_model(tiny_model_dir, CPU), lora), "peft_config")
