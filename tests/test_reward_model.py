@@ -84,13 +84,16 @@ SEPARABLE = [{"prompt": f"Reply to message number {i}.", "chosen": f"Thank you k
               "rejected": f"Go away, message {i}."} for i in range(48)]
 
 
+def reward_model(tiny_model_dir, out, data, *extra):
+    return run_script("reward_model.py", "--model", tiny_model_dir, "--output_dir", out, "--dataset", data,
+                      "--precision", "fp32", *extra)
+
+
 def test_reward_model_separates_separable_pairs(tiny_model_dir, tok, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", SEPARABLE)
     out = str(tmp_path / "out")
-    proc = run_script("reward_model.py", "--model", tiny_model_dir, "--output_dir", out, "--dataset", data,
-                      "--eval_size", "16", "--max_steps", "20", "--batch_size", "8", "--micro_batch_size", "4",
-                      "--learning_rate", "1e-3", "--precision", "fp32", "--warmup_steps", "0", "--eval_every", "10")
-    ok(proc)
+    ok(reward_model(tiny_model_dir, out, data, "--eval_size", "16", "--max_steps", "20", "--batch_size", "8",
+                    "--micro_batch_size", "4", "--learning_rate", "1e-3", "--warmup_steps", "0", "--eval_every", "10"))
     rows = read_metrics(out)
     assert rows[0]["step"] == 0 and rows[-1]["step"] == 20
     assert rows[-1]["eval_accuracy"] >= 0.95 and rows[-1]["eval_margin"] > rows[0]["eval_margin"]
@@ -109,10 +112,8 @@ def test_reward_model_separates_separable_pairs(tiny_model_dir, tok, tmp_path):
 def test_margin_column_is_used(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", [dict(r, margin=3.0) for r in SEPARABLE[:8]])
     out = str(tmp_path / "out")
-    proc = run_script("reward_model.py", "--model", tiny_model_dir, "--output_dir", out, "--dataset", data,
-                      "--eval_size", "0", "--max_steps", "1", "--batch_size", "8", "--micro_batch_size", "8",
-                      "--precision", "fp32")
-    ok(proc)
+    ok(reward_model(tiny_model_dir, out, data, "--eval_size", "0", "--max_steps", "1", "--batch_size", "8",
+                    "--micro_batch_size", "8"))
     row = read_metrics(out)[0]
     # with rewards near 0 the loss is about -log σ(-3) = 3.05, not ln 2
     assert row["loss"] == pytest.approx(-math.log(1 / (1 + math.exp(3 - row["margin"]))), rel=1e-3)

@@ -173,9 +173,8 @@ def test_tokenizer_without_chat_template(monkeypatch, tiny_model_dir, tmp_path):
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
     out = str(tmp_path / "out")
-    proc = run_script("sft.py", "--model", tiny_model_dir, "--output_dir", out, "--precision", "fp32",
-                      "--eval_generations", "0", "--eval_size", "4", "--max_steps", "20", "--batch_size", "2",
-                      "--micro_batch_size", "2", "--warmup_steps", "0", "--learning_rate", "1e30", "--save_every", "1")
+    proc = sft(tiny_model_dir, out, "--eval_size", "4", "--max_steps", "20", "--batch_size", "2",
+               "--micro_batch_size", "2", "--learning_rate", "1e30", "--save_every", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert re.search(r"^error: the (loss|weights) became (nan|inf)", proc.stderr, re.M), proc.stderr[-500:]
     assert not os.path.exists(os.path.join(out, "config.json"))  # no final model
