@@ -362,8 +362,10 @@ def load_function(spec, what):
     """'path/to/file.py:function' -> the function (a user's reward rule). what: the start of the
     error message."""
     path, _, name = spec.rpartition(":")
-    if not path or not os.path.isfile(path):
+    if not path:
         raise UserError(f"{what} path/to/file.py:function")
+    if not os.path.isfile(path):
+        raise UserError(f"{spec}: the file {path} does not exist (give path/to/file.py:function)")
     module_spec = importlib.util.spec_from_file_location(
         os.path.splitext(os.path.basename(path))[0], path)
     module = importlib.util.module_from_spec(module_spec)
@@ -401,9 +403,10 @@ def call_reward(fn, name, n, **kw):
     """Rewards of n completions from one function, called with the keywords kw, and how many of them
     it failed on. Any real number is a reward (int, float, bool, numpy or one-element torch values);
     None means "does not apply to this completion" and scores 0 (TRL sums the rewards of a
-    completion over functions ignoring None). If the batch call raises, each completion is scored
-    alone, and one that still fails (or scores nan or inf) scores 0 and is counted. A function that
-    returns another count than n, or fails on every completion, stops the run with its first error.
+    completion over functions ignoring None). A nan or inf scores 0 and is counted. If the batch
+    call raises, each completion is scored alone, and one that still fails scores 0 and is counted.
+    Anything but a list (or tuple, array) of n values, or a function that fails on every
+    completion, stops the run with one line.
     Keywords that are lists of n values are cut to one value for the one-completion calls."""
     def number(v):
         if v is None:
@@ -412,22 +415,38 @@ def call_reward(fn, name, n, **kw):
         if not math.isfinite(v):
             raise ValueError(f"returned {v}")
         return v
+
+    def values_of(out, count):  # a list (or tuple, array, tensor) of count values, or refused
+        try:
+            length = None if isinstance(out, (str, bytes, dict)) else len(out)
+        except TypeError:  # a number, a generator, a 0-d tensor...
+            length = None
+        if length is None:
+            raise UserError(f"reward function {name} returned a {type(out).__name__}, not a list "
+                            "of one value per completion")
+        if length != count:
+            raise UserError(f"reward function {name} returned {len(out)} values for {count} "
+                            "completions")
+        return list(out)
     try:
-        out = list(fn(**kw))
+        out = fn(**kw)
     except Exception:
         out = None
-    if out is not None and len(out) != n:
-        raise UserError(f"reward function {name} returned {len(out)} values for {n} completions")
     if out is not None:
-        try:
-            return [number(v) for v in out], 0
+        out = values_of(out, n)
+        try:  # a nan or inf among them is an error of that completion, not retried
+            finite = [v is None or math.isfinite(float(v)) for v in out]
+            return [number(v) if ok else 0.0 for v, ok in zip(out, finite)], finite.count(False)
         except (TypeError, ValueError):
             pass
     values, errors = [], []
     for i in range(n):
         try:
-            values.append(number(fn(**{k: v[i : i + 1] if isinstance(v, list) and len(v) == n else v
-                                        for k, v in kw.items()})[0]))
+            one = fn(**{k: v[i : i + 1] if isinstance(v, list) and len(v) == n else v
+                        for k, v in kw.items()})
+            values.append(number(values_of(one, 1)[0]))
+        except UserError:
+            raise
         except Exception as e:
             values.append(0.0)
             errors.append(e)

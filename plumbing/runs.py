@@ -441,7 +441,7 @@ def save_state(path, model, opt, sched, step, args, rt, **extra):
     if bad:
         raise Diverged(f"the weights became inf or nan by step {step}")
     state = {"scheduler": sched.state_dict(), "step": step, "rng": rng_state(),
-             "args": asdict(args), **extra}
+             "args": asdict(args), "script": _script(), **extra}
     if _sharded(model):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -529,6 +529,11 @@ def _safe_load_planner():
     return Planner()
 
 
+def _script():
+    """The running script's file name (sft.py, ...), under python and torchrun alike."""
+    return os.path.basename(sys.argv[0])
+
+
 def restore_state(path, model, opt, sched, args, rt, must_match=()):
     """Load a checkpoint written by save_state into model, opt and sched; returns it (for "step" and
     extras). RESUME_ARGS and the script's own must_match arguments must equal the checkpoint's; any
@@ -540,6 +545,9 @@ def restore_state(path, model, opt, sched, args, rt, must_match=()):
     except Exception as e:
         raise UserError(f"--resume: {path} is not a checkpoint these scripts wrote "
                         f"({type(e).__name__}); not loading it") from None
+    if state.get("script", _script()) != _script():  # its extras and arguments are another's
+        raise UserError(f"--resume: {path} was written by {state['script']}, not {_script()}; "
+                        f"resume it with {state['script']}, or give another --output_dir")
     for k in RESUME_ARGS + tuple(must_match):
         if not _same_setting(state["args"].get(k, getattr(args, k, None)), getattr(args, k, None)):
             raise UserError(f"--resume: the checkpoint was made with --{k} "

@@ -3,6 +3,7 @@ log-probs and the loss mask of sampled completions, rewards that raise, and tiny
 reward, resume exactly and run under torchrun."""
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -224,6 +225,23 @@ def test_a_reward_function_that_raises_scores_zero_and_is_counted():
     # None: "does not apply to this completion" (as in TRL), 0 and not an error, even for every completion
     assert T.call_reward(lambda completions, **kw: [None, 3], "f", 2, completions=["a", "b"]) == ([0.0, 3.0], 0)
     assert T.call_reward(lambda completions, **kw: [None, None], "f", 2, completions=["a", "b"]) == ([0.0, 0.0], 0)
+
+
+def test_a_reward_function_that_returns_no_list_or_nan_is_named_and_counted(tmp_path):
+    calls = []
+
+    def flaky(completions, **kw):  # nan in the batch call, a number when called alone
+        calls.append(len(completions))
+        return [float("nan") if len(completions) > 1 and c == "b" else 1.0 for c in completions]
+    assert T.call_reward(flaky, "flaky", 2, completions=["a", "b"]) == ([1.0, 0.0], 1)
+    assert calls == [2]  # not retried: the nan is that completion's error
+    for value, kind in ((0.5, "float"), ({"a": 1.0}, "dict"), ((v for v in [1.0]), "generator"),
+                        (torch.tensor(1.0), "Tensor"), (None, "NoneType")):
+        with pytest.raises(E.UserError, match=f"reward function f returned a {kind}, not a list"):
+            T.call_reward(lambda completions, **kw: value, "f", 1, completions=["a"])
+    with pytest.raises(E.UserError, match=re.escape(f"{tmp_path}/nope.py:fn: the file "
+                                                    f"{tmp_path}/nope.py does not exist")):
+        T.reward_functions(f"{tmp_path}/nope.py:fn", "")
 
 
 def test_any_real_number_is_a_reward_and_a_broken_function_stops_the_run():

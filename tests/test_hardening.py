@@ -177,6 +177,18 @@ def test_resume_applies_changed_settings_and_compares_paths_as_paths(monkeypatch
     assert json.load(open(os.path.join(out, "args.json")))["learning_rate"] == 2e-3
 
 
+def test_resuming_another_scripts_checkpoint_names_that_script(monkeypatch, tiny_model_dir, tmp_path):
+    data, out = write_jsonl(tmp_path / "d.jsonl", ROWS), str(tmp_path / "out")
+    base = [*sft_args(tiny_model_dir, data), "--max_steps", "2", "--output_dir", out]
+    ok(run_script("sft.py", *base, "--stop_after_steps", "1"))
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi.", "chosen": "Hello.",
+                                                "rejected": "Go."}] * 4)
+    main_raises(monkeypatch, "dpo", ["--model", tiny_model_dir, "--dataset", pairs, "--eval_size",
+                                     "0", "--output_dir", out, "--resume", "--max_steps", "2"],
+                re.escape(f"--resume: {out}/checkpoint.pt was written by sft.py, not dpo.py; "
+                          "resume it with sft.py"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stops that are clean
 def test_ctrl_c_says_where_to_resume(tiny_model_dir, tmp_path):
