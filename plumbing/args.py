@@ -141,11 +141,20 @@ def parse_args(cls, argv=None):
 
 def _config_args(path, names):
     """A YAML file of arguments -> ["--name=value", ...]. Refused: a file that is not a mapping of
-    this script's arguments. A value of null keeps the default."""
+    this script's arguments, an argument given twice. A value of null keeps the default; a list is
+    a comma-separated argument (lora_target_modules: [q_proj, v_proj])."""
     import yaml
+
+    class Loader(yaml.SafeLoader):  # safe_load's, but a key given twice is refused, not last-wins
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            twice = [k for i, k in enumerate(keys) if k in keys[:i]]
+            if twice:
+                raise UserError(f"--config {path}: {twice[0]} is given twice; keep one")
+            return super().construct_mapping(node, deep)
     try:
         with open(os.path.expanduser(path)) as f:
-            config = yaml.safe_load(f)
+            config = yaml.load(f, Loader=Loader)
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"--config {path}: cannot read it ({str(e).splitlines()[0]})") from None
     if config is None:
@@ -157,7 +166,8 @@ def _config_args(path, names):
     if unknown:
         raise UserError(f"--config {path}: {', '.join(map(str, unknown))} is not an argument of "
                         "this script; see --help")
-    return [f"--{k}={v}" for k, v in config.items() if v is not None]
+    return [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in config.items() if v is not None]
 
 
 def at_least(lo):

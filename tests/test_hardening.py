@@ -396,3 +396,15 @@ def test_lora_on_a_tied_output_layer_is_refused(monkeypatch, tiny_model_dir, tmp
     lora = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, load_in_4bit=False,
                            lora_target_modules="q_proj,v_proj", gradient_checkpointing=False)
     assert hasattr(M.add_lora(M.load_model(tiny_model_dir, CPU), lora), "peft_config")
+
+
+def test_yaml_config_keys_given_twice_are_refused_and_lists_are_comma_separated(tmp_path):
+    sft = importlib.import_module("sft")
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 1.0e-3\nmax_steps: 3\nlearning_rate: 2.0e-3\n")
+    with pytest.raises(E.UserError, match=re.escape(f"--config {config}: learning_rate is given "
+                                                    "twice; keep one")):
+        A.parse_args(sft.Args, ["--config", str(config)])
+    config.write_text("lora_target_modules: [q_proj, v_proj]\nmax_steps: 3\nfsdp: false\n")
+    args = A.parse_args(sft.Args, ["--config", str(config)])
+    assert (args.lora_target_modules, args.max_steps, args.fsdp) == ("q_proj,v_proj", 3, False)
