@@ -31,6 +31,7 @@ follow DeepSeek-R1's rule rewards (Guo et al. 2025, §2.2.2, https://arxiv.org/a
 accuracy, 1 if the last \\boxed{} equals the answer, and format, 1 if there is a \\boxed{} answer at
 all.
 """
+import collections
 import importlib.util
 import math
 import os
@@ -365,7 +366,8 @@ def load_function(spec, what):
     if not path:
         raise UserError(f"{what} path/to/file.py:function")
     if not os.path.isfile(path):
-        raise UserError(f"{spec}: the file {path} does not exist (give path/to/file.py:function)")
+        flag = what.split(": ", 1)[0]  # "--reward_funcs nope.py:f"
+        raise UserError(f"{flag}: the file {path} does not exist (give path/to/file.py:function)")
     module_spec = importlib.util.spec_from_file_location(
         os.path.splitext(os.path.basename(path))[0], path)
     module = importlib.util.module_from_spec(module_spec)
@@ -399,6 +401,9 @@ def reward_kwargs(rows, prompts, completions, completion_ids, step, max_steps, m
             "log_extra": lambda column, values: columns.setdefault(column, []).extend(values)}
 
 
+ALL_NONE = collections.Counter()  # by function name: the steps it returned None for everything
+
+
 def call_reward(fn, name, n, **kw):
     """Rewards of n completions from one function, called with the keywords kw, and how many of them
     it failed on. Any real number is a reward (int, float, bool, numpy or one-element torch values);
@@ -428,32 +433,43 @@ def call_reward(fn, name, n, **kw):
             raise UserError(f"reward function {name} returned {len(out)} values for {count} "
                             "completions")
         return list(out)
+    values = None
     try:
-        out = fn(**kw)
+        out, raised = fn(**kw), False
     except Exception:
-        out = None
-    if out is not None:
+        raised = True
+    if not raised:
         out = values_of(out, n)
         try:  # a nan or inf among them is an error of that completion, not retried
             finite = [v is None or math.isfinite(float(v)) for v in out]
-            return [number(v) if ok else 0.0 for v, ok in zip(out, finite)], finite.count(False)
+            values = [number(v) if ok else 0.0 for v, ok in zip(out, finite)]
+            failed, nones = finite.count(False), [v is None for v in out]
         except (TypeError, ValueError):
             pass
-    values, errors = [], []
-    for i in range(n):
-        try:
-            one = fn(**{k: v[i : i + 1] if isinstance(v, list) and len(v) == n else v
-                        for k, v in kw.items()})
-            values.append(number(values_of(one, 1)[0]))
-        except UserError:
-            raise
-        except Exception as e:
-            values.append(0.0)
-            errors.append(e)
-    if len(errors) == n:
-        raise UserError(f"reward function {name} failed on every completion of a step, the first "
-                        f"with {type(errors[0]).__name__}: {errors[0]}")
-    return values, len(errors)
+    if values is None:  # the batch call raised, or returned something that is not a number
+        values, errors, nones = [], [], []
+        for i in range(n):
+            try:
+                one = values_of(fn(**{k: v[i : i + 1] if isinstance(v, list) and len(v) == n
+                                      else v for k, v in kw.items()}), 1)[0]
+                values.append(number(one))
+                nones.append(one is None)
+            except UserError:
+                raise
+            except Exception as e:
+                values.append(0.0)
+                errors.append(e)
+                nones.append(False)
+        if len(errors) == n:
+            raise UserError(f"reward function {name} failed on every completion of a step, the "
+                            f"first with {type(errors[0]).__name__}: {errors[0]}")
+        failed = len(errors)
+    if n and all(nones):  # TRL warns too: such a step trains on zeros from this function
+        if not ALL_NONE[name]:
+            print(f"warning: reward function {name} returned None for every completion of a "
+                  "step: they score 0 (counted in rewards/<name>/all_none)", flush=True)
+        ALL_NONE[name] += 1
+    return values, failed
 
 
 
@@ -483,9 +499,12 @@ class Rewards:
                                  self.logged, extra)
         columns, failed = [], 0
         for name, fn, _ in self.funcs:
+            before = ALL_NONE[name]
             r, f = call_reward(fn, name, n, **(builtin if fn in BUILTIN_REWARDS.values() else user))
             columns.append(r)
             failed += f
+            if ALL_NONE[name] > before:
+                self.logged.setdefault(f"rewards/{name}/all_none", []).append(1.0)
         if self.rm is not None:
             scores = common.score_responses(*self.rm, prompts, completions, rt)
             if not torch.isfinite(scores).all():

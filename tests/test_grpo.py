@@ -239,9 +239,23 @@ def test_a_reward_function_that_returns_no_list_or_nan_is_named_and_counted(tmp_
                         (torch.tensor(1.0), "Tensor"), (None, "NoneType")):
         with pytest.raises(E.UserError, match=f"reward function f returned a {kind}, not a list"):
             T.call_reward(lambda completions, **kw: value, "f", 1, completions=["a"])
-    with pytest.raises(E.UserError, match=re.escape(f"{tmp_path}/nope.py:fn: the file "
-                                                    f"{tmp_path}/nope.py does not exist")):
+    with pytest.raises(E.UserError, match=re.escape(f"--reward_funcs {tmp_path}/nope.py:fn: the "
+                                                    f"file {tmp_path}/nope.py does not exist")):
         T.reward_functions(f"{tmp_path}/nope.py:fn", "")
+
+
+def test_a_function_that_returns_none_for_a_whole_step_is_warned_once_and_counted(capsys):
+    nothing = lambda completions, **kw: [None] * len(completions)  # noqa: E731
+    rewards = T.Rewards([("nothing", nothing, 1.0)])
+    cpu = C.Runtime(torch.device("cpu"), torch.float32)
+    for step in range(2):
+        r, failed, _ = rewards([{}] * 2, ["p"] * 2, ["a", "b"], [[1], [2]], [None] * 2, step, 2, cpu)
+        assert r.tolist() == [[0.0], [0.0]] and failed == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: reward function nothing returned None for every completion") == 1
+    assert rewards.logged["rewards/nothing/all_none"] == [1.0, 1.0] and T.ALL_NONE["nothing"] == 2
+    T.call_reward(lambda completions, **kw: [None, 1.0], "partly", 2, completions=["a", "b"])
+    assert T.ALL_NONE["partly"] == 0  # None for some completions is "does not apply": no warning
 
 
 def test_any_real_number_is_a_reward_and_a_broken_function_stops_the_run():
@@ -451,7 +465,8 @@ def test_bad_inputs(monkeypatch, tiny_model_dir, tmp_path):
     main_raises(monkeypatch, [*base, "--scale_rewards", "max"], "--scale_rewards max")
     main_raises(monkeypatch, [*base, "--num_generations", "1"], "--num_generations 1: must be at least 2")
     main_raises(monkeypatch, [*base, "--temperature", "0"], "--temperature 0.0: must be above 0")
-    main_raises(monkeypatch, [*base, "--reward_funcs", "nope.py:f"], "--reward_funcs nope.py:f: not a built-in")
+    main_raises(monkeypatch, [*base, "--reward_funcs", "nope.py:f"], "--reward_funcs nope.py:f: the file nope.py does not exist")
+    main_raises(monkeypatch, [*base, "--reward_funcs", "nope"], "--reward_funcs nope: not a built-in")
     (tmp_path / "r.py").write_text("def f(completions, **kw):\n    return [0.0] * len(completions)\n")
     main_raises(monkeypatch, [*base, "--reward_funcs", f"{tmp_path / 'r.py'}:g"], "has no function 'g'")
     main_raises(monkeypatch, [*base, "--reward_weights", "1"], "--reward_weights has 1 numbers for 2")
