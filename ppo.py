@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from transformers import AutoModelForSequenceClassification
 
 import common
 import tasks
@@ -355,21 +354,6 @@ class PolicyAndValue(torch.nn.Module):
         return logp, token_values(self.value, P, P_mask, Y, Y_mask, self.rt), entropy
 
 
-def load_value_model(path, args, rt):
-    model, info = models.load_model(path, rt, args.trust_remote_code,
-                                    cls=AutoModelForSequenceClassification,
-                                    load_in_4bit=args.load_in_4bit,
-                                    device="cpu" if args.fsdp else None, num_labels=1,
-                                    output_loading_info=True)
-    head = model.score if hasattr(model, "score") else model.classifier
-    if any(k.startswith(("score.", "classifier.")) for k in info["missing_keys"]):
-        # [detail: reward head initialisation] std 1/sqrt(d_model + 1): values are O(1) at any width
-        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
-        if getattr(head, "bias", None) is not None:
-            torch.nn.init.zeros_(head.bias)
-    return model
-
-
 def load_models(path, tok, args, rt):
     """The policy (trained), the reference (frozen), the reward model with its tokenizer (None
     without --reward model) and the value model (trained). [detail: disable dropout] in all of them
@@ -385,7 +369,8 @@ def load_models(path, tok, args, rt):
               models.load_tokenizer(rm_path, args.trust_remote_code))
     if args.value_model:
         value_path = models.resolve_model(args.value_model, rt)
-    value = load_value_model(value_path, args, rt)
+    # [detail: reward head initialisation] a new head: std 1/sqrt(d_model + 1)
+    value = models.load_scalar_model(value_path, rt, args)
     value = models.add_lora(value, args, task_type="SEQ_CLS")  # SEQ_CLS: the head trains
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()

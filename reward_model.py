@@ -171,17 +171,7 @@ def init_reward_model(path, tok, args, rt):
     head starts with std 1/sqrt(d_model + 1) (Huang et al. 2023, "The N implementation details of
     RLHF with PPO", https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo), so
     initial rewards are O(1) whatever the width."""
-    from transformers import AutoModelForSequenceClassification
-    model, info = models.load_model(path, rt, args.trust_remote_code,
-                                    cls=AutoModelForSequenceClassification,
-                                    load_in_4bit=args.load_in_4bit,
-                                    device="cpu" if args.fsdp else None, num_labels=1,
-                                    output_loading_info=True)
-    head = model.score if hasattr(model, "score") else model.classifier
-    if any(k.startswith(("score.", "classifier.")) for k in info["missing_keys"]):
-        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
-        if getattr(head, "bias", None) is not None:
-            torch.nn.init.zeros_(head.bias)
+    model = models.load_scalar_model(path, rt, args)
     model.config.pad_token_id = tok.pad_token_id
     # with --lora_r: adapters, and the whole head trains
     model = models.add_lora(model, args, task_type="SEQ_CLS")

@@ -8,6 +8,7 @@ the reference. Nothing here changes what an algorithm computes.
 import glob
 import hashlib
 import importlib.util
+import math
 import os
 import re
 import socket
@@ -241,6 +242,25 @@ def load_reward_model(path, rt, trust_remote_code=False):
         raise UserError(f"--reward_model {path} has {what}: it is not a reward model; "
                         "train one with reward_model.py")
     return freeze(model, rt).to(rt.device)
+
+
+def load_scalar_model(path, rt, args):
+    """A model with one scalar head (AutoModelForSequenceClassification, one label): the reward
+    model reward_model.py trains, ppo.py's value model. A new head starts with std
+    1/sqrt(d_model + 1) (Huang et al. 2023, "The N implementation details of RLHF with PPO",
+    https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo), so its first
+    outputs are O(1) whatever the width. On the CPU under --fsdp, as load_trained."""
+    from transformers import AutoModelForSequenceClassification
+    model, info = load_model(path, rt, args.trust_remote_code,
+                             cls=AutoModelForSequenceClassification, load_in_4bit=args.load_in_4bit,
+                             device="cpu" if args.fsdp else None, num_labels=1,
+                             output_loading_info=True)
+    head = model.score if hasattr(model, "score") else model.classifier
+    if any(k.startswith(("score.", "classifier.")) for k in info["missing_keys"]):
+        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+        if getattr(head, "bias", None) is not None:
+            torch.nn.init.zeros_(head.bias)
+    return model
 
 
 def freeze(model, rt):
