@@ -380,22 +380,24 @@ def sample_tokens(logits, temperature=1.0, top_p=1.0):
 def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, temperature=0.0,
                  top_p=1.0, return_logprobs=False):
     """Sampling (greedy when temperature is 0) with the KV cache, batch_size completions at a time,
-    from token-id prompts. Returns the completions' token ids, each cut after its first EOS (the EOS
-    kept: it is the stop action), and with return_logprobs also each token's log-prob under
+    from token-id prompts. Returns the completions' token ids, each cut after its first stop token
+    (kept: it is the stop action; `tok.stop_ids`, the chat template's end of turn and the model's
+    EOS ids: models.stop_ids), and with return_logprobs also each token's log-prob under
     softmax(logits / temperature) (fp32 lists).
 
     The loop is ours rather than model.generate's so that the distribution is exactly the one every
     log-prob of RL is computed against: generate would also apply what a checkpoint's
     generation_config.json asks for (repetition_penalty, no_repeat_ngram_size, min_p, top_k...),
     which the training forward knows nothing about. It is also faster: identical prompts (a GRPO
-    group) are prefilled once and their cache copied; a row that has emitted EOS leaves the batch;
+    group) are prefilled once and their cache copied; a row that has stopped leaves the batch;
     one autocast region covers the whole loop, so autocast casts each weight to bf16 once per call
     (it caches casts of weights that require grad; `models.freeze` pre-casts frozen models)."""
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()
     from transformers import DynamicCache
-    eos, dev, T = tok.eos_token_id, rt.device, max_new_tokens
+    dev, T = rt.device, max_new_tokens
+    stop = torch.tensor(tok.stop_ids, device=dev)
     out_ids, out_logps = [], []
     for i in range(0, len(prompt_ids), batch_size):
         chunk = [tuple(p) for p in prompt_ids[i : i + batch_size]]
@@ -423,7 +425,7 @@ def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, 
                     logps[rows, t] = gather_logprobs(logits, y, temperature or 1.0)
                 if t == T - 1:
                     break
-                going = y != eos
+                going = ~torch.isin(y, stop)
                 if not going.all():  # finished rows leave the batch (and the cache)
                     if not going.any():
                         break
@@ -434,8 +436,9 @@ def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, 
                 logits = model(input_ids=y[:, None], attention_mask=mask,
                                position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True,
                                **kv).logits[:, -1]
-        for row, lp in zip(tokens.tolist(), logps.tolist()):
-            n = row.index(eos) + 1 if eos in row else T
+        stopped = torch.isin(tokens, stop)
+        lengths = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, T)  # to the first stop
+        for row, lp, n in zip(tokens.tolist(), logps.tolist(), lengths.tolist()):
             out_ids.append(row[:n])
             out_logps.append(lp[:n])
     model.train(was_training)

@@ -338,6 +338,10 @@ class Unpaired:
         return self.n
 
     def example(self, i):
+        with formats.at_row(i // 2 if self.paired else i):
+            return self._example(i)
+
+    def _example(self, i):
         if self.paired:
             prompt, chosen, rejected = formats.preference_pair(self.ds[i // 2])
             return prompt, chosen if i % 2 == 0 else rejected, i % 2 == 0
@@ -348,8 +352,8 @@ class Unpaired:
         label = str(row["label"]).lower()
         if label not in ("true", "false", "1", "0"):
             raise UserError(f"`label` {row['label']!r}: use true (desirable) or false")
-        prompt = formats.as_messages(row["prompt"], "user")
-        completion = formats.as_messages(row["completion"], "assistant")
+        prompt = formats.as_messages(row["prompt"], "user", "prompt")
+        completion = formats.as_messages(row["completion"], "assistant", "completion")
         return prompt, completion, label in ("true", "1")
 
     def encode(self, i, tok, max_length):
@@ -419,7 +423,8 @@ class PairStream:
             elif self.kto:
                 self.cache[key] = src.encode(i, self.tok, a.max_length)
             else:
-                pair = formats.preference_pair(src[i])
+                with formats.at_row(i, self.names[s]):
+                    pair = formats.preference_pair(src[i])
                 self.cache[key] = formats.tokenize_pair(self.tok, *pair, a.max_length)
             if self.cache[key] is None:
                 raise UserError(f"a generated pair of {self.names[s]} exceeds --max_length "
@@ -457,7 +462,7 @@ class Reference:
         if args.loss_type in REFERENCE_FREE:
             return
         if args.ref_model:
-            ref_path = models.resolve_model(args.ref_model, rt)
+            ref_path = models.resolve_model(args.ref_model, rt, "--ref_model")
             models.check_same_vocab(tok, ref_path, "--ref_model", args.trust_remote_code)
             ref = models.load_frozen(ref_path, rt, args.trust_remote_code)
         elif args.precompute_ref_log_probs or hasattr(model, "peft_config"):
@@ -527,6 +532,7 @@ def main():
     # The pairs (KTO: single completions with a label), tokenized; the held-out pairs and prompts
     mixture, raw, heldout = load_rows(args)
     path = models.resolve_model(args.model, rt)
+    models.check_lengths(args, path, args.trust_remote_code)
     tok = models.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     train = PairStream(args, mixture, raw, tok, rt)
     eval_pairs, prompts, answers = heldout_sets(args, heldout, tok, rt)

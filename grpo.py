@@ -112,6 +112,9 @@ class Args(Shared):
     reward_model: Optional[str] = arg(None, "a reward_model.py output folder, added as one more "
                                             "reward")
     reward_model_weight: float = arg(1.0, "weight of --reward_model's score")
+    reward_timeout: float = arg(120.0, "seconds a call of a path/to/file.py reward function may "
+                                "take; one that runs longer is stopped and its completions score "
+                                "0, counted as failures (0: no limit)")
     # ---- sampling and evaluation -----------------------------------------------------------------
     max_new_tokens: int = arg(96, "length limit of a completion (sampled and greedy)")
     max_prompt_length: int = arg(512, "prompts longer than this (tokens) are dropped and counted")
@@ -149,7 +152,7 @@ class Args(Shared):
             raise UserError(f"--scale_rewards {self.scale_rewards}: choose group, batch or none")
         check_args(self, micro_batch_size=at_least(1), num_generations=at_least(2),
                    beta=at_least(0), epsilon=at_least(0), epsilon_high=at_least(0),
-                   max_resample_rounds=at_least(0))
+                   max_resample_rounds=at_least(0), reward_timeout=at_least(0))
         if not self.reward_funcs.strip(", ") and not self.reward_model:
             raise UserError("no reward: give --reward_funcs, --reward_model or both")
 
@@ -273,7 +276,7 @@ def rollout(model, tok, batch, rewards, args, rt, step):
 
 def as_tensors(groups, tok, args, dev):
     """The groups' sequences in the layout of generation: prompts left-padded (N, P), completions
-    right-padded (N, T) with a mask up to each EOS inclusive (without the truncated completions
+    right-padded (N, T) with a mask up to each stop token inclusive (without the truncated ones
     under --mask_truncated_completions), and the (N, T) log-probs the sampler drew each token
     with."""
     prompt_ids = [x for g in groups for x in g["prompt_ids"]]
@@ -281,7 +284,7 @@ def as_tensors(groups, tok, args, dev):
     P, P_mask = common.pad(prompt_ids, tok.pad_token_id, side="left")
     Y, Y_mask = common.pad(completion_ids, tok.pad_token_id)
     # hit max_new_tokens
-    truncated = torch.tensor([tok.eos_token_id not in c for c in completion_ids])
+    truncated = torch.tensor([c[-1] not in tok.stop_ids for c in completion_ids])
     lengths = Y_mask.sum(1)
     if args.mask_truncated_completions:
         Y_mask = Y_mask * (~truncated)[:, None]
@@ -303,7 +306,7 @@ def load_models(path, args, rt):
         ref = model if args.lora_r else models.load_frozen(path, rt, args.trust_remote_code)
     rm = None
     if args.reward_model:
-        rm_path = models.resolve_model(args.reward_model, rt)
+        rm_path = models.resolve_model(args.reward_model, rt, "--reward_model")
         rm = (models.load_reward_model(rm_path, rt, args.trust_remote_code),
               models.load_tokenizer(rm_path, args.trust_remote_code))
     return model, ref, rm
@@ -426,6 +429,7 @@ def main():
     # Prompts and answers (a plain-string question gets tasks.BOX_INSTRUCTION appended:
     # tasks.rl_prompt); the held-out (prompt, answer) pairs are graded greedily (pass@1).
     path = models.resolve_model(args.model, rt)
+    models.check_lengths(args, path, args.trust_remote_code)
     tok = models.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     need = "the accuracy reward" if any(f is tasks.accuracy_reward for _, f, _ in funcs) else None
     reads = 1 + args.max_resample_rounds * args.dynamic_sampling  # prompt batches a step may read
@@ -433,7 +437,8 @@ def main():
 
     model, ref, rm = load_models(path, args, rt)
     rm_name = f"--reward_model {args.reward_model}"
-    rewards = tasks.Rewards(funcs, args.grader, rm, args.reward_model_weight, rm_name)
+    rewards = tasks.Rewards(funcs, args.grader, rm, args.reward_model_weight, rm_name,
+                            args.reward_timeout)
     ddp = common.distribute(model, args, rt)  # DDP or FSDP under torchrun; before the optimizer
     opt, sched = runs.optimizer_and_schedule(model, args)
     # cursor: how far the prompt stream has been read (with dynamic sampling > step x batch)

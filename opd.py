@@ -125,14 +125,14 @@ def completion_logits(model, P, P_mask, Y, Y_mask, rt):
 
 
 def dataset_completion(row, tok):
-    """The dataset's own answer as completion token ids (its content, then EOS), for off-policy
-    steps."""
+    """The dataset's own answer as completion token ids (its content, then the end-of-turn token,
+    where the student's completions stop), for off-policy steps."""
     has_answer = "completion" in row or "messages" in row
     msgs = formats.conversation(row) if has_answer else [{"role": "user"}]
     if msgs[-1]["role"] != "assistant":
         raise UserError("--lmbda > 0 needs rows that end in an assistant answer (`completion` or "
                         "`messages`)")
-    return tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"] + [tok.stop_ids[0]]
 
 
 def rollout(student, tok, sources, rows, prompt_ids, off_policy, args, rt):
@@ -192,8 +192,9 @@ def main():
     ckpt_path = runs.claim_output_dir(args, rt)
 
     path = models.resolve_model(args.model, rt)
+    models.check_lengths(args, path, args.trust_remote_code)
     tok = models.load_tokenizer(path, args.trust_remote_code, args.chat_template)
-    teacher_path = models.resolve_model(args.teacher, rt)
+    teacher_path = models.resolve_model(args.teacher, rt, "--teacher")
     # TRL #3028: refuse, never guess
     models.check_same_vocab(tok, teacher_path, "--teacher", args.trust_remote_code)
     sources, graded, order = data.load_prompts(args, tok, rt)

@@ -69,7 +69,7 @@ class Args(Shared):
     num_mini_batches: int = arg(1, "optimizer updates per PPO epoch: the batch is shuffled and "
                                 "split into this many")
     missing_eos_penalty: float = arg(1.0, "subtracted from the score of a response that never "
-                                     "emitted EOS")
+                                     "stopped (no end of turn or EOS)")
     value_learning_rate: Optional[float] = arg(None, "peak learning rate of the value model "
                                                "(default: --learning_rate, as TRL; OpenRLHF gives "
                                                "the critic its own)")
@@ -86,6 +86,9 @@ class Args(Shared):
     value_model: Optional[str] = arg(None, "initial value model: default the reward model, or "
                                      "without one the policy with a new scalar head")
     format_weight: float = arg(0.2, "λ_fmt of the verifiable reward")
+    reward_timeout: float = arg(120.0, "seconds a call of a --reward path/to/file.py:function may "
+                                "take; one that runs longer is stopped and its responses score 0, "
+                                "counted as failures (0: no limit)")
     # ---- sampling and evaluation -----------------------------------------------------------------
     temperature: float = arg(0.7, "sampling temperature (TRL's default); every log-prob uses "
                              "logits / temperature")
@@ -119,7 +122,7 @@ class Args(Shared):
                    value_warmup_steps=at_least(0), value_learning_rate=POSITIVE,
                    gamma=between(0, 1), lam=between(0, 1), cliprange=POSITIVE,
                    cliprange_value=POSITIVE, vf_coef=at_least(0), target_kl=POSITIVE,
-                   kl_horizon=at_least(1))
+                   kl_horizon=at_least(1), reward_timeout=at_least(0))
         if self.reward == "model" and not self.reward_model:
             raise UserError("--reward model needs --reward_model PATH (a reward_model.py output), "
                             "or use --reward verifiable")
@@ -228,9 +231,9 @@ def rollout(model, ref, tok, batch, rewards, kl_coef, args, rt, step):
         columns, failed, extra = rewards(rows, prompts, texts, ids, answers, step, args.max_steps,
                                          rt)  # (N, K): one column per reward
         raw_scores = (columns @ rewards.weights).to(dev)
-        # [detail: EOS trick] A response that never emitted EOS (it hit --max_new_tokens) gets a
-        # penalty.
-        eos = torch.tensor([tok.eos_token_id in r for r in ids], device=dev)
+        # [detail: EOS trick] A response that never stopped (no end of turn or EOS: it hit
+        # --max_new_tokens) gets a penalty.
+        eos = torch.tensor([r[-1] in tok.stop_ids for r in ids], device=dev)
         scores = raw_scores - args.missing_eos_penalty * (~eos).float()
         parts = [model(P[mb], P_mask[mb], Y[mb], Y_mask[mb])[:2] for mb in micro]
         old_logp, old_values = (torch.cat(x) for x in zip(*parts))
@@ -363,12 +366,12 @@ def load_models(path, tok, args, rt):
     ref = policy if args.lora_r else models.load_frozen(path, rt, args.trust_remote_code)
     rm, value_path = None, path
     if args.reward == "model":
-        rm_path = value_path = models.resolve_model(args.reward_model, rt)
+        rm_path = value_path = models.resolve_model(args.reward_model, rt, "--reward_model")
         models.check_same_vocab(tok, rm_path, "--reward_model", args.trust_remote_code)
         rm = (models.load_reward_model(rm_path, rt, args.trust_remote_code),
               models.load_tokenizer(rm_path, args.trust_remote_code))
     if args.value_model:
-        value_path = models.resolve_model(args.value_model, rt)
+        value_path = models.resolve_model(args.value_model, rt, "--value_model")
     # [detail: reward head initialisation] a new head: std 1/sqrt(d_model + 1)
     value = models.load_scalar_model(value_path, rt, args)
     value = models.add_lora(value, args, task_type="SEQ_CLS")  # SEQ_CLS: the head trains
@@ -386,7 +389,8 @@ def reward_of(args, rule, rm):
                  ("format", tasks.format_reward, args.format_weight)]
     else:
         funcs = [] if rule is None else [(args.reward, rule, 1.0)]
-    return tasks.Rewards(funcs, args.grader, rm, 1.0, f"--reward_model {args.reward_model}")
+    return tasks.Rewards(funcs, args.grader, rm, 1.0, f"--reward_model {args.reward_model}",
+                         args.reward_timeout)
 
 
 def log_samples(run, step, b):
@@ -416,6 +420,7 @@ def main():
     # Prompts (a plain-string question gets tasks.BOX_INSTRUCTION appended: tasks.rl_prompt) and
     # the held-out (prompt, answer) pairs, graded greedily.
     path = models.resolve_model(args.model, rt)
+    models.check_lengths(args, path, args.trust_remote_code)
     tok = models.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     need = "--reward verifiable" if args.reward == "verifiable" else None
     sources, graded, order = data.load_prompts(args, tok, rt, need_answers=need)

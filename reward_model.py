@@ -157,7 +157,8 @@ def read_pair(sources, key, mixture, tok, args):
     if isinstance(sources[s], list):
         return sources[s][i]
     row = sources[s][i]
-    x = formats.tokenize_pair(tok, *formats.preference_pair(row), args.max_length)
+    with formats.at_row(i, mixture[s][0]):
+        x = formats.tokenize_pair(tok, *formats.preference_pair(row), args.max_length)
     if x is None:
         raise UserError(f"a generated pair of {mixture[s][0]} exceeds --max_length "
                         f"{args.max_length}; raise it")
@@ -212,6 +213,7 @@ def main():
     for ds in raw:
         formats.preference_pair(ds[0])  # checks the columns before any work
     path = models.resolve_model(args.model, rt)
+    models.check_lengths(args, path, args.trust_remote_code)
     tok = models.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     sources, order = training_pairs(mixture, raw, tok, args, rt)
     eval_rows = [heldout[i] for i in range(min(args.eval_size, len(heldout)))]

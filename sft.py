@@ -71,9 +71,10 @@ class Tokenized:
     tokenized when read."""
 
     def __init__(self, name, ds, tok, max_length):
-        self.ds, self.tok, self.max_length = ds, tok, max_length
+        self.name, self.ds, self.tok, self.max_length = name, ds, tok, max_length
         self.unlimited = getattr(ds, "unlimited", False)
-        formats.conversation(ds[0])  # checks the columns: a clear error before any work
+        with formats.at_row(0, name):  # checks the columns: a clear error before any work
+            formats.conversation(ds[0])
         rows = range(min(8, len(ds))) if self.unlimited else range(len(ds))
         self.items = [self._tokenize(i) for i in rows]
         self.dropped = sum(x is None for x in self.items)
@@ -88,7 +89,8 @@ class Tokenized:
             self.items = [x for x in self.items if x is not None]
 
     def _tokenize(self, i):
-        messages = formats.conversation(self.ds[i])
+        with formats.at_row(i, self.name):
+            messages = formats.conversation(self.ds[i])
         return common.tokenize_conversation(self.tok, messages, self.max_length)
 
     def __len__(self):
@@ -205,12 +207,13 @@ def main():
     # tokenized.
     mixture, raw, heldout = data.load_splits(args, max(args.eval_size, args.eval_generations))
     path = models.resolve_model(args.model, rt)
-    tok = models.load_tokenizer(path, args.trust_remote_code, args.chat_template)
+    models.check_lengths(args, path, args.trust_remote_code)
+    tok = models.load_tokenizer(path, args.trust_remote_code, args.chat_template, add_tokens=True)
     sources, order = training_data(mixture, raw, tok, args, rt)
     held = held_out(heldout, tok, args)
 
     # Model, optimizer, schedule
-    model = models.load_trained(path, rt, args)
+    model = models.load_trained(path, rt, args, tok)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

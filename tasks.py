@@ -44,7 +44,8 @@ from types import SimpleNamespace
 import torch
 
 import common
-from plumbing.errors import UserError
+from plumbing.errors import Timeout, UserError
+from plumbing.runs import time_limit
 from plumbing.formats import as_messages
 
 BOX_INSTRUCTION = "Put the final answer in \\boxed{}."
@@ -211,12 +212,13 @@ def rl_prompt(row):
     a `messages` conversation up to its last assistant turn. A plain-string question gets
     BOX_INSTRUCTION appended unless it already mentions \\boxed, so that answers can be graded."""
     if "prompt" in row or "question" in row:
-        x = row["prompt"] if "prompt" in row else row["question"]
+        column = "prompt" if "prompt" in row else "question"
+        x = row[column]
         if isinstance(x, str) and "boxed" not in x:
             x = f"{x.strip()} {BOX_INSTRUCTION}"
-        return as_messages(x, "user")
+        return as_messages(x, "user", column)
     if "messages" in row:
-        msgs = as_messages(row["messages"], "user")
+        msgs = as_messages(row["messages"], "user", "messages")
         while msgs and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
         if msgs:
@@ -402,16 +404,19 @@ def reward_kwargs(rows, prompts, completions, completion_ids, step, max_steps, m
 
 
 ALL_NONE = collections.Counter()  # by function name: the steps it returned None for everything
+TIMEOUTS = collections.Counter()  # by function name: the calls that ran past --reward_timeout
 
 
-def call_reward(fn, name, n, **kw):
+def call_reward(fn, name, n, timeout=0, /, **kw):  # (/: a dataset column may be called `name`)
     """Rewards of n completions from one function, called with the keywords kw, and how many of them
     it failed on. Any real number is a reward (int, float, bool, numpy or one-element torch values);
     None means "does not apply to this completion" and scores 0 (TRL sums the rewards of a
     completion over functions ignoring None). A nan or inf scores 0 and is counted. If the batch
     call raises, each completion is scored alone, and one that still fails scores 0 and is counted.
     Anything but a list (or tuple, array) of n values, or a function that fails on every
-    completion, stops the run with one line.
+    completion, stops the run with one line. A call that runs past `timeout` seconds (0: no limit)
+    is stopped, and its completions score 0, counted as failures (a hung batch call is not
+    retried: it would hang n times).
     Keywords that are lists of n values are cut to one value for the one-completion calls."""
     def number(v):
         if v is None:
@@ -433,9 +438,20 @@ def call_reward(fn, name, n, **kw):
             raise UserError(f"reward function {name} returned {len(out)} values for {count} "
                             "completions")
         return list(out)
+    def timed_call(**kw):
+        with time_limit(timeout, f"reward function {name}"):
+            return fn(**kw)
+
+    def timed_out():
+        TIMEOUTS[name] += 1
+        print(f"warning: reward function {name} ran past --reward_timeout {timeout:g} s: its "
+              "completions score 0, counted as failures", flush=True)
     values = None
     try:
-        out, raised = fn(**kw), False
+        out, raised = timed_call(**kw), False
+    except Timeout:
+        timed_out()
+        return [0.0] * n, n
     except Exception:
         raised = True
     if not raised:
@@ -450,17 +466,19 @@ def call_reward(fn, name, n, **kw):
         values, errors, nones = [], [], []
         for i in range(n):
             try:
-                one = values_of(fn(**{k: v[i : i + 1] if isinstance(v, list) and len(v) == n
-                                      else v for k, v in kw.items()}), 1)[0]
+                one = values_of(timed_call(**{k: v[i : i + 1] if isinstance(v, list) and len(v) == n
+                                              else v for k, v in kw.items()}), 1)[0]
                 values.append(number(one))
                 nones.append(one is None)
             except UserError:
                 raise
-            except Exception as e:
+            except (Exception, Timeout) as e:
+                if isinstance(e, Timeout):
+                    timed_out()
                 values.append(0.0)
                 errors.append(e)
                 nones.append(False)
-        if len(errors) == n:
+        if len(errors) == n and not any(isinstance(e, Timeout) for e in errors):
             raise UserError(f"reward function {name} failed on every completion of a step, the "
                             f"first with {type(errors[0]).__name__}: {errors[0]}")
         failed = len(errors)
@@ -481,8 +499,9 @@ class Rewards:
     until the caller takes it."""
 
     def __init__(self, funcs, grader="exact", reward_model=None, reward_model_weight=1.0,
-                 name="--reward_model"):
+                 name="--reward_model", timeout=0):
         self.funcs, self.grader, self.rm, self.rm_name = funcs, grader, reward_model, name
+        self.timeout = timeout  # seconds a call of a user's function may take (call_reward)
         self.names = [n for n, _, _ in funcs] + (["reward_model"] if reward_model else [])
         weights = [w for _, _, w in funcs] + ([reward_model_weight] if reward_model else [])
         self.weights = torch.tensor(weights)
@@ -499,12 +518,17 @@ class Rewards:
                                  self.logged, extra)
         columns, failed = [], 0
         for name, fn, _ in self.funcs:
-            before = ALL_NONE[name]
-            r, f = call_reward(fn, name, n, **(builtin if fn in BUILTIN_REWARDS.values() else user))
+            before = ALL_NONE[name], TIMEOUTS[name]
+            if fn in BUILTIN_REWARDS.values():
+                r, f = call_reward(fn, name, n, **builtin)
+            else:
+                r, f = call_reward(fn, name, n, self.timeout, **user)
             columns.append(r)
             failed += f
-            if ALL_NONE[name] > before:
-                self.logged.setdefault(f"rewards/{name}/all_none", []).append(1.0)
+            for counter, what, b in ((ALL_NONE, "all_none", before[0]),
+                                     (TIMEOUTS, "timeouts", before[1])):
+                if counter[name] > b:
+                    self.logged.setdefault(f"rewards/{name}/{what}", []).append(counter[name] - b)
         if self.rm is not None:
             scores = common.score_responses(*self.rm, prompts, completions, rt)
             if not torch.isfinite(scores).all():

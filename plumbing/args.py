@@ -93,7 +93,8 @@ class Shared:
                          "weights stay fp32")
     trust_remote_code: bool = arg(False, "allow models and tokenizers that run code from their "
                                   "repository")
-    chat_template: Optional[str] = arg(None, "Jinja chat template file, for tokenizers without one")
+    chat_template: Optional[str] = arg(None, "Jinja chat template file, or chatml (built in), for "
+                                        "tokenizers without one")
 
 
 def _help_order(cls):

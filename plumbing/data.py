@@ -15,6 +15,7 @@ import torch
 import tasks
 from common import encode_prompts
 from plumbing.errors import UserError
+from plumbing.formats import at_row
 from plumbing.models import looks_like_path
 from tasks import BUILTIN_TASKS, reference_answer, rl_prompt
 
@@ -70,6 +71,9 @@ def load_data(spec, split="train", config=None, seed=0, flag="--dataset_split"):
     except Exception as e:
         if os.path.isfile(path) and LOCAL_FORMATS.get(ext) == "json":
             _check_text(spec, path, lines=True)
+        if "corresponds to no data" in str(e):  # a folder whose files for that split are empty
+            raise UserError(f"--dataset {spec}: its split {split!r} has no rows (its files for it "
+                            f"are empty); fill them or choose another split with {flag}") from None
         if "split" in str(e):  # e.g. ultrachat_200k has train_sft, test_sft, ... and no train
             try:
                 names = datasets.get_dataset_split_names(spec, config)
@@ -102,6 +106,9 @@ def _check_text(spec, path, lines):
     except UnicodeDecodeError as e:
         raise UserError(f"--dataset {spec} is not UTF-8 text ({e.reason}); "
                         "convert it to UTF-8") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise UserError(f"--dataset {spec} is not a whole gzip file ({e}); compress it with "
+                        "gzip, or drop the .gz from its name if it is plain text") from None
     except ValueError as e:
         raise UserError(f"--dataset {spec}: line {n} is not valid JSON ({e})") from None
 
@@ -205,9 +212,10 @@ class Prompts:
     says a reward needs one, are dropped and counted. Generated tasks are read when needed."""
 
     def __init__(self, name, ds, tok, max_prompt_length, need_answers=None):
-        self.ds, self.tok, self.max_len = ds, tok, max_prompt_length
+        self.name, self.ds, self.tok, self.max_len = name, ds, tok, max_prompt_length
         self.unlimited = getattr(ds, "unlimited", False)
-        rl_prompt(ds[0])  # checks the columns: a clear error before any work
+        with at_row(0, name):  # checks the columns: a clear error before any work
+            rl_prompt(ds[0])
         read = [] if self.unlimited else [(i, self._read(i)) for i in range(len(ds))]
         self.unanswered = (sum(x is not None and x[2] is None for _, x in read) if need_answers
                            else 0)
@@ -224,7 +232,8 @@ class Prompts:
 
     def _read(self, i):
         row = self.ds[i]
-        msgs = rl_prompt(row)
+        with at_row(i, self.name):
+            msgs = rl_prompt(row)
         ids = encode_prompts(self.tok, [msgs])[0]
         return (msgs, ids, reference_answer(row)) if len(ids) <= self.max_len else None
 

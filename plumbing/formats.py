@@ -7,6 +7,7 @@ OpenAI-style text parts. Tokenization with assistant-only labels is common.token
 here it is applied to pairs.
 """
 import re
+from contextlib import contextmanager
 
 from common import tokenize_conversation
 from plumbing.errors import UserError
@@ -14,16 +15,30 @@ from plumbing.errors import UserError
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def as_messages(x, role):
+def as_messages(x, role, column=None):
     """A TRL field that is either a plain string or a list of messages -> a list of {role, content}
     messages. Content may be a string or OpenAI-style text parts ([{"type": "text", "text": ...}]);
-    tool_calls and the other keys of a message are kept for templates that render them."""
+    tool_calls and the other keys of a message are kept for templates that render them. column:
+    the field's name, for the error."""
     if isinstance(x, (str, int, float)):  # a CSV reader turns "42" into a number
         return [{"role": role, "content": str(x)}]
     if not (isinstance(x, list) and x and all(isinstance(m, dict) and "role" in m for m in x)):
-        raise UserError(f"expected a string or a list of {{role, content}} messages, "
-                        f"got {str(x)[:80]!r}")
+        where = f"`{column}`" if column else "a field"
+        if x is None:  # the datasets library fills a column that a row lacks with null
+            raise UserError(f"{where} is null (a file that mixes row formats gets the other "
+                            "format's columns as null: give every row the same columns)")
+        raise UserError(f"{where} holds {str(x)[:80]!r}; expected a string or a list of "
+                        "{role, content} messages")
     return [message(m) for m in x]
+
+
+@contextmanager
+def at_row(i, name=None):
+    """Name the row (and the dataset) in the UserError of reading it."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"{name + ', ' if name else ''}row {i}: {e}") from None
 
 
 def message(m):
@@ -47,10 +62,16 @@ def conversation(row):
         raise UserError("the rows have a `label` column: unpaired preference data (KTO), not "
                         "demonstrations; sft.py would train on every completion, label false "
                         "included. Keep the desirable rows and drop the column")
+    if "messages" in row and "prompt" in row and "completion" in row:  # columns of both formats
+        null = [f"`{k}`" for k in ("messages", "prompt", "completion") if row[k] is None]
+        raise UserError(f"the rows mix two formats (`messages`, and `prompt` with `completion`): "
+                        f"here {' and '.join(null) or 'none of them'} is null; give every row the "
+                        "same columns")
     if "messages" in row:
-        return as_messages(row["messages"], "user")
+        return as_messages(row["messages"], "user", "messages")
     if "prompt" in row and "completion" in row:
-        return as_messages(row["prompt"], "user") + as_messages(row["completion"], "assistant")
+        return (as_messages(row["prompt"], "user", "prompt")
+                + as_messages(row["completion"], "assistant", "completion"))
     raise UserError(f"columns found: {sorted(row)}; expected `messages` "
                     f"(a list of {{role, content}}) or `prompt` and `completion`")
 
@@ -76,15 +97,15 @@ def preference_pair(row):
         raise UserError(f"columns found: {sorted(row)}; expected `chosen` and `rejected`, with or "
                         "without `prompt` (strings or lists of {role, content})")
     if "prompt" in row:
-        prompt, chosen, rejected = (as_messages(row[k], "user" if k == "prompt" else "assistant")
-                                    for k in ("prompt", "chosen", "rejected"))
+        prompt, chosen, rejected = (as_messages(row[k], "user" if k == "prompt" else "assistant",
+                                                k) for k in ("prompt", "chosen", "rejected"))
         n = len(prompt)
         # chosen/rejected repeat the prompt (UltraFeedback)
         if chosen[:n] == prompt and rejected[:n] == prompt:
             chosen, rejected = chosen[n:], rejected[n:]
         return prompt, chosen, rejected
-    chosen, rejected = (parse_transcript(x) if isinstance(x, str) else as_messages(x, "assistant")
-                        for x in (row["chosen"], row["rejected"]))
+    chosen, rejected = (parse_transcript(row[k]) if isinstance(row[k], str)
+                        else as_messages(row[k], "assistant", k) for k in ("chosen", "rejected"))
     k = 0
     while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
         k += 1
@@ -110,7 +131,8 @@ def tokenize_preferences(ds, tok, max_length, name, rt=None, keep_index=False):
     one-line summary. With keep_index, each kept pair comes as (row index, pair)."""
     kept, same, bad = [], 0, 0
     for i in range(len(ds)):
-        p, c, r = preference_pair(ds[i])
+        with at_row(i, name):
+            p, c, r = preference_pair(ds[i])
         if c == r:
             same += 1
             continue

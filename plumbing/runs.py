@@ -19,15 +19,57 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
-from plumbing.errors import Diverged, UserError
+from plumbing.errors import Diverged, Timeout, UserError
+
+
+# --------------------------------------------------------------------------------------------------
+# Time limits of users' functions
+_DEADLINES = []  # the time limits in force, innermost last: (deadline, what, seconds)
+
+
+def _expire(signum, frame):
+    if _DEADLINES and time.monotonic() >= _DEADLINES[-1][0]:
+        raise Timeout(f"{_DEADLINES[-1][1]} ran past its limit of {_DEADLINES[-1][2]:g} s")
+
+
+@contextmanager
+def time_limit(seconds, what):
+    """Stop the code inside after `seconds` (0: no limit) by raising Timeout in it, and print a
+    line if it is still running halfway (at most after 10 s). A watchdog thread sends SIGUSR1 to
+    the main thread, whose handler raises: Python code and waits (sleep, sockets) are interrupted,
+    a C call when it returns. SIGALRM is left alone: libraries such as math-verify use it for their
+    own timeouts. Off the main thread there is no limit."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGUSR1) is not _expire:
+        signal.signal(signal.SIGUSR1, _expire)  # kept: a late signal finds no deadline and passes
+    main = threading.main_thread().ident
+    _DEADLINES.append((time.monotonic() + seconds, what, seconds))
+    timers = [threading.Timer(min(10.0, seconds / 2), lambda: print(
+                  f"{what} is still running after {min(10.0, seconds / 2):g} s (stopped at "
+                  f"{seconds:g} s)", flush=True)),
+              threading.Timer(seconds, signal.pthread_kill, (main, signal.SIGUSR1))]
+    for t in timers:
+        t.daemon = True
+        t.start()
+    try:
+        yield
+    finally:
+        for t in timers:
+            t.cancel()
+        _DEADLINES.pop()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,6 +107,10 @@ def _leave(code, message):
     if rank:
         time.sleep(3)
     print(f"[rank {rank}] {message}" if rank else message, file=sys.stderr, flush=True)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's report names this as the cause
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {
+                "py_callstack": message, "timestamp": str(int(time.time()))}}}, f)
     os._exit(code)  # skip interpreter teardown: under torchrun it can abort after the work is done
 
 
@@ -240,11 +286,7 @@ def release_output_dir():
     if lock is None:
         return
     folder = os.path.dirname(lock)
-    for tmp in (os.path.join(folder, "checkpoint.pt.tmp"), os.path.join(folder, ".saving")):
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
+    clean_torn(folder)
     if os.path.exists(lock):
         os.remove(lock)
     if _run.get("created") and not os.listdir(folder):
@@ -253,14 +295,17 @@ def release_output_dir():
 
 def begin_log(args, rt, step):
     """Once every check has passed (data, models, a resumed checkpoint): a fresh run clears what an
-    earlier run left in --output_dir, args.json records this run's arguments, and the metrics log
-    opens (a resumed run keeps the lines up to its checkpoint)."""
+    earlier run left in --output_dir, a resumed one what a kill left half-written (clean_torn),
+    args.json records this run's arguments, and the metrics log opens (a resumed run keeps the
+    lines up to its checkpoint)."""
     rt.print("arguments: " + json.dumps(asdict(args)))
     if rt.is_main:
         if not args.resume:
             for pattern in RUN_FILES:
                 for p in glob.glob(os.path.join(glob.escape(args.output_dir), pattern)):
                     shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        else:  # what a kill mid-write left (the lock of a killed run is taken over: _lock)
+            clean_torn(args.output_dir)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
     return MetricsLog(args.output_dir, rt, step, trackers=report_to(args), config=asdict(args))
@@ -268,9 +313,8 @@ def begin_log(args, rt, step):
 def save_pretrained(model, tok, output_dir, rt):
     """save_pretrained into output_dir (by rank 0; every rank calls it) so that the folder only
     looks complete (config.json present) once the weights are fully written: everything goes to a
-    temporary folder first, config.json is moved in last. Under FSDP the ranks first gather the
-    whole weights onto rank 0's CPU."""
-    tmp = os.path.join(output_dir, ".saving")
+    temporary folder first (publish). Under FSDP the ranks first gather the whole weights onto rank
+    0's CPU. With LoRA, the adapter alone in adapter/ and the merged model (W + (alpha/r) BA)."""
     model = getattr(model, "module", model)  # unwrap DDP
     full = None
     if _sharded(model):
@@ -282,9 +326,30 @@ def save_pretrained(model, tok, output_dir, rt):
         full = {k: v for k, v in full.items() if k in names}
     if not rt.is_main:
         return
-    # LoRA: the adapter alone in adapter/, and the merged model (W + (alpha/r) BA)
+    try:
+        _save_pretrained(model, full, tok, output_dir)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(temporary(output_dir), ignore_errors=True)
+        ckpt = _run.get("checkpoint")
+        raise write_error(e, f"the model to {output_dir}", (
+            f"{ckpt[0]} (step {ckpt[1]}) is kept: free some space and continue with --resume, "
+            "which writes the model" if ckpt else "free some space and run again")) from None
+
+
+def write_error(e, what, then):
+    """The UserError of a failed write (a full disk comes as OSError or RuntimeError); anything
+    else that is not an OSError is raised as it is."""
+    full = "No space left" in str(e) or getattr(e, "errno", None) == 28
+    if not full and not isinstance(e, OSError):
+        raise e
+    return UserError(f"cannot write {what}: "
+                     + (f"the disk is full; {then}" if full else str(e).splitlines()[0]))
+
+
+def _save_pretrained(model, full, tok, output_dir):
+    tmp = temporary(output_dir)
     if hasattr(model, "peft_config"):
-        adapter = os.path.join(output_dir, "adapter")
+        adapter = os.path.join(tmp, "adapter")
         model.save_pretrained(adapter)
         base = model.get_base_model()
         # QLoRA: merged into the base model's fp32 weights, not NF4 ones
@@ -299,10 +364,7 @@ def save_pretrained(model, tok, output_dir, rt):
         model = model.merge_and_unload()
     model.save_pretrained(tmp, state_dict=full)
     tok.save_pretrained(tmp)
-    names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
-    for n in names:
-        os.replace(os.path.join(tmp, n), os.path.join(output_dir, n))
-    os.rmdir(tmp)
+    publish(tmp, output_dir)
 
 
 def save_checkpoint_model(model, tok, args, step, rt):
@@ -315,8 +377,60 @@ def save_checkpoint_model(model, tok, args, step, rt):
         if not hasattr(model, "peft_config"):
             save_pretrained(model, tok, out, rt)
         elif rt.is_main:  # LoRA: the adapter (merging would change the model being trained)
-            model.save_pretrained(out)
-            tok.save_pretrained(out)
+            tmp = temporary(out)
+            try:
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+            except (OSError, RuntimeError) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise write_error(e, f"the adapter to {out}",
+                                  "free some space and continue with --resume") from None
+            publish(tmp, out)
+
+
+def temporary(out):
+    """An empty folder to write the model folder `out` into: checkpoint-N.saving/ beside a
+    checkpoint-N/ folder, which is renamed whole; .saving/ inside --output_dir, which also holds
+    the run's logs. A kill mid-write leaves only these, which a resume removes (clean_torn)."""
+    parent = os.path.dirname(out)
+    whole = os.path.basename(out).startswith("checkpoint-")
+    tmp = f"{out}.saving" if whole else os.path.join(out, ".saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(parent or ".", exist_ok=True)
+    return tmp
+
+
+def publish(tmp, out):
+    """The complete folder tmp (from temporary) becomes the model folder out: a checkpoint-N/ is
+    renamed whole (an older one of that step replaced); into --output_dir the files are moved one
+    by one, config.json last, so that the folder looks like a model only once it is one."""
+    if tmp == f"{out}.saving":
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return
+    for n in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+        target = os.path.join(out, n)
+        if os.path.isdir(target):
+            shutil.rmtree(target)  # adapter/ of an earlier save
+        os.replace(os.path.join(tmp, n), target)
+    os.rmdir(tmp)
+
+
+def clean_torn(folder):
+    """What a run killed mid-write leaves in its folder: temporary files and model folders
+    (checkpoint.pt.tmp, .saving/, checkpoint-N.saving/), and checkpoint-N/ folders without a model
+    in them (written in place by earlier versions). Called on --resume, and on the way out."""
+    torn = [os.path.join(folder, n) for n in ("checkpoint.pt.tmp", ".saving")]
+    torn += glob.glob(os.path.join(glob.escape(folder), "checkpoint-*.saving"))
+    torn += [d for d in glob.glob(os.path.join(glob.escape(folder), "checkpoint-*[0-9]"))
+             if os.path.isdir(d) and not any(os.path.exists(os.path.join(d, f))
+                                             for f in ("config.json", "adapter_config.json"))]
+    for p in torn:
+        if os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.exists(p):
+            os.remove(p)
 
 
 # The trackers of --report_to, beside metrics.jsonl, and the module each needs
@@ -347,7 +461,12 @@ class MetricsLog:
         for name in trackers if rt.is_main else ():
             if name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
-                w = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+                folder = os.path.join(output_dir, "tensorboard")
+                try:
+                    w = SummaryWriter(folder)
+                except OSError as e:
+                    raise UserError(f"--report_to tensorboard: cannot write to {folder} "
+                                    f"({e.strerror or e}); make it a writable folder") from None
                 self.sinks.append(
                     (lambda row, step, w=w: [w.add_scalar(k, v, step) for k, v in row.items()],
                      w.close))
@@ -457,10 +576,8 @@ def save_state(path, model, opt, sched, step, args, rt, **extra):
         except (OSError, RuntimeError) as e:  # a full disk comes as either
             if os.path.exists(f"{path}.tmp"):
                 os.remove(f"{path}.tmp")
-            full = "No space left" in str(e) or getattr(e, "errno", None) == 28
-            raise UserError(f"cannot write the checkpoint {path}: "
-                            + ("the disk is full; free some space and continue with --resume"
-                               if full else str(e).splitlines()[0])) from None
+            raise write_error(e, f"the checkpoint {path}",
+                              "free some space and continue with --resume") from None
         os.replace(f"{path}.tmp", path)
         for old in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), "checkpoint-*.dcp")):
             if os.path.basename(old) != state.get("shards"):

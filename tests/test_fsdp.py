@@ -120,6 +120,11 @@ def test_fsdp_where_it_cannot_apply(monkeypatch, tiny_model_dir, tmp_path):
     with pytest.raises(E.UserError, match="--fsdp with --lora_r: not supported"):
         A.parse_args(sft.Args, ["--fsdp", "--lora_r", "8"])
     monkeypatch.delenv("RANK")
+    # Under torchrun the line is said once, and torchrun's own failure report (its exit code 1 and its traceback
+    # are torchrun's: a worker cannot change them) names it as the root cause.
+    proc = sft_run(tiny_model_dir, str(tmp_path / "o"), "--fsdp", "--lora_r", "8", nproc=2)
+    line = "error: --fsdp with --lora_r: not supported"
+    assert proc.returncode != 0 and proc.stderr.count(line) == 2 and f"traceback : {line}" in proc.stderr
     # A run checkpointed under DDP (or one process) resumes only without --fsdp, and the other way round.
     out = str(tmp_path / "out")
     ok(sft_run(tiny_model_dir, out, "--max_steps", "2", "--stop_after_steps", "1", "--save_every", "1"))

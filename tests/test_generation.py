@@ -133,3 +133,44 @@ def test_frozen_model_gives_the_autocast_outputs(tiny_model_dir):
     with torch.no_grad(), bf16.autocast():
         a, b = model(x).logits.float(), frozen(x).logits.float()
     assert torch.equal(a, b)
+
+
+def test_completions_stop_at_the_templates_end_of_turn_and_every_eos_id(tok, pets_model, tmp_path):
+    # Another family's layout: the template closes a turn with <|im_end|> while the tokenizer's EOS is <|endoftext|>
+    # (as Qwen2.5 base's), and generation_config.json names only that EOS: the sampler still stops at the end of
+    # the turn, in every path that reads its output (grpo's truncation flag, opd's dataset completions).
+    import json
+    import shutil
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import grpo
+    import opd
+    folder = tmp_path / "qwenlike"
+    shutil.copytree(pets_model, folder)
+    other = AutoTokenizer.from_pretrained(folder)
+    other.eos_token = other.pad_token = "<|endoftext|>"
+    other.save_pretrained(folder)
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": endoftext}))
+    other = M.load_tokenizer(str(folder))
+    assert other.eos_token_id == endoftext != im_end
+    assert other.stop_ids == (im_end, endoftext)  # the end of turn first
+    model = AutoModelForCausalLM.from_pretrained(pets_model)
+    pets = [prompts_of(tok)[0]] * 6
+    torch.manual_seed(0)
+    ids = C.generate_ids(model, other, pets, FP32, max_new_tokens=20, batch_size=8, temperature=1.0)
+    assert all(r[-1] == im_end and im_end not in r[:-1] and len(r) < 20 for r in ids)  # six words, then the turn ends
+    groups = [{"prompt_ids": pets[:2], "completion_ids": [ids[0], ids[1][:3]], "sampled_logp": [[0.0] * 20] * 2}]
+    b = grpo.as_tensors(groups, other, grpo.Args(), "cpu")
+    assert b["truncated"].tolist() == [False, True]
+    assert opd.dataset_completion({"prompt": "a", "completion": "cat"}, other)[-1] == im_end
+    # generation_config.json lists several EOS ids (as Llama 3 and Gemma 3 do): each of them stops a completion.
+    word = ids[0][2]  # a word the pets model writes mid-answer
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [endoftext, word]}))
+    other = M.load_tokenizer(str(folder))
+    assert other.stop_ids == (im_end, endoftext, word)
+    torch.manual_seed(0)
+    cut = C.generate_ids(model, other, pets, FP32, max_new_tokens=20, batch_size=8, temperature=1.0)
+    for row in cut:
+        first = next(j for j, t in enumerate(row) if t in other.stop_ids)
+        assert len(row) == first + 1  # cut after its first stop token, which is kept
+    assert any(r[-1] == word for r in cut) and sum(map(len, cut)) < sum(map(len, ids))

@@ -258,6 +258,39 @@ def test_a_function_that_returns_none_for_a_whole_step_is_warned_once_and_counte
     assert T.ALL_NONE["partly"] == 0  # None for some completions is "does not apply": no warning
 
 
+def test_a_reward_function_that_hangs_is_stopped_counted_and_reported_while_slow(capsys):
+    import signal
+    import time
+
+    def hangs(completions, **kw):  # hangs on "b", alone or in the batch, and swallows every Exception
+        while "b" in completions:
+            try:
+                time.sleep(60)
+            except Exception:
+                pass
+        return [1.0] * len(completions)
+    assert T.call_reward(hangs, "hangs", 3, 0.4, completions=["a", "b", "c"]) == ([0.0] * 3, 3)  # not retried
+    out = capsys.readouterr().out
+    assert "reward function hangs is still running after 0.2 s (stopped at 0.4 s)" in out
+    assert "warning: reward function hangs ran past --reward_timeout 0.4 s: its completions score 0" in out
+
+    def spins(completions, **kw):  # a batch error, then a busy loop on "b" alone: only that one is lost
+        if len(completions) > 1:
+            raise ValueError("one at a time")
+        while completions == ["b"]:
+            pass
+        return [2.0]
+    rewards = T.Rewards([("spins", spins, 1.0)], timeout=0.4)
+    cpu = C.Runtime(torch.device("cpu"), torch.float32)
+    r, failed, _ = rewards([{}] * 3, ["p"] * 3, ["a", "b", "c"], [[1], [2], [3]], [None] * 3, 0, 1, cpu)
+    assert r[:, 0].tolist() == [2.0, 0.0, 2.0] and failed == 1
+    assert rewards.logged["rewards/spins/timeouts"] == [1]
+    os.kill(os.getpid(), signal.SIGUSR1)  # a late watchdog signal, with no limit in force, does nothing
+    # The keywords of call_reward are positional-only: dataset columns called `name` or `timeout` reach the function.
+    assert T.call_reward(lambda completions, name, timeout, **kw: [float(name[0] + timeout[0])], "f", 1, 5,
+                         completions=["a"], name=[1], timeout=[2]) == ([3.0], 0)
+
+
 def test_any_real_number_is_a_reward_and_a_broken_function_stops_the_run():
     import numpy as np
     kinds = lambda completions, **kw: [np.float32(0.5), True, torch.tensor(2.0), 3][: len(completions)]  # noqa: E731

@@ -189,6 +189,35 @@ def test_resuming_another_scripts_checkpoint_names_that_script(monkeypatch, tiny
                           "resume it with sft.py"))
 
 
+def test_model_folders_appear_whole_and_a_resume_removes_torn_ones(tiny_model_dir, tmp_path):
+    data, out = write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "out"
+    base = [*sft_args(tiny_model_dir, data), "--max_steps", "4", "--save_every", "1", "--save_model_checkpoints",
+            "--output_dir", out]
+    ok(run_script("sft.py", *base, "--stop_after_steps", "2"))
+    # What a kill mid-write leaves: a checkpoint-N/ being written beside its final name, the final model being
+    # written inside --output_dir, a checkpoint.pt being written, and a checkpoint-N/ of an earlier version that
+    # wrote in place and died before its config.json.
+    for torn in ("checkpoint-3.saving", ".saving", "checkpoint-9"):
+        (out / torn).mkdir()
+        (out / torn / "model.safetensors").write_bytes(b"\0" * 10)
+    (out / "checkpoint.pt.tmp").write_bytes(b"\0" * 10)
+    assert sorted(os.listdir(out / "checkpoint-2")) == sorted(os.listdir(out / "checkpoint-1"))
+    assert "config.json" in os.listdir(out / "checkpoint-2")
+    ok(run_script("sft.py", *base, "--resume"))
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n or n.startswith(".")) == [
+        "checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint.pt"]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint-3")
+    # A model folder is written into a temporary folder and appears whole: checkpoint-N/ by one rename.
+    tmp = R.temporary(str(out / "checkpoint-7"))
+    assert tmp == str(out / "checkpoint-7.saving")
+    os.makedirs(tmp)
+    (out / "checkpoint-7.saving" / "config.json").write_text("{}")
+    assert not (out / "checkpoint-7").exists()
+    R.publish(tmp, str(out / "checkpoint-7"))
+    assert os.listdir(out / "checkpoint-7") == ["config.json"] and not os.path.exists(tmp)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stops that are clean
 def test_ctrl_c_says_where_to_resume(tiny_model_dir, tmp_path):
@@ -222,6 +251,35 @@ def test_a_full_disk_is_named_and_leaves_no_partial_file(monkeypatch, tmp_path):
     with pytest.raises(E.UserError, match="cannot write the checkpoint .*: the disk is full; free some space"):
         R.save_state(path, model, opt, sched, 1, sft.Args(), CPU)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_at_the_final_save_says_what_was_kept_and_resume_writes_the_model(monkeypatch, tiny_model_dir,
+                                                                                       tmp_path):
+    data, out = write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "out"
+    argv = [*sft_args(tiny_model_dir, data), "--max_steps", "2", "--output_dir", out]
+
+    def full(model, weights, tok, output_dir):
+        tmp = R.temporary(output_dir)
+        os.makedirs(tmp)
+        open(os.path.join(tmp, "model.safetensors"), "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(R, "_save_pretrained", full)
+    main_raises(monkeypatch, "sft", argv, re.escape(
+        f"cannot write the model to {out}: the disk is full; {out}/checkpoint.pt (step 2) is kept: free some "
+        "space and continue with --resume, which writes the model"))
+    assert sorted(os.listdir(out)) == ["args.json", "checkpoint.pt", "metrics.jsonl"]  # nothing half-written
+    monkeypatch.undo()
+    ok(run_script("sft.py", *argv, "--resume"))
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_a_tensorboard_folder_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "tensorboard").write_text("a file where the folder goes")
+    with pytest.raises(E.UserError, match=re.escape(f"--report_to tensorboard: cannot write to {tmp_path}/tensorboard "
+                                                    "(File exists); make it a writable folder")):
+        R.MetricsLog(str(tmp_path), CPU, trackers=["tensorboard"])
 
 
 def test_sampling_from_a_diverged_model_stops_with_the_documented_message(tok, tiny_model_dir):
@@ -330,6 +388,39 @@ def test_unreadable_files_say_what_is_wrong(tmp_path):
     assert reward_model.margin_of({"margin": None}, 0) == reward_model.margin_of({}, 0) == 0.0
 
 
+def test_bad_rows_and_files_name_the_row_the_column_or_the_file(monkeypatch, tiny_model_dir, tmp_path):
+    null = write_jsonl(tmp_path / "null.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": None, "completion": "b"}])
+    main_raises(monkeypatch, "sft", [*sft_args(tiny_model_dir, null), "--output_dir", tmp_path / "o"],
+                re.escape(f"{null}, row 1: `prompt` is null (a file that mixes row formats gets the other format's "
+                          "columns as null: give every row the same columns)"))
+    main_raises(monkeypatch, "grpo", ["--model", tiny_model_dir, "--dataset", null, "--output_dir", tmp_path / "o"],
+                re.escape(f"{null}, row 1: `prompt` is null"))
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a", "completion": "b"},
+                                                   {"messages": [{"role": "user", "content": "x"},
+                                                                 {"role": "assistant", "content": "y"}]}])
+    main_raises(monkeypatch, "sft", [*sft_args(tiny_model_dir, mixed), "--output_dir", tmp_path / "o"],
+                re.escape(f"{mixed}, row 0: the rows mix two formats (`messages`, and `prompt` with `completion`): "
+                          "here `messages` is null; give every row the same columns"))
+    (tmp_path / "plain.jsonl.gz").write_text('{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(E.UserError, match=r"plain.jsonl.gz is not a whole gzip file \(Not a gzipped file"):
+        D.load_data(str(tmp_path / "plain.jsonl.gz"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"prompt": "a", "completion": "b"}])
+    (folder / "test.jsonl").write_text("")
+    with pytest.raises(E.UserError, match=re.escape(f"--dataset {folder}: its split 'test' has no rows (its files "
+                                                    "for it are empty); fill them or choose another split with "
+                                                    "--eval_split")):
+        D.load_data(str(folder), "test", flag="--eval_split")
+    # An unfinished run folder given as a model says where its model will be.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(E.UserError, match=re.escape(f"--teacher {run} holds no model (no config.json); it is an "
+                                                    "unfinished run, whose model is written when it finishes")):
+        M.resolve_model(str(run), flag="--teacher")
+
+
 def test_rl_prompts_without_a_ground_truth_are_dropped_and_counted(tok):
     rows = [{"prompt": "1+1?", "answer": "2"}, {"prompt": "Hi?"}, {"prompt": "2+2?", "answer": "4"}]
     prompts = D.Prompts("d", rows, tok, 512, need_answers="the accuracy reward")
@@ -398,6 +489,24 @@ def test_lora_on_a_tied_output_layer_is_refused(monkeypatch, tiny_model_dir, tmp
     assert hasattr(M.add_lora(M.load_model(tiny_model_dir, CPU), lora), "peft_config")
 
 
+def test_numbers_are_checked_against_the_model(monkeypatch, tiny_model_dir, tmp_path):
+    # The tiny model has 2048 positions and layers 32 to 128 wide (k_proj/v_proj: 64 -> 32).
+    out = ["--output_dir", tmp_path / "o"]
+    main_raises(monkeypatch, "grpo", ["--model", tiny_model_dir, "--max_new_tokens", "1000000000", *out],
+                re.escape("--max_prompt_length 512 + --max_new_tokens 1000000000 is above the 2048 positions of the "
+                          f"model (max_position_embeddings in {tiny_model_dir}/config.json); lower it"))
+    main_raises(monkeypatch, "sft", [*sft_args(tiny_model_dir, "arithmetic"), "--max_length", "4096", *out],
+                re.escape("--max_length 4096 is above the 2048 positions of the model"))
+    main_raises(monkeypatch, "dpo", ["--model", tiny_model_dir, "--max_new_tokens", "2049", *out],
+                re.escape("--max_new_tokens 2049 is above the 2048 positions"))
+    lora = [*sft_args(tiny_model_dir, "arithmetic"), *out, "--lora_r"]
+    main_raises(monkeypatch, "sft", [*lora, "64"], re.escape("--lora_r 64 is above 32, the smallest width of the "
+                                                             "adapted layers"))
+    main_raises(monkeypatch, "sft", [*lora, "8", "--lora_target_modules", " , "],
+                re.escape("--lora_target_modules ' , ': name the modules to adapt (q_proj,v_proj), or all-linear"))
+    assert not (tmp_path / "o" / "config.json").exists()
+
+
 def test_yaml_config_keys_given_twice_are_refused_and_lists_are_comma_separated(tmp_path):
     sft = importlib.import_module("sft")
     config = tmp_path / "run.yaml"
@@ -408,3 +517,16 @@ def test_yaml_config_keys_given_twice_are_refused_and_lists_are_comma_separated(
     config.write_text("lora_target_modules: [q_proj, v_proj]\nmax_steps: 3\nfsdp: false\n")
     args = A.parse_args(sft.Args, ["--config", str(config)])
     assert (args.lora_target_modules, args.max_steps, args.fsdp) == ("q_proj,v_proj", 3, False)
+
+
+def test_a_chat_template_that_cannot_render_is_refused_at_load(tiny_model_dir, tmp_path):
+    # Jinja's sandbox stops a template that reaches for Python internals; a template may also raise on its own.
+    (tmp_path / "evil.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(E.UserError, match=r"--chat_template .*evil.jinja cannot render a user/assistant exchange "
+                                          r"\(SecurityError: "):
+        M.load_tokenizer(tiny_model_dir, chat_template=str(tmp_path / "evil.jinja"))
+    (tmp_path / "raises.jinja").write_text("{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(E.UserError, match=r"cannot render .*\(TemplateError: roles must alternate\); fix it"):
+        M.load_tokenizer(tiny_model_dir, chat_template=str(tmp_path / "raises.jinja"))
+    with pytest.raises(E.UserError, match="--chat_template nope.jinja: no such file"):
+        M.load_tokenizer(tiny_model_dir, chat_template="nope.jinja")

@@ -123,8 +123,8 @@ def test_bad_input_is_one_line_without_traceback(tiny_model_dir, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert lines == ["error: columns found: ['question', 'response']; expected `messages` (a list of {role, content}) "
-                     "or `prompt` and `completion`"], proc.stderr
+    assert lines == [f"error: {data}, row 0: columns found: ['question', 'response']; expected `messages` (a list of "
+                     "{role, content}) or `prompt` and `completion`"], proc.stderr
     assert not os.path.exists(os.path.join(out, "config.json"))
 
 
@@ -181,3 +181,40 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_model_dir, tm
     import torch
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ckpt["step"] >= 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_chatml_template_on_a_base_tokenizer_adds_its_tokens_and_learns_to_stop(tmp_path):
+    # A pretrained base model: a byte-level BPE tokenizer with no chat template and no ChatML tokens (EOS
+    # <|endoftext|>). `--chat_template chatml` adds <|im_start|> and <|im_end|>, grows the embeddings, trains the
+    # end of turn, and the output stops at <|im_end|>, which is not the tokenizer's EOS.
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    import common as C
+    from plumbing import models as M
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    text = [m["content"] for r in ROWS for m in r["messages"]] + ["user assistant system"]
+    bpe.train_from_iterator(text * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    base_dir = str(tmp_path / "base")
+    base = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    base.save_pretrained(base_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(base), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, eos_token_id=base.eos_token_id,
+                                 tie_word_embeddings=True)).save_pretrained(base_dir)
+    with pytest.raises(E.UserError, match="lacks <|im_start|> and <|im_end|>; start from a model that sft.py"):
+        M.load_tokenizer(base_dir, chat_template="chatml")  # what dpo/grpo/ppo/opd say: no new, untrained rows
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    out = str(tmp_path / "out")
+    ok(sft(base_dir, out, "--chat_template", "chatml", "--dataset", data, "--eval_size", "0", "--max_steps", "60",
+           "--batch_size", "8", "--learning_rate", "1e-2"))
+    tok = M.load_tokenizer(out)  # the template and the tokens were saved with the model
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert len(tok) == len(base) + 2 and im_end >= len(base) and tok.stop_ids == (im_end, base.eos_token_id)
+    model = M.load_model(out, C.Runtime(torch.device("cpu"), torch.float32))
+    assert model.get_input_embeddings().num_embeddings == len(tok)
+    prompt = C.encode_prompts(tok, [ROWS[1]["messages"][:1]])
+    [ids] = C.generate_ids(model, tok, prompt, C.Runtime(torch.device("cpu"), torch.float32), max_new_tokens=30)
+    assert tok.decode(ids) == "banana pie<|im_end|>"  # the trained answer, then the end of the turn
