@@ -52,6 +52,33 @@ def losses(epsilon=0.2, epsilon_high=0.2, ref_logp=None, beta=0.0):
     return logp, grpo.per_token_loss(logp, old, ref_logp, ADV, epsilon, epsilon_high, beta)
 
 
+def test_sampler_weights_by_hand():
+    # Two completions, three token slots, the last of the second is padding. log π_old - log π_sampler:
+    #   [ln 2, -ln 4, ln 5]  and  [ln 3, ln 0.5, (pad)]
+    old = torch.tensor([[math.log(2), -math.log(4), math.log(5)], [math.log(3), math.log(0.5), 7.0]])
+    sampled = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    w = grpo.sampler_weights(old, sampled, mask, "token_truncate", clip_max=3.0, clip_min=0.0)
+    assert torch.allclose(w, torch.tensor([[2, 0.25, 3], [3, 0.5, 1.0]]))  # 5 truncated to 3; padding exp(0) = 1
+    w = grpo.sampler_weights(old, sampled, mask, "token_truncate", clip_max=3.0, clip_min=0.5)
+    assert torch.allclose(w, torch.tensor([[2, 0.5, 3], [3, 0.5, 1]]))
+    w = grpo.sampler_weights(old, sampled, mask, "token_mask", clip_max=3.0, clip_min=0.5)
+    assert torch.allclose(w, torch.tensor([[2, 0, 0], [3, 0.5, 1]]))  # 0.25 < 0.5 and 5 > 3 masked, 3 kept
+    # sequence level: the completions' ratios 2 * 0.25 * 5 = 2.5 and 3 * 0.5 = 1.5, one per row
+    w = grpo.sampler_weights(old, sampled, mask, "sequence_truncate", clip_max=2.0)
+    assert w.shape == (2, 1) and w.flatten().tolist() == pytest.approx([2.0, 1.5])
+    w = grpo.sampler_weights(old, sampled, mask, "sequence_mask", clip_max=2.0)
+    assert w.flatten().tolist() == pytest.approx([0.0, 1.5])
+    # Where the sampler is the trainer, every weight is exactly 1.
+    for mode in grpo.SAMPLER_WEIGHT_MODES:
+        assert torch.equal(grpo.sampler_weights(old, old, mask, mode), torch.ones_like(old[:, : 3 if "token" in mode else 1]))
+    # The weight scales the clipped policy term of its token, not the KL: A = 1, ratio 1, β = 0.1, k3 = 0.5 - ln 2 + ...
+    logp, ref = torch.zeros(1, 2), torch.tensor([[math.log(2), 0.0]])
+    loss, kl, _, _ = grpo.per_token_loss(logp, logp, ref, torch.tensor([1.0]), 0.2, 0.2, 0.1, weights=torch.tensor([[0.5, 2.0]]))
+    assert torch.allclose(kl, torch.tensor([[1 - math.log(2), 0.0]]))
+    assert torch.allclose(loss, torch.tensor([[-0.5 + 0.1 * (1 - math.log(2)), -2.0]]))
+
+
 def test_per_token_loss_and_clip_flags_by_hand():
     logp, (loss, kl, low, high) = losses()
     assert loss[0, :2].tolist() == pytest.approx([-1.0, -1.2])
@@ -346,10 +373,14 @@ def test_reward_rises_on_a_tiny_model(pets_model, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 31))
     for key in ("loss", "reward", "reward_std", "rewards/cats/mean", "frac_reward_zero_std", "kl", "entropy",
                 "clip_ratio/low_mean", "clip_ratio/high_mean", "completions/mean_length", "completions/clipped_ratio",
-                "grad_norm", "time/generate_s", "time/train_s", "reward_errors", "sampling/logp_diff_mean"):
+                "grad_norm", "time/generate_s", "time/train_s", "reward_errors", "sampling/sampling_logp_difference/mean",
+                "sampling/importance_sampling_ratio/mean"):
         assert all(key in r for r in rows), key
     # fp32: the sampler drew every token with the log-prob the training forward computes for it, every step.
-    assert max(r["sampling/logp_diff_max"] for r in rows) < 1e-4
+    assert max(r["sampling/sampling_logp_difference/max"] for r in rows) < 1e-4
+    # and so the sampler correction is 1 (to rounding): it changes nothing where sampler and trainer agree
+    for key in ("min", "mean", "max"):
+        assert all(abs(r[f"sampling/importance_sampling_ratio/{key}"] - 1) < 1e-4 for r in rows)
     first, last = (sum(r["reward"] for r in rows[s]) / 5 for s in (slice(0, 5), slice(-5, None)))
     assert last > first + 0.2, [round(r["reward"], 2) for r in rows]
     # μ = 1, β = 0, grpo loss: the printed loss is 0 (up to rounding) on every step, while the policy learns.
