@@ -211,7 +211,10 @@ def check_lengths(args, path, trust_remote_code=False):
     positions fails on them, a rotary one meets positions it never saw, and the sampler would
     allocate --max_new_tokens columns for every completion."""
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # no config.json of its own (a LoRA adapter's checkpoint-N/):
+        return  # loading the model says what it is
     config = getattr(config, "text_config", None) or config
     n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     for names in (("max_prompt_length", "max_new_tokens"), ("max_new_tokens",), ("max_length",)):
@@ -297,6 +300,10 @@ def load_trained(path, rt, args, tok=None):
     --lora_r. Embeddings with fewer rows than tok has tokens (--chat_template chatml added some)
     grow, the new rows at the mean of the others (transformers' resize_token_embeddings, as TRL's
     setup_chat_format)."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(
+            os.path.join(path, "config.json")):  # a LoRA run's checkpoint-N/
+        raise UserError(f"--model {path} holds a LoRA adapter, not a model: train from its run's "
+                        "--output_dir (the merged model), or from its base model with --lora_r")
     model = load_model(path, rt, args.trust_remote_code, load_in_4bit=args.load_in_4bit,
                        device="cpu" if args.fsdp else None)
     if tok is not None and len(tok) > model.get_input_embeddings().num_embeddings:

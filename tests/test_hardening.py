@@ -504,6 +504,15 @@ def test_numbers_are_checked_against_the_model(monkeypatch, tiny_model_dir, tmp_
                                                              "adapted layers"))
     main_raises(monkeypatch, "sft", [*lora, "8", "--lora_target_modules", " , "],
                 re.escape("--lora_target_modules ' , ': name the modules to adapt (q_proj,v_proj), or all-linear"))
+    # a LoRA run's checkpoint-N/ (an adapter, with its tokenizer) given as the model to train
+    from types import SimpleNamespace
+    adapter = str(tmp_path / "checkpoint-3")
+    M.add_lora(M.load_model(tiny_model_dir, CPU), SimpleNamespace(
+        lora_r=4, lora_alpha=8, lora_dropout=0.0, load_in_4bit=False, lora_target_modules="q_proj",
+        gradient_checkpointing=False)).save_pretrained(adapter)
+    M.load_tokenizer(tiny_model_dir).save_pretrained(adapter)
+    main_raises(monkeypatch, "sft", [*sft_args(adapter, "arithmetic"), *out],
+                re.escape(f"--model {adapter} holds a LoRA adapter, not a model: train from its run's --output_dir"))
     assert not (tmp_path / "o" / "config.json").exists()
 
 
