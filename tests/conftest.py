@@ -26,18 +26,24 @@ def tok(default_model_dir):
     return M.load_tokenizer(default_model_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tok):
+def tiny_llama(tok, path, hidden_size=64, num_attention_heads=4, num_key_value_heads=2):
+    """A random-initialised 2-layer Llama with the real tokenizer, saved to path (seeded: the same weights each
+    time)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=num_attention_heads,
+                         num_key_value_heads=num_key_value_heads, max_position_embeddings=2048,
                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
-    path = str(tmp_path_factory.mktemp("tiny"))
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
-    return path
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tok):
+    return tiny_llama(tok, tmp_path_factory.mktemp("tiny"))
 
 
 PETS = {"prompt": "Name six pets.", "answer": "cat"}

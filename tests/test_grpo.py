@@ -307,7 +307,7 @@ def test_a_reward_function_that_hangs_is_stopped_counted_and_reported_while_slow
         while completions == ["b"]:
             pass
         return [2.0]
-    rewards = T.Rewards([("spins", spins, 1.0)], timeout=0.4)
+    rewards = T.Rewards([("spins", spins, 1.0)], timeout=2.0)  # ample for "a" and "c" on a busy machine
     cpu = C.Runtime(torch.device("cpu"), torch.float32)
     r, failed, _ = rewards([{}] * 3, ["p"] * 3, ["a", "b", "c"], [[1], [2], [3]], [None] * 3, 0, 1, cpu)
     assert r[:, 0].tolist() == [2.0, 0.0, 2.0] and failed == 1

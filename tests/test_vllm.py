@@ -11,7 +11,7 @@ import torch
 import common as C
 from plumbing import errors as E
 from plumbing import models as M
-from conftest import PETS, RULES, ok, read_metrics, run_script, teach_words, write_jsonl
+from conftest import PETS, RULES, ok, read_metrics, run_script, teach_words, tiny_llama, write_jsonl
 
 vllm = pytest.importorskip("vllm")
 from plumbing import engine  # noqa: E402
@@ -22,15 +22,8 @@ FP32 = C.Runtime(torch.device("cpu"), torch.float32)
 @pytest.fixture(scope="module")
 def wide_pets(tok, tmp_path_factory):
     """The pets model (six words, each 'cat' or 'dog'), on a tiny Llama whose heads are 64 wide."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    base = str(tmp_path_factory.mktemp("wide"))
-    LlamaForCausalLM(config).save_pretrained(base)
-    tok.save_pretrained(base)
+    base = tiny_llama(tok, tmp_path_factory.mktemp("wide"), hidden_size=128, num_attention_heads=2,
+                      num_key_value_heads=1)
     return teach_words(tok, base, tmp_path_factory.mktemp("wide_pets"), ["cat", "dog"])
 
 
