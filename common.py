@@ -454,6 +454,64 @@ def generate(model, tok, prompts, rt, max_new_tokens=128, batch_size=32, tempera
 
 
 # --------------------------------------------------------------------------------------------------
+# The sampler correction: tokens drawn by a sampler that is not exactly the trainer
+SAMPLER_WEIGHT_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampler_weights(old_logp, sampled_logp, mask, mode="token_truncate", clip_max=3.0,
+                    clip_min=0.0):
+    """The correction for a sampler that is not exactly the trainer (vLLM's kernels, or bf16
+    incremental decoding against the training forward): the tokens were drawn from π_sampler, not
+    π_old, so each term is weighted by w = π_old(y_t) / π_sampler(y_t). old_logp, sampled_logp,
+    mask: (N, T). Returns (N, T) weights for the token modes, (N, 1) for the sequence ones (the
+    ratio of whole completions, Π_t w_t), exactly 1 where the two agree. Used by grpo.py, ppo.py
+    and opd.py (TRL's vllm_importance_sampling_correction, applied here to every sampler).
+    token_truncate: w clipped to [C_min, C_max], truncated importance sampling (TIS; Yao et al.
+      2025, "Your efficient RL framework secretly brings you off-policy RL training",
+      https://fengyao.notion.site/off-policy-rl; truncation as in Munos et al. 2016, Retrace,
+      arXiv:1606.02647, https://arxiv.org/abs/1606.02647), TRL's correction;
+    token_mask: w set to 0 outside [C_min, C_max], masked importance sampling (MIS; IcePop, Ling
+      Team 2025, arXiv:2510.18855, https://arxiv.org/abs/2510.18855);
+    sequence_truncate, sequence_mask: the same on the whole completion's ratio (Liu et al. 2025,
+      "When speed kills stability", https://yingru.notion.site/When-Speed-Kills-Stability-
+      Demystifying-RL-Collapse-from-the-Training-Inference-Mismatch-271211a558b7808d8b12d403fd15edda).
+    """
+    log_w = (old_logp - sampled_logp) * mask
+    if mode.startswith("sequence"):
+        log_w = log_w.sum(1, keepdim=True)
+    w = torch.exp(log_w)
+    if mode.endswith("truncate"):
+        return w.clamp(clip_min, clip_max)
+    return w.masked_fill((w < clip_min) | (w > clip_max), 0.0)
+
+
+def sampler_metrics(old_logp, sampled_logp, weights, mask, rt):
+    """TRL's metrics of the gap between sampler and trainer, over the step's tokens on every rank:
+    sampling/sampling_logp_difference/mean|max, |log π_old - log π_sampler| (rounding only when both
+    compute the same distribution), and sampling/importance_sampling_ratio/min|mean|max, the
+    weights (per token, or per completion in the sequence modes; None: the correction is off)."""
+    m = mask.bool()
+    gap = (old_logp - sampled_logp).abs()[m]
+    sums = torch.stack([gap.sum(), torch.tensor(float(gap.numel()), device=gap.device)])
+    none = gap.new_full((), -float("inf"))  # the max of no tokens (a rank may have none)
+    tops = [gap.max() if gap.numel() else none]
+    if weights is not None:
+        w = weights[m] if weights.shape[1] > 1 else weights[m.any(1)]
+        sums = torch.cat([sums, torch.stack([w.sum(), torch.tensor(float(w.numel()),
+                                                                   device=w.device)])])
+        tops += [w.max(), -w.min()] if w.numel() else [none, none]
+    sums = all_reduce(sums, rt).tolist()
+    tops = all_reduce(torch.stack(tops), rt, op="max").tolist()
+    row = {"sampling/sampling_logp_difference/mean": sums[0] / max(sums[1], 1.0),
+           "sampling/sampling_logp_difference/max": max(tops[0], 0.0)}
+    if weights is not None and sums[3]:
+        row.update({"sampling/importance_sampling_ratio/min": -tops[2],
+                    "sampling/importance_sampling_ratio/mean": sums[2] / sums[3],
+                    "sampling/importance_sampling_ratio/max": tops[1]})
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
 # Reward-model scores
 def sequence_scores(model, input_ids, attention_mask, prefix=None):
     """(B,) scalar scores of an AutoModelForSequenceClassification with one label, read at each

