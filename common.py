@@ -198,7 +198,7 @@ def pad(seqs, value, side="right"):
 MARKER = "\x00MARKER\x00"  # stands in for an assistant message's content to find where it starts
 
 
-def tokenize_conversation(tok, messages, max_length, train_from=0):
+def tokenize_conversation(tok, messages, max_length, train_from=0, **template_kwargs):
     """Tokens of a chat-templated conversation and labels: the token id where the model is trained
     (every assistant content token and the assistant's end-of-turn token) and IGNORE_INDEX
     everywhere else (system, user and tool turns, assistant headers, whitespace after end-of-turn).
@@ -206,9 +206,9 @@ def tokenize_conversation(tok, messages, max_length, train_from=0):
     Works without `{% generation %}` markers: the assistant spans are found by rendering the
     conversation up to each assistant turn with and without it and comparing character offsets. Only
     assistant messages at index >= train_from are trained (preference pairs score their last
-    response, not the assistant turns of the prompt). Returns (input_ids, labels) cut to max_length,
-    or None when no trained token is left."""
-    text = tok.apply_chat_template(messages, tokenize=False)
+    response, not the assistant turns of the prompt). template_kwargs go to the template (`tools`).
+    Returns (input_ids, labels) cut to max_length, or None when no trained token is left."""
+    text = tok.apply_chat_template(messages, tokenize=False, **template_kwargs)
     marker = MARKER
     while marker in text:  # a marker that the conversation itself never contains
         marker += "\x00"
@@ -218,9 +218,9 @@ def tokenize_conversation(tok, messages, max_length, train_from=0):
             continue
         # Where the content starts: render the conversation to this turn with a marker as content.
         marked = tok.apply_chat_template(messages[:i] + [{"role": "assistant", "content": marker}],
-                                         tokenize=False)
+                                         tokenize=False, **template_kwargs)
         start = marked.find(marker)
-        turn = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        turn = tok.apply_chat_template(messages[: i + 1], tokenize=False, **template_kwargs)
         if start < 0 or not text.startswith(turn) or turn[:start] != marked[:start]:
             raise UserError("the chat template renders earlier turns differently once later turns "
                             "are added; pass a prefix-consistent template with --chat_template")
@@ -351,9 +351,11 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 
 # --------------------------------------------------------------------------------------------------
 # The sampler: batched generation with the KV cache
-def encode_prompts(tok, prompts):
-    """Message-list prompts -> token ids: chat template + assistant header (generation prompt)."""
-    return [tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False),
+def encode_prompts(tok, prompts, **template_kwargs):
+    """Message-list prompts -> token ids: chat template + assistant header (generation prompt).
+    template_kwargs go to the template (`tools`: tools.Tools.prompt)."""
+    return [tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False,
+                                        **template_kwargs),
                 add_special_tokens=False)["input_ids"] for p in prompts]
 
 

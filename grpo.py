@@ -24,6 +24,11 @@ written for TRL: they get the same keywords, the dataset's columns among them) a
 trained by reward_model.py (--reward_model) can be added with weights; the rewards, the prompts and
 the grader are the environment, in tasks.py.
 
+With --tools each completion is a multi-turn episode (tools.py): the policy's turns, with the
+results of the tools it called in between. The results' tokens stay in the completion, so the
+policy's later tokens are computed in their context, but a second mask leaves them out of the
+ratio, the loss, the KL, the entropy and every normaliser: y_i above is the policy's tokens only.
+
 How this deviates from the equation as written, and from TRL:
 1. --loss_type grpo (default) is DeepSeekMath's 1/|y_i| per-completion mean; `dapo` normalises by
    the tokens of the whole batch (Yu et al. 2025, §3.3, https://arxiv.org/abs/2503.14476; TRL's
@@ -70,6 +75,7 @@ import torch
 
 import common
 import tasks
+import tools
 from plumbing import data, engine, models, runs
 from plumbing.args import Sampling, Shared, arg, at_least, check_args, default, parse_args
 from plumbing.errors import Diverged, UserError
@@ -119,6 +125,16 @@ class Args(Sampling, Shared):
     reward_timeout: float = arg(120.0, "seconds a call of a path/to/file.py reward function may "
                                 "take; one that runs longer is stopped and its completions score "
                                 "0, counted as failures (0: no limit)")
+    # ---- tools: multi-turn episodes (tools.py) ---------------------------------------------------
+    tools: Optional[str] = arg(None, "tools the policy may call in an episode: calculator (built "
+                               "in) or path/to/file.py:fn1,fn2 (functions with type hints and a "
+                               "docstring, as TRL's tools); calls are written <tool_call>"
+                               "{\"name\": ..., \"arguments\": {...}}</tool_call>")
+    max_tool_calls: int = arg(4, "turns with tool calls an episode may have (TRL: "
+                              "max_tool_calling_iterations); --max_new_tokens bounds the whole "
+                              "episode, tool results included")
+    tool_timeout: float = arg(10.0, "seconds a tool call may take; one that runs longer is "
+                              "stopped and its error goes back to the model (0: no limit)")
     # ---- sampling and evaluation -----------------------------------------------------------------
     max_new_tokens: int = arg(96, "length limit of a completion (sampled and greedy)")
     max_prompt_length: int = arg(512, "prompts longer than this (tokens) are dropped and counted")
@@ -156,7 +172,8 @@ class Args(Sampling, Shared):
             raise UserError(f"--scale_rewards {self.scale_rewards}: choose group, batch or none")
         check_args(self, micro_batch_size=at_least(1), num_generations=at_least(2),
                    beta=at_least(0), epsilon=at_least(0), epsilon_high=at_least(0),
-                   max_resample_rounds=at_least(0), reward_timeout=at_least(0))
+                   max_resample_rounds=at_least(0), reward_timeout=at_least(0),
+                   max_tool_calls=at_least(1), tool_timeout=at_least(0))
         if not self.reward_funcs.strip(", ") and not self.reward_model:
             raise UserError("no reward: give --reward_funcs, --reward_model or both")
 
@@ -251,54 +268,74 @@ def aggregate(loss, mask, loss_type, num_completions, num_tokens, max_new_tokens
 
 # --------------------------------------------------------------------------------------------------
 # The rollout, the batch as tensors, and the update on it
-def rollout(model, tok, batch, rewards, args, rt, step, sample=common.generate_ids):
+def rollout(model, tok, batch, rewards, args, rt, step, sample=common.generate_ids,
+            toolbox=None):
     """Sample G completions for each prompt of batch ([(messages, ids, answer, row)],
-    data.prompt_batch) with the KV cache (or with `sample`, a vLLM engine), and score them. Returns
-    the groups, one dict per prompt: "prompt_ids", "completion_ids", "sampled_logp" (G lists each:
-    the log-prob each token was drawn with), "per_func" (G, K) the rewards of each function,
-    "rewards" (G,) their weighted sum, and for completions.jsonl "prompt", "texts", "extra"; then
-    the number of reward-function failures and the seconds spent scoring."""
+    data.prompt_batch) with the KV cache (or with `sample`, a vLLM engine), or with `toolbox`
+    (tools.Tools) G multi-turn episodes (tools.episodes), and score them. Returns the groups, one
+    dict per prompt: "prompt_ids", "completion_ids", "policy" (G lists each: 1 for a token the
+    policy sampled, 0 for one of a tool's result), "sampled_logp" (the log-prob each token was
+    drawn with), "per_func" (G, K) the rewards of each function, "rewards" (G,) their weighted sum,
+    "episodes" (with tools: their messages and call counts), and for completions.jsonl "prompt",
+    "texts", "extra"; then the number of reward-function failures and the seconds spent
+    scoring."""
     G = args.num_generations  # each prompt repeated G times: rows g*G .. g*G+G-1 are one group
     prompts = [messages for messages, _, _, _ in batch for _ in range(G)]
     prompt_ids = [ids for _, ids, _, _ in batch for _ in range(G)]
     answers = [answer for _, _, answer, _ in batch for _ in range(G)]
     rows = [row for _, _, _, row in batch for _ in range(G)]
     with common.unsharded(model):  # FSDP: whole weights on each rank while sampling: no collective
-        completion_ids, sampled_logp = sample(
-            model, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
-            args.temperature, args.top_p, return_logprobs=True)
-    texts = [tok.decode(c, skip_special_tokens=True) for c in completion_ids]
+        if toolbox is None:
+            completion_ids, sampled_logp = sample(
+                model, tok, prompt_ids, rt, args.max_new_tokens, args.generation_batch_size,
+                args.temperature, args.top_p, return_logprobs=True)
+            policy = [[1] * len(c) for c in completion_ids]
+            texts = [tok.decode(c, skip_special_tokens=True) for c in completion_ids]
+            episodes = messages = None
+        else:  # the tool results' tokens are in completion_ids, marked 0 in policy
+            episodes = tools.episodes(sample, model, tok, prompt_ids, toolbox,
+                                      toolbox.template_kwargs(tok), rt, args.max_new_tokens,
+                                      args.generation_batch_size, args.temperature, args.top_p,
+                                      args.max_tool_calls)
+            completion_ids, sampled_logp, policy, texts, messages = (
+                [e[k] for e in episodes] for k in ("ids", "logps", "policy", "text", "messages"))
     t = time.perf_counter()
+    # the built-in rewards read what the policy wrote (texts); a user's function gets an episode's
+    # assistant and tool messages, as TRL passes them
     per_func, failed, extra = rewards(rows, prompts, texts, completion_ids, answers, step,
-                                      args.max_steps, rt)
+                                      args.max_steps, rt, messages)
     groups = []
     for g in range(0, len(prompts), G):
         part = slice(g, g + G)
         groups.append({"prompt_ids": prompt_ids[part], "completion_ids": completion_ids[part],
-                       "sampled_logp": sampled_logp[part], "per_func": per_func[part],
-                       "rewards": per_func[part] @ rewards.weights, "prompt": prompts[g],
-                       "texts": texts[part], "extra": {k: v[part] for k, v in extra.items()}})
+                       "policy": policy[part], "sampled_logp": sampled_logp[part],
+                       "per_func": per_func[part], "rewards": per_func[part] @ rewards.weights,
+                       "prompt": prompts[g], "texts": texts[part],
+                       "episodes": episodes and episodes[part],
+                       "extra": {k: v[part] for k, v in extra.items()}})
     return groups, failed, time.perf_counter() - t
 
 
 def as_tensors(groups, tok, args, dev):
     """The groups' sequences in the layout of generation: prompts left-padded (N, P), completions
-    right-padded (N, T) with a mask up to each stop token inclusive (without the truncated ones
-    under --mask_truncated_completions), and the (N, T) log-probs the sampler drew each token
-    with."""
+    right-padded (N, T) with their attention mask Y_mask up to each stop token inclusive; the
+    (N, T) loss mask: the policy's own tokens (not a tool result's, nor padding; without the
+    truncated completions under --mask_truncated_completions), which every loss, KL, entropy and
+    length normaliser counts; and the (N, T) log-probs the sampler drew each token with."""
     prompt_ids = [x for g in groups for x in g["prompt_ids"]]
     completion_ids = [x for g in groups for x in g["completion_ids"]]
     P, P_mask = common.pad(prompt_ids, tok.pad_token_id, side="left")
     Y, Y_mask = common.pad(completion_ids, tok.pad_token_id)
+    mask = common.pad([x for g in groups for x in g["policy"]], 0)[0] * Y_mask
     # hit max_new_tokens
     truncated = torch.tensor([c[-1] not in tok.stop_ids for c in completion_ids])
-    lengths = Y_mask.sum(1)
+    lengths = mask.sum(1)  # the policy's tokens
     if args.mask_truncated_completions:
-        Y_mask = Y_mask * (~truncated)[:, None]
+        mask = mask * (~truncated)[:, None]
     S = common.pad([x for g in groups for x in g["sampled_logp"]], 0.0)[0]
-    P, P_mask, Y, Y_mask, S = (t.to(dev) for t in (P, P_mask, Y, Y_mask, S))
-    return {"P": P, "P_mask": P_mask, "Y": Y, "Y_mask": Y_mask, "S": S, "truncated": truncated,
-            "lengths": lengths}
+    P, P_mask, Y, Y_mask, mask, S = (t.to(dev) for t in (P, P_mask, Y, Y_mask, mask, S))
+    return {"P": P, "P_mask": P_mask, "Y": Y, "Y_mask": Y_mask, "mask": mask.float(), "S": S,
+            "truncated": truncated, "lengths": lengths}
 
 
 def load_models(path, args, rt):
@@ -329,7 +366,7 @@ def policy_updates(ddp, model, ref, opt, b, advantages, args, rt):
     G, N = args.num_generations, len(advantages)
     micro = [slice(i, i + args.micro_batch_size) for i in range(0, N, args.micro_batch_size)]
     num_completions = common.all_reduce(float(N), rt).item()
-    num_tokens = max(common.all_reduce(b["Y_mask"].sum().float(), rt).item(), 1.0)
+    num_tokens = max(common.all_reduce(b["mask"].sum(), rt).item(), 1.0)
     share = G if args.micro_batch_size % G == 0 else 1  # whole groups: each prompt computed once
 
     def logps(m, mb, entropy=False):
@@ -354,7 +391,7 @@ def policy_updates(ddp, model, ref, opt, b, advantages, args, rt):
                 # π_old is always the trainer's own log-probs; what the sampler computed (S) enters
                 # only through the importance weights.
                 old = old_logp[mb] if old_logp is not None else logp.detach()
-                m = b["Y_mask"][mb].float()
+                m = b["mask"][mb]  # the policy's tokens
                 w = (common.sampler_weights(old, b["S"][mb], m, args.vllm_importance_sampling_mode,
                                             args.vllm_importance_sampling_clip_max,
                                             args.vllm_importance_sampling_clip_min)
@@ -382,7 +419,7 @@ def policy_updates(ddp, model, ref, opt, b, advantages, args, rt):
     # The sampler and the training forward compute the same distribution (same weights), but
     # incrementally with the KV cache (or in vLLM): the gap is rounding, logged with the weights.
     w = None if weights[0] is None else torch.cat(weights)
-    sampler = common.sampler_metrics(torch.cat(olds), b["S"], w, b["Y_mask"], rt)
+    sampler = common.sampler_metrics(torch.cat(olds), b["S"], w, b["mask"], rt)
     return sums, sampler, grad_norms
 
 
@@ -417,10 +454,13 @@ def step_metrics(sums, sampler, sampled, groups, b, failed, rewards, rt, G):
 
 
 def log_samples(run, step, groups, advantages, names):
-    """The step's completions, each with its rewards and advantage, to completions.jsonl."""
+    """The step's completions, each with its rewards and advantage, to completions.jsonl (with
+    tools, an episode's completion is its messages: each assistant turn, tool call and result)."""
     adv, records = iter(advantages.tolist()), []
     for g in groups:
         for j, (text, r, f) in enumerate(zip(g["texts"], g["rewards"], g["per_func"])):
+            if g["episodes"]:
+                text = g["episodes"][j]["messages"]
             records.append({"prompt": g["prompt"], "completion": text, "reward": r.item(),
                             "rewards": dict(zip(names, f.tolist())), "advantage": next(adv),
                             **{k: v[j] for k, v in g["extra"].items()}})
@@ -444,7 +484,9 @@ def main():
     tok = models.load_tokenizer(path, args.trust_remote_code, args.chat_template)
     need = "the accuracy reward" if any(f is tasks.accuracy_reward for _, f, _ in funcs) else None
     reads = 1 + args.max_resample_rounds * args.dynamic_sampling  # prompt batches a step may read
-    sources, graded, order = data.load_prompts(args, tok, rt, need, reads)
+    # the tools an episode may call (tools.py), described in every prompt
+    toolbox = tools.Tools(args.tools, args.tool_timeout) if args.tools else None
+    sources, graded, order = data.load_prompts(args, tok, rt, need, reads, toolbox)
 
     model, ref, rm = load_models(path, args, rt)
     rm_name = f"--reward_model {args.reward_model}"
@@ -472,7 +514,8 @@ def main():
             return {}
         prompts, answers = [p for p, _ in graded], [a for _, a in graded]
         return tasks.evaluate_answers(model, tok, prompts, answers, rt, args.max_new_tokens,
-                                      args.generation_batch_size, args.grader)[0]
+                                      args.generation_batch_size, args.grader, toolbox,
+                                      args.max_tool_calls)[0]
 
     if step == 0:
         run.first({"step": 0, **evaluate()})
@@ -481,7 +524,8 @@ def main():
         t0 = time.perf_counter()
         # ---- [algorithm] 1. Rollout: G completions per prompt, sampled with the KV cache; rewards
         batch = data.prompt_batch(sources, order, cursor, args.batch_size, rt)
-        groups, failed, t_score = rollout(model, tok, batch, rewards, args, rt, step, sample)
+        groups, failed, t_score = rollout(model, tok, batch, rewards, args, rt, step, sample,
+                                          toolbox)
         sampled, cursor, rounds = groups, cursor + args.batch_size, 0
         # ---- [algorithm] 2. Dynamic sampling (DAPO §3.2): sample more while any rank is short of
         # groups whose rewards differ, then keep those first
@@ -490,7 +534,7 @@ def main():
             if not common.all_reduce(float(short), rt, op="max").item():  # all ranks take part
                 break
             batch = data.prompt_batch(sources, order, cursor, args.batch_size, rt)
-            more, f, t = rollout(model, tok, batch, rewards, args, rt, step, sample)
+            more, f, t = rollout(model, tok, batch, rewards, args, rt, step, sample, toolbox)
             sampled, failed, t_score = sampled + more, failed + f, t_score + t
             cursor, rounds = cursor + args.batch_size, rounds + 1
         if args.dynamic_sampling:
@@ -527,6 +571,8 @@ def main():
         # what users' functions logged with log_metric: this rank's means, as TRL logs them
         row.update({name: sum(v) / len(v) for name, v in rewards.logged.items()})
         rewards.logged.clear()
+        if toolbox is not None:  # over every episode sampled this step
+            row.update(tools.metrics([e for g in sampled for e in g["episodes"]], rt))
         if args.dynamic_sampling:
             row["dynamic_sampling/rounds"] = rounds
         else:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import common
 import tasks
+import tools
 from plumbing import data, formats, models, runs
 from plumbing.args import Shared, arg, check_args, default, parse_args
 from plumbing.errors import Diverged, UserError
@@ -90,8 +91,8 @@ class Tokenized:
 
     def _tokenize(self, i):
         with formats.at_row(i, self.name):
-            messages = formats.conversation(self.ds[i])
-        return common.tokenize_conversation(self.tok, messages, self.max_length)
+            messages, kw = with_tools(self.ds[i], self.tok)
+        return common.tokenize_conversation(self.tok, messages, self.max_length, **kw)
 
     def __len__(self):
         return len(self.ds) if self.unlimited else len(self.items)
@@ -102,6 +103,17 @@ class Tokenized:
         x = self._tokenize(i)
         self.dropped += x is None
         return x
+
+
+def with_tools(row, tok):
+    """A row's conversation, and the chat template's keywords: with a `tools` column (TRL's: the
+    JSON schemas of the tools the conversation may call), the tools described as grpo.py --tools
+    describes them (tools.describe), and assistant `tool_calls` written as the policy writes them
+    where the template does not render them (tools.calls_as_text)."""
+    messages = tools.calls_as_text(tok, formats.conversation(row))
+    if row.get("tools"):
+        return tools.describe(tok, messages, row["tools"])
+    return messages, {}
 
 
 def training_data(mixture, raw, tok, args, rt):
@@ -123,13 +135,16 @@ def held_out(heldout, tok, args):
     """The held-out set: its first --eval_size rows tokenized for eval_loss (those left with no
     assistant token dropped), and of its first --eval_generations rows those with an `answer`, as
     prompts (the conversation without its last turn) and answers."""
+    def tokenized(row):
+        messages, kw = with_tools(row, tok)
+        return common.tokenize_conversation(tok, messages, args.max_length, **kw)
+
     n = min(args.eval_size, len(heldout))
-    examples = [common.tokenize_conversation(tok, formats.conversation(heldout[i]), args.max_length)
-                for i in range(n)]
+    examples = [tokenized(heldout[i]) for i in range(n)]
     rows = (heldout[i] for i in range(min(args.eval_generations, len(heldout))))
     answerable = [r for r in rows if "answer" in r]
     return {"examples": [x for x in examples if x is not None],
-            "prompts": [formats.conversation(r)[:-1] for r in answerable],
+            "prompts": [with_tools(r, tok)[0][:-1] for r in answerable],
             "answers": [r["answer"] for r in answerable]}
 
 

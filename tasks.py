@@ -20,6 +20,9 @@ a held-out tenth of all problems that training never sees:
                             wrong
     arithmetic_preferences  `arithmetic` as preference pairs: the worked answer against a plausible
                             wrong one
+    arithmetic_tools        `arithmetic_hard`'s problems, with demonstrations that call the
+                            calculator (tools.py) and answer with its result (grpo.py --tools
+                            calculator)
 
 Splits: "train"; "test", the held-out problems; "reworded", the same held-out problems asked in
 wordings that "train" never uses ("What is the sum of 23 and 45?" for "What is 23 + 45?"), which
@@ -200,9 +203,34 @@ class ArithmeticPreferences(Arithmetic):
                 "answer": p["answer"]}
 
 
+class ArithmeticTools(Arithmetic):
+    """The problems of `arithmetic_hard`, with demonstrations that ask the calculator tool
+    (tools.calculator) for the whole expression and answer with its result: TRL's conversational
+    tool format, an assistant turn with `tool_calls`, the `tool` turn with the result, the answer;
+    and a `tools` column with the calculator's JSON schema, which sft.py describes to the model as
+    grpo.py --tools calculator does. The prompt is the problem alone."""
+    hard = True
+    column_names = ["prompt", "completion", "answer", "tools"]
+
+    def __getitem__(self, i):
+        import tools
+        p, _ = self.problem(i)
+        q = p["key"]  # the expression, "a + b - c"
+        call = {"type": "function",
+                "function": {"name": "calculator", "arguments": {"expression": q}}}
+        return {"prompt": [{"role": "user", "content": p["prompt"]}],
+                "completion": [{"role": "assistant", "content": "", "tool_calls": [call]},
+                               {"role": "tool", "name": "calculator",
+                                "content": tools.calculator(q)},
+                               {"role": "assistant",
+                                "content": f"The answer is \\boxed{{{p['answer']}}}."}],
+                "answer": p["answer"], "tools": [tools.calculator_schema()]}
+
+
 BUILTIN_TASKS = {"arithmetic": Arithmetic, "arithmetic_hard": ArithmeticHard,
                  "arithmetic_mixed": ArithmeticMixed,
-                 "arithmetic_preferences": ArithmeticPreferences}
+                 "arithmetic_preferences": ArithmeticPreferences,
+                 "arithmetic_tools": ArithmeticTools}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,18 +410,20 @@ def load_function(spec, what):
     return getattr(module, name)
 
 
-def reward_kwargs(rows, prompts, completions, completion_ids, step, max_steps, metrics, columns):
+def reward_kwargs(rows, prompts, completions, completion_ids, step, max_steps, metrics, columns,
+                  messages=None):
     """The keywords TRL's GRPOTrainer calls a reward function with, for n completions of the dataset
     rows `rows` (one row per completion): `prompts` as the dataset holds them (its `prompt` or
     `question` column; the messages each completion was sampled from for a `messages` row),
     `completions` as strings, or as [{"role": "assistant", "content": text}] where the prompt is a
-    list of messages, `completion_ids`, every other column of the dataset (`answer`, `solution`,
+    list of messages (for tool episodes, `messages`: their assistant and tool messages),
+    `completion_ids`, every other column of the dataset (`answer`, `solution`,
     ...) as a list of n values (None where a row lacks it), `trainer_state` (global_step: the steps
     done, max_steps), and the hooks `log_metric(name, value)` and `log_extra(column, values)`, which
     append to metrics[name] and columns[column]."""
     raw = [r["prompt"] if "prompt" in r else r.get("question", p) for r, p in zip(rows, prompts)]
-    completions = [c if isinstance(x, str) else [{"role": "assistant", "content": c}]
-                   for x, c in zip(raw, completions)]
+    completions = messages or [c if isinstance(x, str) else [{"role": "assistant", "content": c}]
+                               for x, c in zip(raw, completions)]
     names = dict.fromkeys(k for r in rows for k in r
                           if k not in ("prompt", "completion", "completion_ids"))
     return {"prompts": raw, "completions": completions, "completion_ids": completion_ids,
@@ -507,15 +537,19 @@ class Rewards:
         self.weights = torch.tensor(weights)
         self.logged = {}
 
-    def __call__(self, rows, prompts, completions, completion_ids, answers, step, max_steps, rt):
-        """Score n completions; rows, prompts (message lists) and answers: one per completion.
-        Returns the (n, K) rewards, how many of them a function failed on (scored 0: call_reward),
-        and the columns users' functions added with log_extra ({name: n values})."""
+    def __call__(self, rows, prompts, completions, completion_ids, answers, step, max_steps, rt,
+                 messages=None):
+        """Score n completions; rows, prompts (message lists) and answers: one per completion;
+        messages: for tool episodes, each one's assistant and tool messages, which users' functions
+        get as `completions` (as TRL passes them; the built-in rules and a reward model read the
+        completion texts). Returns the (n, K) rewards, how many of them a function failed on
+        (scored 0: call_reward), and the columns users' functions added with log_extra ({name: n
+        values})."""
         n, extra = len(completions), {}
         builtin = {"completions": completions, "answer": answers, "grader": self.grader}
         if any(fn not in BUILTIN_REWARDS.values() for _, fn, _ in self.funcs):  # TRL's keywords
             user = reward_kwargs(rows, prompts, completions, completion_ids, step, max_steps,
-                                 self.logged, extra)
+                                 self.logged, extra, messages)
         columns, failed = [], 0
         for name, fn, _ in self.funcs:
             before = ALL_NONE[name], TIMEOUTS[name]
@@ -540,13 +574,28 @@ class Rewards:
 # --------------------------------------------------------------------------------------------------
 # Held-out evaluation: greedy answers, graded
 def evaluate_answers(model, tok, prompts, answers, rt, max_new_tokens=128, batch_size=32,
-                     grader="exact"):
+                     grader="exact", toolbox=None, max_tool_calls=0):
     """Greedy answers to held-out prompts (message lists) with known answers: {"eval/boxed": share
-    with a \\boxed{}, "eval/accuracy": share correct by tasks.grade}. Under DDP each rank answers
-    its share; the counts are summed."""
+    with a \\boxed{}, "eval/accuracy": share correct by tasks.grade}. With toolbox (tools.Tools)
+    greedy episodes (tools.episodes), graded on what the policy wrote, and "eval/tool_calls", the
+    calls per problem. Under DDP each rank answers its share; the counts are summed."""
     mine = list(zip(prompts, answers))[rt.rank :: rt.world_size]
-    _, texts = common.generate(model, tok, [p for p, _ in mine], rt, max_new_tokens, batch_size)
+    calls = 0
+    if toolbox is None:
+        _, texts = common.generate(model, tok, [p for p, _ in mine], rt, max_new_tokens,
+                                   batch_size)
+    else:
+        import tools
+        kw = toolbox.template_kwargs(tok)
+        ids = common.encode_prompts(tok, [toolbox.prompt(tok, p)[0] for p, _ in mine], **kw)
+        episodes = tools.episodes(common.generate_ids, model, tok, ids, toolbox, kw, rt,
+                                  max_new_tokens, batch_size, 0.0, 1.0, max_tool_calls)
+        texts, calls = [e["text"] for e in episodes], sum(e["calls"] for e in episodes)
     graded = [grade(t, a, grader) for t, (_, a) in zip(texts, mine)]
-    boxed, correct = (common.all_reduce(float(sum(g[k] for g in graded)), rt).item()
-                      for k in (0, 1))
-    return {"eval/boxed": boxed / len(prompts), "eval/accuracy": correct / len(prompts)}, texts
+    boxed, correct, calls = common.all_reduce(
+        torch.tensor([float(sum(g[0] for g in graded)), float(sum(g[1] for g in graded)),
+                      float(calls)]), rt).tolist()
+    out = {"eval/boxed": boxed / len(prompts), "eval/accuracy": correct / len(prompts)}
+    if toolbox is not None:
+        out["eval/tool_calls"] = calls / len(prompts)
+    return out, texts

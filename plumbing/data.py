@@ -142,14 +142,14 @@ def load_splits(args, n_heldout):
     return mixture, raw, heldout
 
 
-def load_prompts(args, tok, rt, need_answers=None, reads_per_step=1):
+def load_prompts(args, tok, rt, need_answers=None, reads_per_step=1, tools=None):
     """For RL scripts: the prompt sources of --dataset (Prompts), the held-out (prompt, answer)
     pairs that evaluate_answers grades, and the prompt stream: step k reads
     order[k * batch_size : (k + 1) * batch_size]. need_answers names what needs a ground truth in
     every training row, if anything does; reads_per_step: how many batches of prompts a step may
-    read at most."""
+    read at most; tools (tools.Tools) are described in every training prompt."""
     mixture, raw, heldout = load_splits(args, args.eval_size)
-    sources = [Prompts(s, ds, tok, args.max_prompt_length, need_answers)
+    sources = [Prompts(s, ds, tok, args.max_prompt_length, need_answers, tools)
                for (s, _), ds in zip(mixture, raw)]
     for (s, _), src in zip(mixture, sources):
         if src.dropped:
@@ -211,8 +211,9 @@ class Prompts:
     front; prompts over max_prompt_length tokens, and those without a ground truth when need_answers
     says a reward needs one, are dropped and counted. Generated tasks are read when needed."""
 
-    def __init__(self, name, ds, tok, max_prompt_length, need_answers=None):
+    def __init__(self, name, ds, tok, max_prompt_length, need_answers=None, tools=None):
         self.name, self.ds, self.tok, self.max_len = name, ds, tok, max_prompt_length
+        self.tools = tools  # tools.Tools: described in each prompt
         self.unlimited = getattr(ds, "unlimited", False)
         with at_row(0, name):  # checks the columns: a clear error before any work
             rl_prompt(ds[0])
@@ -234,7 +235,10 @@ class Prompts:
         row = self.ds[i]
         with at_row(i, self.name):
             msgs = rl_prompt(row)
-        ids = encode_prompts(self.tok, [msgs])[0]
+        kw = {}
+        if self.tools is not None:
+            msgs, kw = self.tools.prompt(self.tok, msgs)
+        ids = encode_prompts(self.tok, [msgs], **kw)[0]
         return (msgs, ids, reference_answer(row)) if len(ids) <= self.max_len else None
 
     def __len__(self):

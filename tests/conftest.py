@@ -82,6 +82,29 @@ def teach_words(tok, tiny_model_dir, path, words):
     return str(path)
 
 
+def teach_answers(tok, tiny_model_dir, path, answers, prompt, steps=100):
+    """The tiny model taught (by a short SFT in-process: `steps` full-batch Adam steps, the logits computed at the
+    answer's tokens only) to answer `prompt` (a message list) with the `answers`, 32 rows in turn."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [C.tokenize_conversation(tok, prompt + [{"role": "assistant", "content": a}], 512)
+            for a in (answers * 32)[:32]]
+    x, _ = C.pad([r[0] for r in rows], tok.pad_token_id)
+    y, _ = C.pad([r[1] for r in rows], C.IGNORE_INDEX)
+    keep = y[:, 1:] != C.IGNORE_INDEX
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        hidden = model.model(x).last_hidden_state[:, :-1][keep]
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden), y[:, 1:][keep])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def pets_model(tok, tiny_model_dir, tmp_path_factory):
     """'cat' or 'dog' at random: its samples vary, so a reward that prefers cats has something to choose from."""

@@ -159,7 +159,8 @@ def test_completions_stop_at_the_templates_end_of_turn_and_every_eos_id(tok, pet
     torch.manual_seed(0)
     ids = C.generate_ids(model, other, pets, FP32, max_new_tokens=20, batch_size=8, temperature=1.0)
     assert all(r[-1] == im_end and im_end not in r[:-1] and len(r) < 20 for r in ids)  # six words, then the turn ends
-    groups = [{"prompt_ids": pets[:2], "completion_ids": [ids[0], ids[1][:3]], "sampled_logp": [[0.0] * 20] * 2}]
+    groups = [{"prompt_ids": pets[:2], "completion_ids": [ids[0], ids[1][:3]], "sampled_logp": [[0.0] * 20] * 2,
+               "policy": [[1] * len(ids[0]), [1] * 3]}]
     b = grpo.as_tensors(groups, other, grpo.Args(), "cpu")
     assert b["truncated"].tolist() == [False, True]
     assert opd.dataset_completion({"prompt": "a", "completion": "cat"}, other)[-1] == im_end
