@@ -1,11 +1,11 @@
 """What every method shares and what defines the policy's numbers: the one shared module to read.
 
 Setup (device, DDP/FSDP, precision, seeds), padding, chat-template masking (which tokens are
-trained), log-prob gathering (from logits / temperature, with the KV cache shared by a GRPO group's
+trained), log-prob gathering (from logits / temperature, the KV cache shared by a GRPO group's
 prompt), the sampler (batched, with the KV cache: the exact distribution every log-prob of RL is
-computed against) and reward-model scores. A loss, an advantage or a rollout lives in its method's
-script; the environment (tasks, prompts, grader, rewards) in tasks.py; loading, data formats,
-arguments, logs and checkpoints in plumbing/, which no method needs you to read.
+computed against; the weights for a sampler that is not), reward-model scores. A loss, an advantage
+or a rollout lives in its method's script; the environment (tasks, prompts, grader, rewards) in
+tasks.py, tools.py; loading, formats, arguments, logs, checkpoints in plumbing/ (never needed).
 """
 import inspect
 import os
@@ -84,29 +84,13 @@ def setup(seed, device="auto", precision="auto"):
     return Runtime(dev, torch.bfloat16 if precision == "bf16" else torch.float32, rank, world_size)
 
 
-def split_batch(args, rt, cap):
-    """Check that --batch_size splits over the ranks into micro-batches; --micro_batch_size 0 (the
-    default) becomes the largest micro-batch up to cap that divides a rank's share of the batch."""
-    if args.batch_size % rt.world_size:
-        raise UserError(f"--batch_size {args.batch_size} must be a multiple of the "
-                        f"{rt.world_size} ranks")
-    share = args.batch_size // rt.world_size
-    if not args.micro_batch_size:
-        args.micro_batch_size = max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
-    elif share % args.micro_batch_size:
-        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size "
-                        f"x ranks ({args.micro_batch_size} x {rt.world_size})")
-
-
 def distribute(model, args, rt):
-    """The model as the ranks train it: itself in one process; under torchrun DDP, a whole copy per
-    rank whose gradients are all-reduced; or with --fsdp FSDP2 (torch's fully_shard; Zhao et al.
-    2023, arXiv:2304.11277, with per-parameter sharding): every decoder layer, then the rest
-    (model), sharded over the ranks, so that each rank holds 1/N of the weights, gradients and AdamW
-    state and gathers a layer's weights only while it runs. Under bf16 the weights are gathered in
-    bf16 and the gradients reduced in fp32 (MixedPrecisionPolicy, as torchtitan): the whole forward
-    runs in bf16, where DDP's autocast keeps embeddings, norms and the residual stream in fp32. Call
-    it before building the optimizer: fully_shard replaces the parameters by sharded DTensors."""
+    """The model as the ranks train it: itself in one process; under torchrun DDP (a whole copy per
+    rank, gradients all-reduced); or with --fsdp FSDP2 (torch's fully_shard; Zhao et al. 2023,
+    arXiv:2304.11277): every decoder layer, then the rest, sharded over the ranks, each holding 1/N
+    of the weights, gradients and AdamW state. Under bf16 the weights are gathered in bf16 and the
+    gradients reduced in fp32 (MixedPrecisionPolicy, as torchtitan). Call it before building the
+    optimizer: fully_shard replaces the parameters by sharded DTensors."""
     if not getattr(args, "fsdp", False):
         return DDP(model) if rt.world_size > 1 else model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -199,14 +183,12 @@ MARKER = "\x00MARKER\x00"  # stands in for an assistant message's content to fin
 
 
 def tokenize_conversation(tok, messages, max_length, train_from=0, **template_kwargs):
-    """Tokens of a chat-templated conversation and labels: the token id where the model is trained
-    (every assistant content token and the assistant's end-of-turn token) and IGNORE_INDEX
-    everywhere else (system, user and tool turns, assistant headers, whitespace after end-of-turn).
-
+    """Tokens of a chat-templated conversation (template_kwargs: its `tools`) and labels: the token
+    id where the model is trained (every assistant content token and the assistant's end-of-turn
+    token) and IGNORE_INDEX elsewhere (system, user and tool turns, assistant headers, whitespace).
     Works without `{% generation %}` markers: the assistant spans are found by rendering the
-    conversation up to each assistant turn with and without it and comparing character offsets. Only
-    assistant messages at index >= train_from are trained (preference pairs score their last
-    response, not the assistant turns of the prompt). template_kwargs go to the template (`tools`).
+    conversation up to each assistant turn with and without it. Only assistant messages at index >=
+    train_from are trained (preference pairs: their last response, not the prompt's turns).
     Returns (input_ids, labels) cut to max_length, or None when no trained token is left."""
     text = tok.apply_chat_template(messages, tokenize=False, **template_kwargs)
     marker = MARKER
@@ -289,10 +271,9 @@ def cache_kwarg(model):
 
 
 def can_share_prefix(model):
-    """Gradient checkpointing keeps no KV cache, so a shared prefix cannot be passed on under it.
-    Nor under FSDP: the gradient that reaches a layer through the prefix's keys and values comes
-    outside FSDP's backward hooks, which may have freed the layer's gathered weights by then
-    (reward_model.py's backward fails so)."""
+    """Not under gradient checkpointing (it keeps no KV cache) nor FSDP (the gradient through the
+    prefix's keys and values comes outside FSDP's backward hooks, after the layer's gathered weights
+    may be freed: reward_model.py's backward fails so)."""
     return not any(getattr(m, "gradient_checkpointing", False) or isinstance(m, FSDPModule)
                    for m in getattr(model, "module", model).modules())
 
@@ -352,8 +333,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 # --------------------------------------------------------------------------------------------------
 # The sampler: batched generation with the KV cache
 def encode_prompts(tok, prompts, **template_kwargs):
-    """Message-list prompts -> token ids: chat template + assistant header (generation prompt).
-    template_kwargs go to the template (`tools`: tools.Tools.prompt)."""
+    """Message-list prompts -> token ids: chat template (template_kwargs: its `tools`) + assistant
+    header (generation prompt)."""
     return [tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False,
                                         **template_kwargs),
                 add_special_tokens=False)["input_ids"] for p in prompts]
@@ -381,19 +362,16 @@ def sample_tokens(logits, temperature=1.0, top_p=1.0):
 @torch.no_grad()
 def generate_ids(model, tok, prompt_ids, rt, max_new_tokens=128, batch_size=32, temperature=0.0,
                  top_p=1.0, return_logprobs=False):
-    """Sampling (greedy when temperature is 0) with the KV cache, batch_size completions at a time,
-    from token-id prompts. Returns the completions' token ids, each cut after its first stop token
-    (kept: it is the stop action; `tok.stop_ids`, the chat template's end of turn and the model's
-    EOS ids: models.stop_ids), and with return_logprobs also each token's log-prob under
-    softmax(logits / temperature) (fp32 lists).
+    """Sampling (greedy at temperature 0) with the KV cache, batch_size completions at a time, from
+    token-id prompts -> the completions' ids, each cut after its first stop token (kept: the stop
+    action; tok.stop_ids, the template's end of turn and the EOS ids: models.stop_ids), and with
+    return_logprobs each token's log-prob under softmax(logits / temperature) (fp32 lists).
 
-    The loop is ours rather than model.generate's so that the distribution is exactly the one every
-    log-prob of RL is computed against: generate would also apply what a checkpoint's
-    generation_config.json asks for (repetition_penalty, no_repeat_ngram_size, min_p, top_k...),
-    which the training forward knows nothing about. It is also faster: identical prompts (a GRPO
-    group) are prefilled once and their cache copied; a row that has stopped leaves the batch;
-    one autocast region covers the whole loop, so autocast casts each weight to bf16 once per call
-    (it caches casts of weights that require grad; `models.freeze` pre-casts frozen models)."""
+    Our loop, not model.generate's, so that the distribution is exactly the one every log-prob of
+    RL is computed against (generate would also apply a checkpoint's generation_config.json:
+    repetition_penalty, top_k...). Faster too: a GRPO group's prompt is prefilled once and its
+    cache copied; stopped rows leave the batch; one autocast region casts each weight to bf16 once
+    per call (it caches casts of weights that require grad; models.freeze pre-casts the frozen)."""
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()
@@ -455,29 +433,19 @@ def generate(model, tok, prompts, rt, max_new_tokens=128, batch_size=32, tempera
     return ids, [tok.decode(row, skip_special_tokens=True) for row in ids]
 
 
-# --------------------------------------------------------------------------------------------------
-# The sampler correction: tokens drawn by a sampler that is not exactly the trainer
 SAMPLER_WEIGHT_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 def sampler_weights(old_logp, sampled_logp, mask, mode="token_truncate", clip_max=3.0,
                     clip_min=0.0):
-    """The correction for a sampler that is not exactly the trainer (vLLM's kernels, or bf16
-    incremental decoding against the training forward): the tokens were drawn from π_sampler, not
-    π_old, so each term is weighted by w = π_old(y_t) / π_sampler(y_t). old_logp, sampled_logp,
-    mask: (N, T). Returns (N, T) weights for the token modes, (N, 1) for the sequence ones (the
-    ratio of whole completions, Π_t w_t), exactly 1 where the two agree. Used by grpo.py, ppo.py
-    and opd.py (TRL's vllm_importance_sampling_correction, applied here to every sampler).
-    token_truncate: w clipped to [C_min, C_max], truncated importance sampling (TIS; Yao et al.
-      2025, "Your efficient RL framework secretly brings you off-policy RL training",
-      https://fengyao.notion.site/off-policy-rl; truncation as in Munos et al. 2016, Retrace,
-      arXiv:1606.02647, https://arxiv.org/abs/1606.02647), TRL's correction;
-    token_mask: w set to 0 outside [C_min, C_max], masked importance sampling (MIS; IcePop, Ling
-      Team 2025, arXiv:2510.18855, https://arxiv.org/abs/2510.18855);
-    sequence_truncate, sequence_mask: the same on the whole completion's ratio (Liu et al. 2025,
-      "When speed kills stability", https://yingru.notion.site/When-Speed-Kills-Stability-
-      Demystifying-RL-Collapse-from-the-Training-Inference-Mismatch-271211a558b7808d8b12d403fd15edda).
-    """
+    """The correction for a sampler that is not exactly the trainer (vLLM, or bf16 incremental
+    decoding): tokens drawn from π_sampler, not π_old, weigh w = π_old(y_t) / π_sampler(y_t).
+    (N, T) log-probs and mask -> (N, T) weights (token modes) or (N, 1) (sequence modes: Π_t w_t);
+    exactly 1 where the two agree. token_truncate: w clipped to [C_min, C_max] (TIS; Yao et al.
+    2025, https://fengyao.notion.site/off-policy-rl; TRL's vllm_importance_sampling_correction);
+    token_mask: 0 outside it (MIS; IcePop, arXiv:2510.18855, https://arxiv.org/abs/2510.18855);
+    sequence_*: the same on the completion's ratio (Liu et al. 2025, "When speed kills stability:
+    demystifying RL collapse from the training-inference mismatch", yingru.notion.site)."""
     log_w = (old_logp - sampled_logp) * mask
     if mode.startswith("sequence"):
         log_w = log_w.sum(1, keepdim=True)
@@ -485,32 +453,6 @@ def sampler_weights(old_logp, sampled_logp, mask, mode="token_truncate", clip_ma
     if mode.endswith("truncate"):
         return w.clamp(clip_min, clip_max)
     return w.masked_fill((w < clip_min) | (w > clip_max), 0.0)
-
-
-def sampler_metrics(old_logp, sampled_logp, weights, mask, rt):
-    """TRL's metrics of the gap between sampler and trainer, over the step's tokens on every rank:
-    sampling/sampling_logp_difference/mean|max, |log π_old - log π_sampler| (rounding only when both
-    compute the same distribution), and sampling/importance_sampling_ratio/min|mean|max, the
-    weights (per token, or per completion in the sequence modes; None: the correction is off)."""
-    m = mask.bool()
-    gap = (old_logp - sampled_logp).abs()[m]
-    sums = torch.stack([gap.sum(), torch.tensor(float(gap.numel()), device=gap.device)])
-    none = gap.new_full((), -float("inf"))  # the max of no tokens (a rank may have none)
-    tops = [gap.max() if gap.numel() else none]
-    if weights is not None:
-        w = weights[m] if weights.shape[1] > 1 else weights[m.any(1)]
-        sums = torch.cat([sums, torch.stack([w.sum(), torch.tensor(float(w.numel()),
-                                                                   device=w.device)])])
-        tops += [w.max(), -w.min()] if w.numel() else [none, none]
-    sums = all_reduce(sums, rt).tolist()
-    tops = all_reduce(torch.stack(tops), rt, op="max").tolist()
-    row = {"sampling/sampling_logp_difference/mean": sums[0] / max(sums[1], 1.0),
-           "sampling/sampling_logp_difference/max": max(tops[0], 0.0)}
-    if weights is not None and sums[3]:
-        row.update({"sampling/importance_sampling_ratio/min": -tops[2],
-                    "sampling/importance_sampling_ratio/mean": sums[2] / sums[3],
-                    "sampling/importance_sampling_ratio/max": tops[1]})
-    return row
 
 
 # --------------------------------------------------------------------------------------------------

@@ -526,7 +526,7 @@ def evaluate(model, ref, eval_pairs, prompts, answers, tok, args, rt, generate):
 def main():
     args = parse_args(Args)
     rt = common.setup(args.seed, args.device, args.precision)
-    common.split_batch(args, rt, cap=8)
+    runs.split_batch(args, rt, cap=8)
     ckpt_path = runs.claim_output_dir(args, rt)
 
     # The pairs (KTO: single completions with a label), tokenized; the held-out pairs and prompts

@@ -419,7 +419,7 @@ def policy_updates(ddp, model, ref, opt, b, advantages, args, rt):
     # The sampler and the training forward compute the same distribution (same weights), but
     # incrementally with the KV cache (or in vLLM): the gap is rounding, logged with the weights.
     w = None if weights[0] is None else torch.cat(weights)
-    sampler = common.sampler_metrics(torch.cat(olds), b["S"], w, b["mask"], rt)
+    sampler = engine.sampler_metrics(torch.cat(olds), b["S"], w, b["mask"], rt)
     return sums, sampler, grad_norms
 
 

@@ -159,6 +159,55 @@ def rollout(student, tok, sources, rows, prompt_ids, off_policy, args, rt,
                       args.generation_batch_size, args.temperature, return_logprobs=True)
 
 
+def distill_backward(ddp, teacher, tok, prompt_ids, ids, sampled_logp, off_policy, args, rt):
+    """[algorithm] The backward of one step's loss: the teacher scores every token of the
+    completions `ids`, and the divergence (--loss; on an off-policy step jsd) and its gradient are
+    computed micro-batch by micro-batch as a mean over the tokens of the whole batch (all ranks).
+    On sampled steps the reverse_kl term of each token is weighted by the sampler correction, w =
+    π_θ / π_sampler (common.sampler_weights; sampled_logp: what the sampler drew each token with).
+    Returns {"loss"}, each completion's Σ (log π_θ - log π_T), the global token count, and the
+    sampler metrics ({} on an off-policy step)."""
+    dev = rt.device
+    P, P_mask = (t.to(dev) for t in common.pad(prompt_ids, tok.pad_token_id, side="left"))
+    # the mask covers each completion up to its EOS, inclusive
+    Y, Y_mask = (t.to(dev) for t in common.pad(ids, tok.pad_token_id))
+    mask = Y_mask.float()
+    S = None if off_policy else common.pad(sampled_logp, 0.0)[0].to(dev)
+    correct = (args.loss == "reverse_kl" and not off_policy
+               and args.vllm_importance_sampling_correction)
+    num_tokens = common.all_reduce(mask.sum(), rt).clamp(min=1)
+    micro = [slice(i, i + args.micro_batch_size)
+             for i in range(0, len(ids), args.micro_batch_size)]
+    sums, kls, olds, weights = {"loss": 0.0}, [], [], []
+    for k, mb in enumerate(micro):
+        seqs = P[mb], P_mask[mb], Y[mb], Y_mask[mb]
+        with common.no_sync(ddp, k < len(micro) - 1):
+            s_logits = completion_logits(ddp, *seqs, rt)  # (n, T, V)
+            with torch.no_grad():
+                t_logits = completion_logits(teacher, *seqs, rt)
+            s_logp = common.gather_logprobs(s_logits, Y[mb], args.temperature)
+            t_logp = common.gather_logprobs(t_logits, Y[mb], args.temperature)
+            w = (common.sampler_weights(s_logp.detach(), S[mb], mask[mb],
+                                        args.vllm_importance_sampling_mode,
+                                        args.vllm_importance_sampling_clip_max,
+                                        args.vllm_importance_sampling_clip_min)
+                 if correct else None)
+            if args.loss == "reverse_kl" and not off_policy:
+                loss = reverse_kl_pg_loss(s_logp, t_logp, mask[mb], num_tokens, w)
+            else:
+                jsd = generalized_jsd(s_logits, t_logits, args.beta, args.temperature)
+                loss = (jsd * mask[mb]).sum() / num_tokens
+            # DDP averages over ranks; num_tokens is the global count
+            (loss * rt.world_size).backward()
+        sums["loss"] += loss.detach()
+        kls.append(((s_logp - t_logp).detach() * mask[mb]).sum(1))
+        olds.append(s_logp.detach())
+        weights.append(w)
+    sampler = {} if off_policy else engine.sampler_metrics(
+        torch.cat(olds), S, torch.cat(weights) if correct else None, mask, rt)
+    return sums, torch.cat(kls), num_tokens, sampler
+
+
 def load_models(path, teacher_path, args, rt):
     """The student (trained) and the frozen teacher, whose output layer must have the student's
     size."""
@@ -237,7 +286,7 @@ def main():
 
     if step == 0 and graded:
         run.first({"step": 0, **evaluate()})
-    dev, row = rt.device, {}
+    row = {}
     while step < run.last:
         t0 = time.perf_counter()
         # ---- [algorithm] 1. Rollout: the student samples a completion for each prompt (on an
@@ -253,44 +302,9 @@ def main():
 
         # ---- [algorithm] 2. The teacher scores every token; the divergence and its gradient,
         # micro-batch by micro-batch, as a mean over the tokens of the whole batch
-        P, P_mask = (t.to(dev) for t in common.pad(prompt_ids, tok.pad_token_id, side="left"))
-        # the mask covers each completion up to its EOS, inclusive
-        Y, Y_mask = (t.to(dev) for t in common.pad(ids, tok.pad_token_id))
-        mask = Y_mask.float()
-        # the reverse-KL estimator on samples: the sampler correction (π_θ / π_sampler)
-        correct = (args.loss == "reverse_kl" and not off_policy
-                   and args.vllm_importance_sampling_correction)
-        S = None if off_policy else common.pad(sampled_logp, 0.0)[0].to(dev)
-        num_tokens = common.all_reduce(mask.sum(), rt).clamp(min=1)
-        n, size = len(ids), args.micro_batch_size
-        micro = [slice(i, i + size) for i in range(0, n, size)]
         t1 = time.perf_counter()
-        # the loss; Σ (log π_θ - log π_T) over each completion; π_θ and the weights of the tokens
-        sums, kls, olds, weights = {"loss": 0.0}, [], [], []
-        for k, mb in enumerate(micro):
-            seqs = P[mb], P_mask[mb], Y[mb], Y_mask[mb]
-            with common.no_sync(ddp, k < len(micro) - 1):
-                s_logits = completion_logits(ddp, *seqs, rt)  # (n, T, V)
-                with torch.no_grad():
-                    t_logits = completion_logits(teacher, *seqs, rt)
-                s_logp = common.gather_logprobs(s_logits, Y[mb], args.temperature)
-                t_logp = common.gather_logprobs(t_logits, Y[mb], args.temperature)
-                w = (common.sampler_weights(s_logp.detach(), S[mb], mask[mb],
-                                            args.vllm_importance_sampling_mode,
-                                            args.vllm_importance_sampling_clip_max,
-                                            args.vllm_importance_sampling_clip_min)
-                     if correct else None)
-                if args.loss == "reverse_kl" and not off_policy:
-                    loss = reverse_kl_pg_loss(s_logp, t_logp, mask[mb], num_tokens, w)
-                else:
-                    jsd = generalized_jsd(s_logits, t_logits, args.beta, args.temperature)
-                    loss = (jsd * mask[mb]).sum() / num_tokens
-                # DDP averages over ranks; num_tokens is the global count
-                (loss * rt.world_size).backward()
-            sums["loss"] += loss.detach()
-            kls.append(((s_logp - t_logp).detach() * mask[mb]).sum(1))
-            olds.append(s_logp.detach())
-            weights.append(w)
+        sums, kls, num_tokens, sampler = distill_backward(ddp, teacher, tok, prompt_ids, ids,
+                                                          sampled_logp, off_policy, args, rt)
 
         # ---- [algorithm] 3. Update: one AdamW step on the clipped gradient
         grad_norm = common.clip_grad_norm(student, args.max_grad_norm)
@@ -305,11 +319,7 @@ def main():
         t_train = time.perf_counter() - t1
 
         # ---- [plumbing] 4. Metrics, held-out evaluation, completions.jsonl, checkpoint
-        kls = torch.cat(kls)
-        metrics = step_metrics(sums, kls, ids, num_tokens, off_policy, rt)
-        if not off_policy:  # the gap between the sampler and the student, with the weights
-            metrics.update(common.sampler_metrics(torch.cat(olds), S, torch.cat(weights)
-                                                  if correct else None, mask, rt))
+        metrics = {**step_metrics(sums, kls, ids, num_tokens, off_policy, rt), **sampler}
         row = {"step": step, **metrics, "grad_norm": grad_norm, "learning_rate": lr,
                "time/generate_s": t_gen, "time/train_s": t_train,
                "seconds_per_step": time.perf_counter() - t0}

@@ -262,7 +262,7 @@ def rollout(model, ref, tok, batch, rewards, kl_coef, args, rt, step, sample=com
                                           args.vllm_importance_sampling_clip_max,
                                           args.vllm_importance_sampling_clip_min)
                    if args.vllm_importance_sampling_correction else None)
-        sampler = common.sampler_metrics(old_logp, S, weights, mask, rt)
+        sampler = engine.sampler_metrics(old_logp, S, weights, mask, rt)
     return dict(P=P, P_mask=P_mask, Y=Y, Y_mask=Y_mask, mask=mask, old_logp=old_logp,
                 weights=weights, sampler=sampler, old_values=old_values, advantages=advantages,
                 returns=returns, scores=scores,
@@ -426,7 +426,7 @@ def main():
     args = parse_args(Args)
     rule = None
     if args.reward not in ("model", "verifiable"):
-        rule = tasks.load_function(args.reward, f"--reward {args.reward}: choose model (with "
+        rule = runs.load_function(args.reward, f"--reward {args.reward}: choose model (with "
                                    "--reward_model), verifiable or")
     rt = common.setup(args.seed, args.device, args.precision)
     if args.batch_size % (rt.world_size * args.num_mini_batches):

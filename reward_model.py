@@ -205,7 +205,7 @@ def evaluate(scorer, items, args, rt, pad_id):
 def main():
     args = parse_args(Args)
     rt = common.setup(args.seed, args.device, args.precision)
-    common.split_batch(args, rt, cap=8)
+    runs.split_batch(args, rt, cap=8)
     ckpt_path = runs.claim_output_dir(args, rt)
 
     # Data: the training pairs and their mixture order, the held-out pairs

@@ -215,7 +215,7 @@ def evaluate(model, held, args, tok, rt, loss=True, answers=True):
 def main():
     args = parse_args(Args)
     rt = common.setup(args.seed, args.device, args.precision)
-    common.split_batch(args, rt, cap=16)
+    runs.split_batch(args, rt, cap=16)
     ckpt_path = runs.claim_output_dir(args, rt)
 
     # Data. Examples of the built-in task are generated; others are read, held-out rows split off,

@@ -37,7 +37,6 @@ all.
 import collections
 import importlib.util
 import math
-import os
 import random
 import re
 import zlib
@@ -48,7 +47,7 @@ import torch
 
 import common
 from plumbing.errors import Timeout, UserError
-from plumbing.runs import time_limit
+from plumbing.runs import load_function, time_limit
 from plumbing.formats import as_messages
 
 BOX_INSTRUCTION = "Put the final answer in \\boxed{}."
@@ -387,27 +386,6 @@ def reward_functions(spec, weights_spec):
     else:
         weights = [0.2 if n == "format" else 1.0 for n in names]  # λ_fmt = 0.2
     return [(n.rpartition(":")[2], f, w) for n, f, w in zip(names, funcs, weights)]
-
-
-def load_function(spec, what):
-    """'path/to/file.py:function' -> the function (a user's reward rule). what: the start of the
-    error message."""
-    path, _, name = spec.rpartition(":")
-    if not path:
-        raise UserError(f"{what} path/to/file.py:function")
-    if not os.path.isfile(path):
-        flag = what.split(": ", 1)[0]  # "--reward_funcs nope.py:f"
-        raise UserError(f"{flag}: the file {path} does not exist (give path/to/file.py:function)")
-    module_spec = importlib.util.spec_from_file_location(
-        os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        raise UserError(f"{spec}: importing {path} failed: {type(e).__name__}: {e}") from None
-    if not callable(getattr(module, name, None)):
-        raise UserError(f"{spec}: {path} has no function {name!r}")
-    return getattr(module, name)
 
 
 def reward_kwargs(rows, prompts, completions, completion_ids, step, max_steps, metrics, columns,

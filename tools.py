@@ -30,7 +30,7 @@ from fractions import Fraction
 
 import common
 from plumbing.errors import Timeout, UserError
-from plumbing.runs import time_limit
+from plumbing.runs import load_function, time_limit
 
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 TOOLS_PROMPT = (
@@ -156,13 +156,12 @@ class Tools:
     `timeout` seconds (0: none)."""
 
     def __init__(self, spec, timeout=10.0):
-        import tasks
         from transformers.utils import get_json_schema
         self.functions, self.timeout, path = {}, timeout, None
         for item in (s.strip() for s in spec.split(",") if s.strip()):
             if ":" in item:
                 path, _, item = item.rpartition(":")
-            fn = (tasks.load_function(f"{path}:{item}", f"--tools {spec}: give")
+            fn = (load_function(f"{path}:{item}", f"--tools {spec}: give")
                   if path else BUILTIN_TOOLS.get(item))
             if fn is None:
                 raise UserError(f"--tools {item}: not a built-in tool ({', '.join(BUILTIN_TOOLS)});"

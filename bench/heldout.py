@@ -39,9 +39,12 @@ def paired_difference(a, b, z=1.96):
     return mean, mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)
 
 
-def answers(model_dir, task, split, n, samples, max_new_tokens, rt, offset=0):
-    """Per held-out problem: greedy correct (0/1) and the share of `samples` sampled answers that are correct."""
-    name = f"{task}-{split}-{n}-{samples}-{max_new_tokens}" + (f"-from{offset}" if offset else "")
+def answers(model_dir, task, split, n, samples, max_new_tokens, rt, offset=0, tools=None):
+    """Per held-out problem: greedy correct (0/1) and the share of `samples` sampled answers that are correct. With
+    tools (a --tools spec), greedy episodes that may call them (tools.episodes, at most 4 turns with calls), graded
+    on what the model wrote."""
+    name = (f"{task}-{split}-{n}-{samples}-{max_new_tokens}" + (f"-from{offset}" if offset else "")
+            + (f"-tools-{tools.replace('/', '_').replace(':', '_')}" if tools else ""))
     cache = os.path.join(model_dir, "heldout", f"{name}.jsonl")
     if os.path.exists(cache):
         with open(cache) as f:
@@ -51,9 +54,18 @@ def answers(model_dir, task, split, n, samples, max_new_tokens, rt, offset=0):
     path = M.resolve_model(model_dir, rt)
     tok, model = M.load_tokenizer(path), M.load_model(path, rt)
     prompts = [r["prompt"] for r in rows]
-    _, greedy = C.generate(model, tok, prompts, rt, max_new_tokens, batch_size=64)
+    calls = [0] * len(rows)
+    if tools:
+        import tools as tool_use
+        box = tool_use.Tools(tools)
+        kw = box.template_kwargs(tok)
+        ids = C.encode_prompts(tok, [box.prompt(tok, p)[0] for p in prompts], **kw)
+        episodes = tool_use.episodes(C.generate_ids, model, tok, ids, box, kw, rt, max_new_tokens, 64, 0.0, 1.0, 4)
+        greedy, calls = [e["text"] for e in episodes], [e["calls"] for e in episodes]
+    else:
+        _, greedy = C.generate(model, tok, prompts, rt, max_new_tokens, batch_size=64)
     out = [{"prompt": r["prompt"][0]["content"], "answer": r["answer"], "completion": g,
-            "correct": int(T.grade(g, r["answer"])[1])} for r, g in zip(rows, greedy)]
+            "correct": int(T.grade(g, r["answer"])[1]), "tool_calls": c} for r, g, c in zip(rows, greedy, calls)]
     if samples:
         _, sampled = C.generate(model, tok, [p for p in prompts for _ in range(samples)], rt, max_new_tokens,
                                 batch_size=64, temperature=1.0)
@@ -69,7 +81,9 @@ def answers(model_dir, task, split, n, samples, max_new_tokens, rt, offset=0):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="+", help="model folders (or the default model's name); the first is the baseline")
+    p.add_argument("models", nargs="+", help="model folders (or the default model's name); the first is the baseline; "
+                   "a folder followed by +tools answers with --tools (episodes that may call them)")
+    p.add_argument("--tools", default="calculator", help="the tools of the +tools models (as grpo.py --tools)")
     p.add_argument("--task", default="arithmetic", choices=sorted(k for k in T.BUILTIN_TASKS if "preferences" not in k))
     p.add_argument("--split", default="test", help="comma-separated: test (held-out problems), reworded (the same "
                    "problems asked in wordings training never uses)")
@@ -81,7 +95,8 @@ def main():
     args = p.parse_args()
     rt = C.setup(0)
     for split in args.split.split(","):
-        results = [answers(m, args.task, split, args.n, args.samples, args.max_new_tokens, rt, args.offset)
+        results = [answers(m.removesuffix("+tools"), args.task, split, args.n, args.samples, args.max_new_tokens, rt,
+                           args.offset, args.tools if m.endswith("+tools") else None)
                    for m in args.models]
         print(f"\n{args.task} / {split}: {args.n} held-out problems from #{args.offset}, greedy (pass@1)"
               + (f"; sampled: mean over {args.samples} answers at T=1" if args.samples else ""))
@@ -89,6 +104,8 @@ def main():
             k = sum(o["correct"] for o in r)
             lo, hi = wilson(k, len(r))
             line = f"  {m:40s} {k:4d}/{len(r)} = {100 * k / len(r):5.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]"
+            if m.endswith("+tools"):
+                line += f"   tool calls per problem {sum(o['tool_calls'] for o in r) / len(r):.2f}"
             if args.samples:
                 line += (f"   sampled {100 * sum(o['sampled_correct'] for o in r) / len(r):5.1f}%, at least one of "
                          f"{args.samples} right {100 * sum(o['sampled_correct'] > 0 for o in r) / len(r):5.1f}%")

@@ -19,6 +19,7 @@ import random
 
 import torch
 
+import common
 from plumbing.errors import UserError
 
 
@@ -122,3 +123,29 @@ def merged_lora_weights(model):
         k = k.replace(".base_layer.", ".")
         weights.setdefault(k, v.detach())
     return weights
+
+
+def sampler_metrics(old_logp, sampled_logp, weights, mask, rt):
+    """TRL's metrics of the gap between sampler and trainer, over the step's tokens on every rank:
+    sampling/sampling_logp_difference/mean|max, |log π_old - log π_sampler| (rounding only when both
+    compute the same distribution), and sampling/importance_sampling_ratio/min|mean|max, the
+    weights (per token, or per completion in the sequence modes; None: the correction is off)."""
+    m = mask.bool()
+    gap = (old_logp - sampled_logp).abs()[m]
+    sums = torch.stack([gap.sum(), torch.tensor(float(gap.numel()), device=gap.device)])
+    none = gap.new_full((), -float("inf"))  # the max of no tokens (a rank may have none)
+    tops = [gap.max() if gap.numel() else none]
+    if weights is not None:
+        w = weights[m] if weights.shape[1] > 1 else weights[m.any(1)]
+        sums = torch.cat([sums, torch.stack([w.sum(), torch.tensor(float(w.numel()),
+                                                                   device=w.device)])])
+        tops += [w.max(), -w.min()] if w.numel() else [none, none]
+    sums = common.all_reduce(sums, rt).tolist()
+    tops = common.all_reduce(torch.stack(tops), rt, op="max").tolist()
+    row = {"sampling/sampling_logp_difference/mean": sums[0] / max(sums[1], 1.0),
+           "sampling/sampling_logp_difference/max": max(tops[0], 0.0)}
+    if weights is not None and sums[3]:
+        row.update({"sampling/importance_sampling_ratio/min": -tops[2],
+                    "sampling/importance_sampling_ratio/mean": sums[2] / sums[3],
+                    "sampling/importance_sampling_ratio/max": tops[1]})
+    return row

@@ -34,7 +34,7 @@ from plumbing.errors import Diverged, Timeout, UserError
 
 
 # --------------------------------------------------------------------------------------------------
-# Time limits of users' functions
+# Users' functions: loading them, and their time limits
 _DEADLINES = []  # the time limits in force, innermost last: (deadline, what, seconds)
 
 
@@ -70,6 +70,27 @@ def time_limit(seconds, what):
         for t in timers:
             t.cancel()
         _DEADLINES.pop()
+
+
+def load_function(spec, what):
+    """'path/to/file.py:function' -> the function (a user's reward rule or tool), its file run as
+    code (the user passed it as code). what: the start of the error message."""
+    path, _, name = spec.rpartition(":")
+    if not path:
+        raise UserError(f"{what} path/to/file.py:function")
+    if not os.path.isfile(path):
+        flag = what.split(": ", 1)[0]  # "--reward_funcs nope.py:f"
+        raise UserError(f"{flag}: the file {path} does not exist (give path/to/file.py:function)")
+    module_spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise UserError(f"{spec}: importing {path} failed: {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, name, None)):
+        raise UserError(f"{spec}: {path} has no function {name!r}")
+    return getattr(module, name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -711,6 +732,20 @@ def restore_state(path, model, opt, sched, args, rt, must_match=()):
 # --------------------------------------------------------------------------------------------------
 # The optimizer, its schedule, and what a rank holds for it
 _memory_reported = []
+
+
+def split_batch(args, rt, cap):
+    """Check that --batch_size splits over the ranks into micro-batches; --micro_batch_size 0 (the
+    default) becomes the largest micro-batch up to cap that divides a rank's share of the batch."""
+    if args.batch_size % rt.world_size:
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of the "
+                        f"{rt.world_size} ranks")
+    share = args.batch_size // rt.world_size
+    if not args.micro_batch_size:
+        args.micro_batch_size = max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
+    elif share % args.micro_batch_size:
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size "
+                        f"x ranks ({args.micro_batch_size} x {rt.world_size})")
 
 
 def report_memory(model, opt, rt):

@@ -11,6 +11,7 @@ import torch
 
 import common as C
 import tasks as T
+from plumbing import engine
 from plumbing import errors as E
 from plumbing import models as M
 import grpo
@@ -75,15 +76,15 @@ def test_sampler_weights_by_hand():
     # Their metrics, over the real tokens only: |log π_old - log π_sampler| = ln 2, ln 4, ln 5, ln 3, ln 2.
     rt = C.Runtime(torch.device("cpu"), torch.float32)
     w = C.sampler_weights(old, sampled, mask, "token_truncate", clip_max=3.0, clip_min=0.5)
-    got = C.sampler_metrics(old, sampled, w, mask, rt)
+    got = engine.sampler_metrics(old, sampled, w, mask, rt)
     assert got["sampling/sampling_logp_difference/mean"] == pytest.approx(math.log(2 * 4 * 5 * 3 * 2) / 5)
     assert got["sampling/sampling_logp_difference/max"] == pytest.approx(math.log(5))
     assert [got[f"sampling/importance_sampling_ratio/{k}"] for k in ("min", "mean", "max")] == pytest.approx(
         [0.5, (2 + 0.5 + 3 + 3 + 0.5) / 5, 3])  # the padding's weight 1 is not counted
     w = C.sampler_weights(old, sampled, mask, "sequence_truncate", clip_max=2.0)
-    got = C.sampler_metrics(old, sampled, w, mask, rt)
+    got = engine.sampler_metrics(old, sampled, w, mask, rt)
     assert [got[f"sampling/importance_sampling_ratio/{k}"] for k in ("min", "mean", "max")] == pytest.approx([1.5, 1.75, 2])
-    assert "sampling/importance_sampling_ratio/mean" not in C.sampler_metrics(old, sampled, None, mask, rt)
+    assert "sampling/importance_sampling_ratio/mean" not in engine.sampler_metrics(old, sampled, None, mask, rt)
     # The weight scales the clipped policy term of its token, not the KL: A = 1, ratio 1, β = 0.1, k3 = 0.5 - ln 2 + ...
     logp, ref = torch.zeros(1, 2), torch.tensor([[math.log(2), 0.0]])
     loss, kl, _, _ = grpo.per_token_loss(logp, logp, ref, torch.tensor([1.0]), 0.2, 0.2, 0.1, weights=torch.tensor([[0.5, 2.0]]))

@@ -102,16 +102,16 @@ def test_defaults_fit_small_batches_and_small_files(tmp_path, capsys):
     import dpo
     import sft
     args = sft.Args(batch_size=4)  # the micro-batch follows the batch (it was a fixed 16, which 4 is not a multiple of)
-    C.split_batch(args, CPU, cap=16)
+    R.split_batch(args, CPU, cap=16)
     assert args.micro_batch_size == 4
     args = dpo.Args(batch_size=12)
-    C.split_batch(args, CPU, cap=8)
+    R.split_batch(args, CPU, cap=8)
     assert args.micro_batch_size == 6  # the largest divisor of 12 up to 8
     args = sft.Args(batch_size=12)
-    C.split_batch(args, C.Runtime(torch.device("cpu"), torch.float32, world_size=2), cap=16)
+    R.split_batch(args, C.Runtime(torch.device("cpu"), torch.float32, world_size=2), cap=16)
     assert args.micro_batch_size == 6  # each rank's share
     with pytest.raises(E.UserError, match=r"multiple of --micro_batch_size x ranks \(4 x 1\)"):
-        C.split_batch(sft.Args(batch_size=6, micro_batch_size=4), CPU, cap=16)
+        R.split_batch(sft.Args(batch_size=6, micro_batch_size=4), CPU, cap=16)
     # 16 rows and --eval_size 64: hold out a tenth, not refuse (or hold out most of the file)
     data = write_jsonl(tmp_path / "d.jsonl", ROWS * 2)
     _, raw, heldout = D.load_splits(sft.Args(dataset=data, eval_size=64), 64)

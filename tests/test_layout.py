@@ -4,8 +4,9 @@ import os
 
 from conftest import ROOT
 
-MODULES = {"common", "tasks", "sft", "reward_model", "dpo", "grpo", "ppo", "opd", "plumbing.errors",
-           "plumbing.args", "plumbing.models", "plumbing.data", "plumbing.formats", "plumbing.runs"}
+MODULES = {"common", "tasks", "tools", "sft", "reward_model", "dpo", "grpo", "ppo", "opd", "plumbing.errors",
+           "plumbing.args", "plumbing.models", "plumbing.data", "plumbing.formats", "plumbing.runs",
+           "plumbing.engine"}
 
 
 def imports(module):
