@@ -20,9 +20,9 @@ a held-out tenth of all problems that training never sees:
                             wrong
     arithmetic_preferences  `arithmetic` as preference pairs: the worked answer against a plausible
                             wrong one
-    arithmetic_tools        `arithmetic_hard`'s problems, with demonstrations that call the
-                            calculator (tools.py) and answer with its result (grpo.py --tools
-                            calculator)
+    arithmetic_tools        `arithmetic_hard`'s problems with the calculator (tools.py; grpo.py
+                            --tools calculator): half the demonstrations call it and answer with
+                            its result, half answer at once (mostly wrong, when a model does it)
 
 Splits: "train"; "test", the held-out problems; "reworded", the same held-out problems asked in
 wordings that "train" never uses ("What is the sum of 23 and 45?" for "What is 23 + 45?"), which
@@ -203,26 +203,29 @@ class ArithmeticPreferences(Arithmetic):
 
 
 class ArithmeticTools(Arithmetic):
-    """The problems of `arithmetic_hard`, with demonstrations that ask the calculator tool
-    (tools.calculator) for the whole expression and answer with its result: TRL's conversational
-    tool format, an assistant turn with `tool_calls`, the `tool` turn with the result, the answer;
-    and a `tools` column with the calculator's JSON schema, which sft.py describes to the model as
-    grpo.py --tools calculator does. The prompt is the problem alone."""
+    """The problems of `arithmetic_hard`, with the calculator tool (tools.calculator) described to
+    the model: a `tools` column with its JSON schema, which sft.py describes as grpo.py --tools
+    calculator does. As in `arithmetic_mixed`, half the demonstrations answer at once ("The answer
+    is \\boxed{N}."), and half ask the calculator for the whole expression and answer with its
+    result, in TRL's conversational tool format (an assistant turn with `tool_calls`, the `tool`
+    turn with the result, the answer). A model trained on them calls the tool on some problems
+    only; the calls are right, the answers at once mostly wrong, which a verifier can teach and
+    imitation cannot. The prompt is the problem alone."""
     hard = True
     column_names = ["prompt", "completion", "answer", "tools"]
 
     def __getitem__(self, i):
         import tools
         p, _ = self.problem(i)
-        q = p["key"]  # the expression, "a + b - c"
-        call = {"type": "function",
-                "function": {"name": "calculator", "arguments": {"expression": q}}}
-        return {"prompt": [{"role": "user", "content": p["prompt"]}],
-                "completion": [{"role": "assistant", "content": "", "tool_calls": [call]},
-                               {"role": "tool", "name": "calculator",
-                                "content": tools.calculator(q)},
-                               {"role": "assistant",
-                                "content": f"The answer is \\boxed{{{p['answer']}}}."}],
+        answer = [{"role": "assistant", "content": f"The answer is \\boxed{{{p['answer']}}}."}]
+        if random.Random(f"tools/{self.split}/{self.seed}/{i}").random() < 0.5:
+            q = p["key"]  # the expression, "a + b - c"
+            call = {"type": "function",
+                    "function": {"name": "calculator", "arguments": {"expression": q}}}
+            answer = [{"role": "assistant", "content": "", "tool_calls": [call]},
+                      {"role": "tool", "name": "calculator", "content": tools.calculator(q)},
+                      *answer]
+        return {"prompt": [{"role": "user", "content": p["prompt"]}], "completion": answer,
                 "answer": p["answer"], "tools": [tools.calculator_schema()]}
 
 

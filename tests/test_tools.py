@@ -268,7 +268,16 @@ def test_the_tool_call_rate_rises_when_the_reward_needs_the_tool(tok, tiny_model
 def test_arithmetic_tools_demonstrations_teach_what_grpo_parses(tok):
     import sft
     import tasks
-    row = tasks.BUILTIN_TASKS["arithmetic_tools"]("train")[0]
+    rows = [tasks.BUILTIN_TASKS["arithmetic_tools"]("train")[i] for i in range(64)]
+    calls = [r for r in rows if len(r["completion"]) == 3]  # half call the calculator, half answer at once
+    assert 20 <= len(calls) <= 44 and all(len(r["completion"]) == 1 for r in rows if r not in calls)
+    direct = next(r for r in rows if r not in calls)
+    messages, kw = sft.with_tools(direct, tok)
+    ids, labels = C.tokenize_conversation(tok, messages, 512, **kw)
+    trained = tok.decode([t for t, l in zip(ids, labels) if l != C.IGNORE_INDEX])
+    assert '"name": "calculator"' in messages[0]["content"]  # the tool described there too
+    assert trained == f"The answer is \\boxed{{{direct['answer']}}}.<|im_end|>"
+    row = calls[0]
     expression = row["completion"][0]["tool_calls"][0]["function"]["arguments"]["expression"]
     assert row["completion"][1]["content"] == tools.calculator(expression) == row["answer"]
     messages, kw = sft.with_tools(row, tok)  # SmolLM2: the tools in the system prompt, the call in the content
