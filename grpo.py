@@ -38,7 +38,9 @@ How this deviates from the equation as written, and from TRL:
 2. The std in A_i is the population std (divide by G). TRL's is Bessel-corrected (G - 1), so TRL's
    advantages are sqrt((G - 1) / G) times ours (0.94x at G = 8); ε = 1e-4.
 3. The k3 term's gradient is, in expectation, that of KL(π_ref || π_θ), not KL(π_θ || π_ref), as in
-   TRL, DeepSeekMath and verl.
+   TRL, DeepSeekMath and verl; --kl_estimator k2 and --use_bias_correction_kl give the reverse KL's
+   (kl_estimate). --advantage_estimator rloo and reinforce_pp(_baseline) replace A_i by RLOO's and
+   REINFORCE++'s (advantages_of); --top_entropy_quantile trains only high-entropy tokens.
 4. --importance_sampling_level sequence is GSPO (Zheng et al. 2025,
    https://arxiv.org/abs/2507.18071): one ratio per completion, s_i = (π_θ(y_i|x) /
    π_old(y_i|x))^(1/|y_i|), clipped per sequence, in place of ρ_it. With μ = 1 both ratios are 1 and
@@ -77,7 +79,8 @@ import common
 import tasks
 import tools
 from plumbing import data, engine, models, runs
-from plumbing.args import Sampling, Shared, arg, at_least, check_args, default, parse_args
+from plumbing.args import (Sampling, Shared, arg, at_least, between, check_args, default,
+                           parse_args)
 from plumbing.errors import Diverged, UserError
 
 
@@ -100,7 +103,23 @@ class Args(Sampling, Shared):
                          "over completions), dapo (over the batch's tokens), dr_grpo (sum / "
                          "(completions x max_new_tokens))")
     scale_rewards: str = arg("group", "divide advantages by the std of the group, of the whole "
-                             "batch, or none (Dr. GRPO)")
+                             "batch, or none (Dr. GRPO); with --advantage_estimator grpo only")
+    advantage_estimator: str = arg("grpo", "grpo (r minus the group's mean, over the std of "
+                                   "--scale_rewards), rloo (minus the mean of the group's other "
+                                   "G-1: RLOO), reinforce_pp (the batch's mean and std: "
+                                   "REINFORCE++; needs --no_dynamic_sampling), "
+                                   "reinforce_pp_baseline (minus the group's mean, then whitened "
+                                   "over the batch)")
+    kl_estimator: str = arg("k3", "the KL term's per-token estimator, x = log π_θ/π_ref: k1 (x), "
+                            "k2 (x²/2: its gradient is the reverse KL's), k3 (e^-x - 1 + x: "
+                            "DeepSeekMath's)")
+    use_bias_correction_kl: bool = arg(False, "weight the k3 term by π_θ/π_old (DeepSeek-V3.2): "
+                                       "its gradient is then the reverse KL's, on- and "
+                                       "off-policy")
+    top_entropy_quantile: float = arg(1.0, "train the policy term only on the tokens whose "
+                                      "entropy is in the top ρ of their micro-batch (Beyond the "
+                                      "80/20 rule: 0.2); the rest stay in the normalisers and "
+                                      "the KL term, as in TRL; 1: every token")
     dynamic_sampling: bool = arg(True, "DAPO's dynamic sampling: drop groups whose rewards are all "
                                  "equal (their advantages are 0) and sample fresh prompts in their "
                                  "place, up to --max_resample_rounds more rounds per step; a batch "
@@ -170,10 +189,26 @@ class Args(Sampling, Shared):
                             "token or sequence")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise UserError(f"--scale_rewards {self.scale_rewards}: choose group, batch or none")
+        if self.advantage_estimator not in ESTIMATORS:
+            raise UserError(f"--advantage_estimator {self.advantage_estimator}: choose "
+                            f"{', '.join(ESTIMATORS)}")
+        if self.advantage_estimator != "grpo" and self.scale_rewards != "group":
+            raise UserError(f"--scale_rewards applies to --advantage_estimator grpo only; "
+                            f"{self.advantage_estimator} sets its own scale: drop --scale_rewards")
+        if self.advantage_estimator == "reinforce_pp" and self.dynamic_sampling:
+            raise UserError("--advantage_estimator reinforce_pp gives a group of equal rewards a "
+                            "non-zero advantage (its baseline is the batch's mean), so dynamic "
+                            "sampling would bias it: add --no_dynamic_sampling")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise UserError(f"--kl_estimator {self.kl_estimator}: choose k1, k2 or k3")
+        if self.use_bias_correction_kl and self.kl_estimator != "k3":
+            raise UserError("--use_bias_correction_kl corrects the k3 estimator: use it with "
+                            "--kl_estimator k3")
         check_args(self, micro_batch_size=at_least(1), num_generations=at_least(2),
                    beta=at_least(0), epsilon=at_least(0), epsilon_high=at_least(0),
                    max_resample_rounds=at_least(0), reward_timeout=at_least(0),
-                   max_tool_calls=at_least(1), tool_timeout=at_least(0))
+                   max_tool_calls=at_least(1), tool_timeout=at_least(0),
+                   top_entropy_quantile=between(0, 1))
         if not self.reward_funcs.strip(", ") and not self.reward_model:
             raise UserError("no reward: give --reward_funcs, --reward_model or both")
 
@@ -197,6 +232,48 @@ def group_advantages(rewards, group_size, scale_rewards="group", eps=1e-4, batch
     return centred.view(-1)
 
 
+ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+
+
+def advantages_of(rewards, group_size, estimator="grpo", scale_rewards="group", reduce=None,
+                  eps=1e-4):
+    """--advantage_estimator: rewards (N,), the G = group_size completions of each prompt
+    contiguous -> (N,) advantages. reduce sums a tensor over DDP ranks (None: this process), for
+    the statistics of the whole batch.
+    grpo:         group_advantages: r - the group's mean, over the std of --scale_rewards
+    rloo:         r_i - the mean of the group's OTHER G - 1 rewards = G/(G-1) (r_i - group mean),
+                  unscaled (Ahmadian et al. 2024, REINFORCE Leave-One-Out,
+                  https://arxiv.org/abs/2402.14740; TRL's RLOOTrainer)
+    reinforce_pp: (r - batch mean) / (batch std + eps), REINFORCE++'s global normalisation and no
+                  group baseline (Hu 2025, https://arxiv.org/abs/2501.03262; OpenRLHF's
+                  `reinforce++`, which puts the KL into the reward and whitens over tokens: here
+                  the KL stays the loss's β term, so whitening over completions is the same up to
+                  each completion's weight)
+    reinforce_pp_baseline: r - the group's mean, then whitened over the batch (OpenRLHF's
+                  `reinforce++_baseline`)
+    All but reinforce_pp give a group whose rewards are all equal zero advantages, which dynamic
+    sampling rests on."""
+    if estimator == "grpo":
+        batch_std = batch_moments(rewards, reduce)[1] if scale_rewards == "batch" else None
+        return group_advantages(rewards, group_size, scale_rewards, eps, batch_std)
+    r = rewards.view(-1, group_size)
+    centred = (r - r.mean(1, keepdim=True)).view(-1)
+    if estimator == "rloo":
+        return centred * group_size / (group_size - 1)
+    x = rewards if estimator == "reinforce_pp" else centred
+    mean, std = batch_moments(x, reduce)
+    return (x - mean) / (std + eps)
+
+
+def batch_moments(x, reduce=None):
+    """The mean and the (population) std of x (N,) over the whole batch: every rank's, summed by
+    reduce."""
+    s = torch.stack([x.sum(), (x**2).sum(), torch.tensor(float(len(x)), dtype=x.dtype)])
+    s = s if reduce is None else reduce(s).to(x)
+    mean = s[0] / s[2]
+    return mean, (s[1] / s[2] - mean**2).clamp(min=0).sqrt()
+
+
 def zero_std(rewards):
     """(M, G) rewards of M groups -> (M,) bools: the groups whose G rewards are all equal."""
     return rewards.std(1) < 1e-6
@@ -215,14 +292,47 @@ def dynamic_sampling(rewards, n_groups):
     return (varied + [i for i, f in enumerate(flat) if f])[:n_groups]
 
 
+def kl_estimate(logp, ref_logp, estimator="k3"):
+    """--kl_estimator: (N, T) log-probs of the sampled tokens under π_θ and π_ref -> (N, T)
+    per-token estimates of KL(π_θ || π_ref) (Schulman 2020, "Approximating KL divergence",
+    http://joschu.net/blog/kl-approx.html). With x = log π_θ/π_ref at a token sampled from π_θ, all
+    three estimate the KL's value (k1 and k3 without bias), but as loss terms they pull
+    differently; their gradients, in expectation over the samples:
+    k1 = x             ∇x = ∇ log π_θ, whose expectation is 0: no pull towards π_ref at all
+    k2 = x²/2          x ∇ log π_θ: ∇ KL(π_θ || π_ref), the reverse KL's own gradient
+    k3 = e^-x - 1 + x  (1 - π_ref/π_θ) ∇ log π_θ: ∇ KL(π_ref || π_θ), the forward KL's
+                       (DeepSeekMath Eq. 4, https://arxiv.org/abs/2402.03300)"""
+    x = logp - ref_logp
+    if estimator == "k1":
+        return x
+    if estimator == "k2":
+        return 0.5 * x**2
+    return torch.exp(-x) - 1 + x
+
+
+def high_entropy_mask(entropy, mask, quantile):
+    """--top_entropy_quantile ρ (Wang et al. 2025, "Beyond the 80/20 rule",
+    https://arxiv.org/abs/2506.01939; TRL's get_high_entropy_mask): entropy, mask (N, T) -> (N, T)
+    float, 1 at the tokens of mask whose entropy is at least the (1 - ρ)-quantile of the entropies
+    of mask's tokens, 0 elsewhere."""
+    values = entropy[mask.bool()].float()
+    if values.numel() == 0:
+        return torch.zeros_like(mask)
+    return ((entropy >= torch.quantile(values, 1 - quantile)) & mask.bool()).to(mask.dtype)
+
+
 def per_token_loss(logp, old_logp, ref_logp, advantages, epsilon, epsilon_high, beta, mask=None,
-                   level="token", weights=None):
+                   level="token", weights=None, kl_estimator="k3", bias_correction=False):
     """DeepSeekMath Eq. 3's objective, negated, per token. logp, old_logp, ref_logp: (N, T)
     log-probs of the sampled tokens under π_θ, π_old, π_ref (ref_logp None when beta is 0);
     advantages: (N,). Returns (N, T) loss, (N, T) k3 KL (zeros without a reference), and the (N, T)
     booleans where the clip engaged below and above. level "sequence" is GSPO: every token of y_i
-    carries the one ratio s_i of its sequence (mask: (N, T), its tokens). weights: the sampler
-    correction (common.sampler_weights, (N, T) or (N, 1)), on the clipped term only, as in TRL."""
+    carries the one ratio s_i of its sequence (mask: (N, T), its tokens). weights, (N, T) or
+    (N, 1), on the clipped term only, as in TRL: the sampler correction (common.sampler_weights),
+    times the entropy mask. The KL term is kl_estimate's; bias_correction weights it by the token's
+    ratio π_θ/π_old, gradient included (DeepSeek-V3.2, https://arxiv.org/abs/2512.02556, the
+    unbiased KL estimate): on samples of π_old, (π_θ/π_old) k3 has the gradient of KL(π_θ ||
+    π_ref), what k2 has on-policy only."""
     log_ratio = logp - old_logp
     if level == "sequence":
         # GSPO (Zheng et al. 2025, Eq. 7, https://arxiv.org/abs/2507.18071): s_i = (π_θ(y_i|x) /
@@ -238,8 +348,9 @@ def per_token_loss(logp, old_logp, ref_logp, advantages, epsilon, epsilon_high, 
     if weights is not None:
         loss = loss * weights
     if ref_logp is not None:
-        d = ref_logp - logp
-        kl = torch.exp(d) - d - 1  # k3: π_ref/π_θ - log(π_ref/π_θ) - 1 (DeepSeekMath Eq. 4)
+        kl = kl_estimate(logp, ref_logp, kl_estimator)  # k3: π_ref/π_θ - log(π_ref/π_θ) - 1
+        if bias_correction:
+            kl = kl * torch.exp(logp - old_logp)
         loss = loss + beta * kl
     else:
         kl = torch.zeros_like(logp)
@@ -386,7 +497,7 @@ def policy_updates(ddp, model, ref, opt, b, advantages, args, rt):
     for it in range(args.num_iterations):
         for k, mb in enumerate(micro):
             with common.no_sync(ddp, k < len(micro) - 1):
-                logp, ent = logps(ddp, mb, entropy=it == 0)
+                logp, ent = logps(ddp, mb, entropy=it == 0 or args.top_entropy_quantile < 1)
                 # With μ = 1 the sampling policy is the current one: π_old = π_θ detached, ratio 1.
                 # π_old is always the trainer's own log-probs; what the sampler computed (S) enters
                 # only through the importance weights.
@@ -396,10 +507,15 @@ def policy_updates(ddp, model, ref, opt, b, advantages, args, rt):
                                             args.vllm_importance_sampling_clip_max,
                                             args.vllm_importance_sampling_clip_min)
                      if args.vllm_importance_sampling_correction else None)
+                pw = w  # the policy term's weights: with the entropy mask, its high-entropy tokens
+                if args.top_entropy_quantile < 1:
+                    keep = high_entropy_mask(ent, m, args.top_entropy_quantile)
+                    pw = keep if w is None else w * keep
                 ref_mb = None if ref_logp is None else ref_logp[mb]
                 loss, kl, low, high = per_token_loss(
                     logp, old, ref_mb, advantages[mb], args.epsilon, args.epsilon_high, args.beta,
-                    m, args.importance_sampling_level, w)
+                    m, args.importance_sampling_level, pw, args.kl_estimator,
+                    args.use_bias_correction_kl)
                 part = aggregate(loss, m, args.loss_type, num_completions, num_tokens,
                                  args.max_new_tokens)
                 (part * rt.world_size).backward()  # DDP averages over ranks; normalisers are global
@@ -542,14 +658,11 @@ def main():
             groups = [sampled[i] for i in keep]
         t_gen = time.perf_counter() - t0 - t_score
 
-        # ---- [algorithm] 3. Advantages within each group (DeepSeekMath §4.1.2)
+        # ---- [algorithm] 3. Advantages within each group (DeepSeekMath §4.1.2), or RLOO's,
+        # REINFORCE++'s (batch statistics over every rank)
         r = torch.cat([g["rewards"] for g in groups])
-        batch_std = None
-        if args.scale_rewards == "batch":  # the std of all rewards of the step, over every rank
-            moments = torch.stack([r.sum(), (r**2).sum(), torch.tensor(float(len(r)))])
-            s = common.all_reduce(moments, rt)
-            batch_std = (s[1] / s[2] - (s[0] / s[2]) ** 2).clamp(min=0).sqrt()
-        advantages = group_advantages(r, G, args.scale_rewards, batch_std=batch_std).to(rt.device)
+        advantages = advantages_of(r, G, args.advantage_estimator, args.scale_rewards,
+                                   lambda t: common.all_reduce(t, rt)).to(rt.device)
 
         # ---- [algorithm] 4. Update: μ optimizer steps on the clipped objective with its KL term
         b = as_tensors(groups, tok, args, rt.device)

@@ -62,6 +62,8 @@ class Args(Sampling, Shared):
     target_kl: Optional[float] = arg(None, "turn on the adaptive KL controller (Ziegler et al. "
                                      "2019) with this target of the summed per-response KL")
     kl_horizon: int = arg(10000, "horizon of the adaptive KL controller, in responses")
+    kl_estimator: str = arg("k1", "the per-token KL in the reward, x = log π_old/π_ref: k1 (x) or "
+                            "k3 (e^-x - 1 + x: never negative, lower variance); as TRL's")
     gamma: float = arg(1.0, "discount of GAE")
     lam: float = arg(0.95, "λ of GAE")
     cliprange: float = arg(0.2, "ε of the clipped policy ratio")
@@ -126,6 +128,8 @@ class Args(Sampling, Shared):
                    gamma=between(0, 1), lam=between(0, 1), cliprange=POSITIVE,
                    cliprange_value=POSITIVE, vf_coef=at_least(0), target_kl=POSITIVE,
                    kl_horizon=at_least(1), reward_timeout=at_least(0))
+        if self.kl_estimator not in ("k1", "k3"):
+            raise UserError(f"--kl_estimator {self.kl_estimator}: choose k1 or k3")
         if self.reward == "model" and not self.reward_model:
             raise UserError("--reward model needs --reward_model PATH (a reward_model.py output), "
                             "or use --reward verifiable")
@@ -133,12 +137,16 @@ class Args(Sampling, Shared):
 
 # --------------------------------------------------------------------------------------------------
 # The algorithm: per-token rewards, GAE, whitening, the clipped losses. Pure functions of tensors.
-def per_token_rewards(scores, logp, ref_logp, mask, kl_coef):
+def per_token_rewards(scores, logp, ref_logp, mask, kl_coef, estimator="k1"):
     """[detail: per-token KL penalty] -β (log π_old - log π_ref) at every response token (k1), and
     the sequence score is added at the LAST real token of each response. scores: (N,); logp,
     ref_logp, mask: (N, T) right-padded responses. Returns (N, T) rewards (0 on padding) and the
-    (N, T) per-token k1 KL."""
-    kl = (logp - ref_logp) * mask
+    (N, T) per-token KL. estimator k3: e^-x - 1 + x of x = log π_old/π_ref, also an unbiased
+    estimate of the KL, never negative (Schulman 2020, http://joschu.net/blog/kl-approx.html). The
+    KL is a reward here, not a loss term: no gradient flows through it, so the two differ only in
+    variance (TRL's kl_estimator)."""
+    x = logp - ref_logp
+    kl = (x if estimator == "k1" else torch.exp(-x) - 1 + x) * mask
     rewards = -kl_coef * kl
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = (mask * positions).argmax(1)  # the index of each response's last token
@@ -250,7 +258,8 @@ def rollout(model, ref, tok, batch, rewards, kl_coef, args, rt, step, sample=com
             ref_logp = torch.cat([common.completion_logprobs(ref, P[mb], P_mask[mb], Y[mb],
                                                              Y_mask[mb], rt, args.temperature)[0]
                                   for mb in micro])
-        token_rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, kl_coef)
+        token_rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, kl_coef,
+                                              args.kl_estimator)
         if args.whiten_rewards:
             token_rewards = masked_whiten(token_rewards, mask, shift_mean=False)
         advantages, returns = gae(token_rewards, old_values, mask, args.gamma, args.lam)

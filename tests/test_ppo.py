@@ -106,6 +106,11 @@ def test_score_at_the_last_real_token_and_no_kl_penalty_at_the_reference(tok):
     rewards, kl = ppo.per_token_rewards(torch.zeros(3), logp, logp - 0.5, mask.float(), 0.1)
     assert rewards[mask.bool()].tolist() == pytest.approx([-0.05] * 10)
     assert (rewards[~mask.bool()] == 0).all()
+    # k3 (TRL's kl_estimator="k3"): e^-x - 1 + x at x = 0.5, on every real token, never negative
+    rewards, kl = ppo.per_token_rewards(torch.zeros(3), logp, logp - 0.5, mask.float(), 0.1, "k3")
+    assert kl[mask.bool()].tolist() == pytest.approx([math.exp(-0.5) - 0.5] * 10)
+    assert rewards[mask.bool()].tolist() == pytest.approx([-0.1 * (math.exp(-0.5) - 0.5)] * 10)
+    assert ppo.per_token_rewards(torch.zeros(3), logp, logp + 0.5, mask.float(), 0.1, "k3")[1].min() >= 0
 
 
 def test_values_are_read_before_each_response_token_under_left_padding(tok, tiny_model_dir):
@@ -193,6 +198,7 @@ def test_bad_inputs(monkeypatch, tiny_model_dir, tmp_path):
     base = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "out")]
     main_raises(monkeypatch, base, "--reward model needs --reward_model PATH")
     main_raises(monkeypatch, [*base, "--reward", "nope"], "--reward nope: choose model")
+    main_raises(monkeypatch, [*base, "--kl_estimator", "k2"], "--kl_estimator k2: choose k1 or k3")
     main_raises(monkeypatch, [*base, "--reward", "verifiable", "--dataset", write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}] * 4)],
                 "has no `answer` .* column for --reward verifiable")
     main_raises(monkeypatch, [*base, "--reward", "verifiable", "--batch_size", "6", "--num_mini_batches", "4"],
