@@ -1,8 +1,8 @@
 """Held-out accuracy of trained models, with 95% intervals, and the paired difference between them.
 
 Every model answers the same held-out problems of a built-in task greedily (pass@1, as the scripts' eval/accuracy),
-optionally also sampled at temperature 1 (the mean over k samples: the policy's own success rate, which is what
-GRPO and PPO push up). Each model's answers are kept in <model>/heldout/ so a later comparison reuses them.
+optionally also sampled at temperature 1 (the mean over k samples, episodes with +tools: the policy's own success
+rate, which is what GRPO and PPO push up). Each model's answers are kept in <model>/heldout/ so a later comparison reuses them.
 
     python bench/heldout.py out/sft out/grpo out/sft_more --task arithmetic_hard --split test,reworded --n 512
 
@@ -66,9 +66,13 @@ def answers(model_dir, task, split, n, samples, max_new_tokens, rt, offset=0, to
         _, greedy = C.generate(model, tok, prompts, rt, max_new_tokens, batch_size=64)
     out = [{"prompt": r["prompt"][0]["content"], "answer": r["answer"], "completion": g,
             "correct": int(T.grade(g, r["answer"])[1]), "tool_calls": c} for r, g, c in zip(rows, greedy, calls)]
-    if samples:
+    if samples and tools:  # sampled episodes, calling the tools as the greedy ones may
+        sampled = [e["text"] for e in tool_use.episodes(C.generate_ids, model, tok, [x for x in ids for _ in range(samples)],
+                                                        box, kw, rt, max_new_tokens, 64, 1.0, 1.0, 4)]
+    elif samples:
         _, sampled = C.generate(model, tok, [p for p in prompts for _ in range(samples)], rt, max_new_tokens,
                                 batch_size=64, temperature=1.0)
+    if samples:
         for i, o in enumerate(out):
             o["sampled_correct"] = sum(T.grade(s, o["answer"])[1] for s in sampled[i * samples : (i + 1) * samples]) / samples
     if os.path.isdir(model_dir):

@@ -104,3 +104,23 @@ def test_the_memory_benchmark_counts_what_each_mode_holds(tiny_model_dir):
                                                           "other": 4 * n_other}
     ref = memory.reference(tiny_model_dir)  # bf16 linear layers, fp32 embeddings and norms, and a bf16 output layer
     assert ref == {"linear": 2 * n_linear, "other": 4 * n_other + 2 * named["model.embed_tokens.weight"].numel()}
+
+
+def test_heldout_samples_a_tools_model_as_episodes(tiny_model_dir, tmp_path, monkeypatch):
+    # With +tools, the sampled answers are episodes that may call the tools too (temperature 1, every prompt repeated
+    # `samples` times), not plain generations; and the answers are kept for a later comparison.
+    import shutil
+
+    import torch
+    import common as C
+    import tools as tool_use
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    calls, real = [], tool_use.episodes
+    monkeypatch.setattr(tool_use, "episodes", lambda *a: calls.append((len(a[3]), a[9])) or real(*a))
+    monkeypatch.setattr(C, "generate", lambda *a, **k: pytest.fail("a plain generation for a +tools model"))
+    rt = C.Runtime(torch.device("cpu"), torch.float32)
+    out = heldout.answers(str(model_dir), "arithmetic_tools", "test", 2, 3, 6, rt, tools="calculator")
+    assert calls == [(2, 0.0), (6, 1.0)]  # greedy episodes, then 3 sampled episodes per problem
+    assert len(out) == 2 and all(o["sampled_correct"] in (0, 1 / 3, 2 / 3, 1) for o in out)
+    assert heldout.answers(str(model_dir), "arithmetic_tools", "test", 2, 3, 6, rt, tools="calculator") == out
+    assert len(calls) == 2  # the second time from <model>/heldout/
