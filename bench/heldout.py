@@ -119,7 +119,7 @@ def main():
             d, lo, hi = paired_difference(a, b)
             only_a, only_b = sum(x > y for x, y in zip(a, b)), sum(y > x for x, y in zip(a, b))
             print(f"  {m} - {args.models[0]}: {100 * d:+.1f} points, 95% interval [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-                  f" (only the first right: {only_a}, only the second: {only_b})")
+                  f" (only {m} right: {only_b}, only {args.models[0]}: {only_a})")
     R.finish(rt)
 
 
