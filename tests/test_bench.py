@@ -124,3 +124,17 @@ def test_heldout_samples_a_tools_model_as_episodes(tiny_model_dir, tmp_path, mon
     assert len(out) == 2 and all(o["sampled_correct"] in (0, 1 / 3, 2 / 3, 1) for o in out)
     assert heldout.answers(str(model_dir), "arithmetic_tools", "test", 2, 3, 6, rt, tools="calculator") == out
     assert len(calls) == 2  # the second time from <model>/heldout/
+
+
+def test_heldout_names_which_model_got_the_discordant_problems_right(tmp_path):
+    from conftest import ok, run_script
+    # Cached answers (as answers() keeps them) of 4 problems: the baseline right on #0 and #1, the later model on
+    # #1, #2 and #3: the later one +2 problems, 1 only the baseline got right, 2 only the later one.
+    for name, correct in (("base", [1, 1, 0, 0]), ("later", [0, 1, 1, 1])):
+        (tmp_path / name / "heldout").mkdir(parents=True)
+        (tmp_path / name / "heldout" / "arithmetic-test-4-0-128.jsonl").write_text(
+            "".join(json.dumps({"correct": c, "tool_calls": 0}) + "\n" for c in correct))
+    p = ok(run_script("bench/heldout.py", tmp_path / "base", tmp_path / "later", "--n", 4))
+    assert "2/4 =  50.0%" in p.stdout and "3/4 =  75.0%" in p.stdout
+    assert f"(only {tmp_path / 'later'} right: 2, only {tmp_path / 'base'}: 1)" in p.stdout
+    assert "+25.0 points" in p.stdout
